@@ -1,0 +1,551 @@
+#include "common/client/client.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <vector>
+
+#include "common/frame.h"
+#include "common/peer_cred.h"
+
+namespace keyhold::client {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string Errno(const char* what) {
+  return std::string(what) + ": " + std::strerror(errno);
+}
+
+// Milliseconds left until deadline, at least 0, for poll().
+int MillisLeft(Clock::time_point deadline) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - Clock::now());
+  if (left.count() <= 0) {
+    return 0;
+  }
+  return left.count() > INT32_MAX ? INT32_MAX : static_cast<int>(left.count());
+}
+
+// Waits until fd is ready for `events` or the deadline passes.
+Status WaitFor(int fd, short events, Clock::time_point deadline) {
+  for (;;) {
+    struct pollfd p {
+      fd, events, 0
+    };
+    const int rc = poll(&p, 1, MillisLeft(deadline));
+    if (rc > 0) {
+      return Status::Ok();
+    }
+    if (rc == 0) {
+      return DeadlineExceeded("no answer from keyholdd in time");
+    }
+    if (errno != EINTR) {
+      return Unavailable(Errno("poll"));
+    }
+  }
+}
+
+// A connection failure that a fresh connection may fix (the daemon restarted,
+// or closed an idle connection).
+bool IsRetryable(const Status& s) { return s.code() == Code::kUnavailable; }
+
+class Connection {
+ public:
+  explicit Connection(int fd) : fd_(fd) {}
+  ~Connection() {
+    if (fd_ >= 0) {
+      close(fd_);
+    }
+  }
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  int fd() const { return fd_; }
+
+  Status WriteAll(const std::string& bytes, Clock::time_point deadline) {
+    std::size_t done = 0;
+    while (done < bytes.size()) {
+      const ssize_t n = send(fd_, bytes.data() + done, bytes.size() - done,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+      if (n > 0) {
+        done += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) {
+        continue;
+      }
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        KH_RETURN_IF_ERROR(WaitFor(fd_, POLLOUT, deadline));
+        continue;
+      }
+      return Unavailable(Errno("send to keyholdd"));
+    }
+    return Status::Ok();
+  }
+
+  Status ReadAll(uint8_t* out, std::size_t len, Clock::time_point deadline) {
+    std::size_t done = 0;
+    while (done < len) {
+      const ssize_t n = recv(fd_, out + done, len - done, MSG_DONTWAIT);
+      if (n > 0) {
+        done += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n == 0) {
+        return Unavailable("keyholdd closed the connection");
+      }
+      if (errno == EINTR) {
+        continue;
+      }
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        KH_RETURN_IF_ERROR(WaitFor(fd_, POLLIN, deadline));
+        continue;
+      }
+      return Unavailable(Errno("receive from keyholdd"));
+    }
+    return Status::Ok();
+  }
+
+ private:
+  int fd_;
+};
+
+}  // namespace
+
+Options OptionsFromEnvironment() {
+  Options o;
+  if (const char* s = std::getenv("KEYHOLD_SOCKET"); s != nullptr && *s) {
+    o.socket_path = s;
+  }
+  if (const char* s = std::getenv("KEYHOLD_DAEMON_UID"); s != nullptr && *s) {
+    char* end = nullptr;
+    const unsigned long v = std::strtoul(s, &end, 10);
+    if (end != nullptr && *end == '\0') {
+      o.expected_daemon_uid = static_cast<uid_t>(v);
+    }
+  }
+  if (const char* s = std::getenv("KEYHOLD_TIMEOUT_MS"); s != nullptr && *s) {
+    char* end = nullptr;
+    const long v = std::strtol(s, &end, 10);
+    if (end != nullptr && *end == '\0' && v > 0) {
+      o.call_timeout = std::chrono::milliseconds(v);
+    }
+  }
+  return o;
+}
+
+struct Client::Impl {
+  explicit Impl(Options o) : options(std::move(o)) {
+    if (options.socket_path.empty()) {
+      options.socket_path = OptionsFromEnvironment().socket_path;
+    }
+    if (options.socket_path.empty()) {
+      options.socket_path = kDefaultSocketPath;
+    }
+    if (!options.expected_daemon_uid) {
+      options.expected_daemon_uid =
+          OptionsFromEnvironment().expected_daemon_uid;
+    }
+  }
+
+  StatusOr<std::unique_ptr<Connection>> Connect();
+  StatusOr<v1::Response> RoundTrip(Connection& conn, const std::string& frame,
+                                   uint64_t id);
+  std::unique_ptr<Connection> TakeIdle(bool* reused);
+  void ReturnIdle(std::unique_ptr<Connection> conn);
+
+  Options options;
+  std::atomic<uint64_t> next_id{1};
+
+  // Guards idle and owner_pid; also taken around fork() (see below).
+  std::mutex mu;
+  std::vector<std::unique_ptr<Connection>> idle;
+  pid_t owner_pid = getpid();
+};
+
+// fork() safety: a child must never reuse the parent's connections (both
+// would read each other's responses), and must not inherit a locked mutex.
+// pthread_atfork handlers lock every client's pool around fork(), and in the
+// child drop the inherited connections (closing our copies of the fds does
+// not affect the parent's).
+namespace {
+std::mutex& RegistryMutex() {
+  static auto* mu = new std::mutex;
+  return *mu;
+}
+std::set<Client::Impl*>& Registry() {
+  static auto* set = new std::set<Client::Impl*>;
+  return *set;
+}
+}  // namespace
+
+namespace {
+void AtForkPrepare() {
+  RegistryMutex().lock();
+  for (auto* impl : Registry()) {
+    impl->mu.lock();
+  }
+}
+void AtForkParent() {
+  for (auto* impl : Registry()) {
+    impl->mu.unlock();
+  }
+  RegistryMutex().unlock();
+}
+void AtForkChild() {
+  for (auto* impl : Registry()) {
+    impl->idle.clear();
+    impl->owner_pid = getpid();
+    impl->mu.unlock();
+  }
+  RegistryMutex().unlock();
+}
+void RegisterAtFork() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    pthread_atfork(AtForkPrepare, AtForkParent, AtForkChild);
+  });
+}
+}  // namespace
+
+StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect() {
+  const std::string& path = options.socket_path;
+  struct sockaddr_un addr {};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return InvalidArgument("socket path too long: " + path);
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) {
+    return Unavailable(Errno("socket"));
+  }
+  auto conn = std::make_unique<Connection>(fd);
+  const auto deadline = Clock::now() + options.connect_timeout;
+  for (;;) {
+    if (connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) ==
+        0) {
+      break;
+    }
+    if (errno == EINTR) {
+      continue;
+    }
+    if (errno == EAGAIN || errno == EINPROGRESS) {
+      // A full listen backlog: wait for the daemon to accept.
+      KH_RETURN_IF_ERROR(WaitFor(fd, POLLOUT, deadline));
+      int err = 0;
+      socklen_t len = sizeof(err);
+      getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      if (err == 0) {
+        break;
+      }
+      errno = err;
+    }
+    return Unavailable("cannot connect to keyholdd at " + path + ": " +
+                       std::strerror(errno));
+  }
+
+  // Check who is listening before sending a single byte.
+  auto peer = GetPeerCred(fd, /*with_groups=*/false);
+  if (!peer.ok()) {
+    return Unavailable(peer.status().message());
+  }
+  uid_t expected = 0;
+  if (options.expected_daemon_uid) {
+    expected = *options.expected_daemon_uid;
+  } else {
+    struct stat st {};
+    if (stat(path.c_str(), &st) != 0) {
+      return Unavailable(Errno(("stat " + path).c_str()));
+    }
+    expected = st.st_uid;
+  }
+  if (peer->uid != expected) {
+    return PermissionDenied("refusing to talk to " + path + ": its peer runs as uid " +
+                            std::to_string(peer->uid) +
+                            ", expected keyholdd's uid " +
+                            std::to_string(expected));
+  }
+  return conn;
+}
+
+StatusOr<v1::Response> Client::Impl::RoundTrip(Connection& conn,
+                                               const std::string& frame,
+                                               uint64_t id) {
+  const auto deadline = Clock::now() + options.call_timeout;
+  KH_RETURN_IF_ERROR(conn.WriteAll(frame, deadline));
+  // Only one request is in flight per pooled connection, so the next
+  // response is ours; the id check guards against a confused stream.
+  uint8_t header[kFrameHeaderBytes];
+  KH_RETURN_IF_ERROR(conn.ReadAll(header, sizeof(header), deadline));
+  auto length = DecodeFrameHeader(header, kMaxResponseFrameBytes);
+  if (!length.ok()) {
+    return Internal("bad response frame from keyholdd: " +
+                    length.status().message());
+  }
+  std::vector<uint8_t> body(*length);
+  KH_RETURN_IF_ERROR(conn.ReadAll(body.data(), body.size(), deadline));
+  v1::Response response;
+  KH_RETURN_IF_ERROR(DecodeResponse(body, &response));
+  if (response.id() != id) {
+    // The daemon answers a frame it could not read with id 0 and closes.
+    if (response.id() == 0 && response.code() != v1::OK) {
+      return Status(CodeFromWire(response.code()), response.message());
+    }
+    return Internal("response id mismatch from keyholdd");
+  }
+  return response;
+}
+
+std::unique_ptr<Connection> Client::Impl::TakeIdle(bool* reused) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (owner_pid != getpid()) {  // belt and braces next to pthread_atfork
+    idle.clear();
+    owner_pid = getpid();
+  }
+  *reused = false;
+  if (idle.empty()) {
+    return nullptr;
+  }
+  auto conn = std::move(idle.back());
+  idle.pop_back();
+  *reused = true;
+  return conn;
+}
+
+void Client::Impl::ReturnIdle(std::unique_ptr<Connection> conn) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (owner_pid == getpid() && idle.size() < options.max_idle_connections) {
+    idle.push_back(std::move(conn));
+  }
+}
+
+Client::Client(Options options)
+    : impl_(std::make_unique<Impl>(std::move(options))) {
+  RegisterAtFork();
+  std::lock_guard<std::mutex> lock(RegistryMutex());
+  Registry().insert(impl_.get());
+}
+
+Client::~Client() {
+  std::lock_guard<std::mutex> lock(RegistryMutex());
+  Registry().erase(impl_.get());
+}
+
+const Options& Client::options() const { return impl_->options; }
+
+StatusOr<v1::Response> Client::Call(v1::Request request) {
+  const uint64_t id = impl_->next_id.fetch_add(1, std::memory_order_relaxed);
+  request.set_id(id);
+  auto frame = EncodeFrame(request, kMaxResponseFrameBytes);
+  if (request.has_import_key()) {
+    CleanseString(*request.mutable_import_key()->mutable_private_key());
+  }
+  if (!frame.ok()) {
+    return frame.status();
+  }
+  // Wipe the serialized request on every path: it may carry a private key
+  // (ImportKey) or a plaintext.
+  struct Wipe {
+    std::string& s;
+    ~Wipe() { CleanseString(s); }
+  } wipe{*frame};
+
+  bool reused = false;
+  std::unique_ptr<Connection> conn = impl_->TakeIdle(&reused);
+  for (int attempt = 0;; ++attempt) {
+    if (!conn) {
+      auto fresh = impl_->Connect();
+      if (!fresh.ok()) {
+        return fresh.status();
+      }
+      conn = std::move(*fresh);
+      reused = false;
+    }
+    auto response = impl_->RoundTrip(*conn, *frame, id);
+    if (!response.ok()) {
+      conn.reset();
+      // A pooled connection may have died with a daemon restart or idle
+      // timeout; one retry on a fresh connection covers that.
+      if (reused && attempt == 0 && IsRetryable(response.status())) {
+        continue;
+      }
+      return response.status();
+    }
+    impl_->ReturnIdle(std::move(conn));
+    if (response->code() != v1::OK) {
+      return Status(CodeFromWire(response->code()), response->message());
+    }
+    return response;
+  }
+}
+
+StatusOr<v1::HelloResponse> Client::Hello() {
+  v1::Request req;
+  req.mutable_hello()->set_version(kProtocolVersion);
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return r->hello();
+}
+
+Status Client::Ping() {
+  v1::Request req;
+  req.mutable_ping();
+  auto r = Call(std::move(req));
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+StatusOr<v1::GenerateKeyResponse> Client::GenerateKey(
+    const v1::KeyRef& key, v1::KeyType type, const std::string& backend) {
+  v1::Request req;
+  auto* op = req.mutable_generate_key();
+  *op->mutable_key() = key;
+  op->set_type(type);
+  op->set_backend(backend);
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return r->generate_key();
+}
+
+StatusOr<v1::ImportKeyResponse> Client::ImportKey(const v1::KeyRef& key,
+                                                  const SecretBytes& private_key,
+                                                  const std::string& backend) {
+  v1::Request req;
+  auto* op = req.mutable_import_key();
+  *op->mutable_key() = key;
+  const auto bytes = private_key.Expose(SecretAccess::kToken);
+  op->mutable_private_key()->assign(reinterpret_cast<const char*>(bytes.data()),
+                                    bytes.size());
+  op->set_backend(backend);
+  auto r = Call(std::move(req));  // Call() wipes the key bytes
+  if (!r.ok()) {
+    return r.status();
+  }
+  return r->import_key();
+}
+
+StatusOr<v1::GetPublicKeyResponse> Client::GetPublicKey(const v1::KeyRef& key) {
+  v1::Request req;
+  *req.mutable_get_public_key()->mutable_key() = key;
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return r->get_public_key();
+}
+
+StatusOr<v1::ListKeysResponse> Client::ListKeys(bool include_shared) {
+  v1::Request req;
+  req.mutable_list_keys()->set_include_shared(include_shared);
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return r->list_keys();
+}
+
+Status Client::DestroyKey(const v1::KeyRef& key) {
+  v1::Request req;
+  *req.mutable_destroy_key()->mutable_key() = key;
+  auto r = Call(std::move(req));
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+StatusOr<std::string> Client::Sign(const v1::SignRequest& request) {
+  v1::Request req;
+  *req.mutable_sign() = request;
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return std::move(*r->mutable_sign()->mutable_signature());
+}
+
+StatusOr<SecretBytes> Client::Decrypt(const v1::DecryptRequest& request) {
+  v1::Request req;
+  *req.mutable_decrypt() = request;
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return SecretBytes::TakeFrom(*r->mutable_decrypt()->mutable_plaintext());
+}
+
+StatusOr<SecretBytes> Client::Derive(const v1::KeyRef& key,
+                                     std::span<const uint8_t> peer_public_key) {
+  v1::Request req;
+  auto* op = req.mutable_derive();
+  *op->mutable_key() = key;
+  op->set_peer_public_key(
+      std::string(reinterpret_cast<const char*>(peer_public_key.data()),
+                  peer_public_key.size()));
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return SecretBytes::TakeFrom(*r->mutable_derive()->mutable_shared_secret());
+}
+
+Status Client::GrantUse(const v1::KeyRef& key, const v1::Grant& grantee) {
+  v1::Request req;
+  *req.mutable_grant_use()->mutable_key() = key;
+  *req.mutable_grant_use()->mutable_grantee() = grantee;
+  auto r = Call(std::move(req));
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+Status Client::RevokeUse(const v1::KeyRef& key, const v1::Grant& grantee) {
+  v1::Request req;
+  *req.mutable_revoke_use()->mutable_key() = key;
+  *req.mutable_revoke_use()->mutable_grantee() = grantee;
+  auto r = Call(std::move(req));
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+StatusOr<v1::ListClientsResponse> Client::ListClients() {
+  v1::Request req;
+  req.mutable_list_clients();
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return r->list_clients();
+}
+
+StatusOr<uint32_t> Client::DeleteClient(uint32_t uid) {
+  v1::Request req;
+  req.mutable_delete_client()->set_uid(uid);
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return r->delete_client().keys_deleted();
+}
+
+v1::KeyRef MakeKeyRef(const std::string& name, std::optional<uint32_t> owner) {
+  v1::KeyRef ref;
+  ref.set_name(name);
+  if (owner) {
+    ref.set_owner(*owner);
+  }
+  return ref;
+}
+
+}  // namespace keyhold::client

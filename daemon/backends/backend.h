@@ -1,0 +1,88 @@
+// The one interface every key backend implements (software, pkcs11, tpm).
+//
+// A backend turns requests into private-key operations and hands back an
+// opaque blob for the key store to keep. Nothing outside the backend looks
+// inside a blob. Backends never include the session layer, the ops or each
+// other; only daemon/main.cc names concrete backends.
+#ifndef KEYHOLD_DAEMON_BACKENDS_BACKEND_H_
+#define KEYHOLD_DAEMON_BACKENDS_BACKEND_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/secret.h"
+#include "common/status.h"
+#include "daemon/keystore/key_ref.h"
+#include "keyhold/v1/keyhold.pb.h"
+
+namespace keyhold::backend {
+
+// What a backend returns for a new key.
+struct CreatedKey {
+  v1::KeyType type = v1::KEY_TYPE_UNSPECIFIED;
+  std::vector<uint8_t> public_key;  // DER SubjectPublicKeyInfo
+  std::vector<uint8_t> blob;        // opaque to everyone but the backend
+};
+
+// A stored key as a backend sees it. id is the key store's row id: unique for
+// the lifetime of the store (never reused), so backends may cache by it.
+struct KeyHandle {
+  uint64_t id = 0;
+  daemon::KeyRef ref;
+  v1::KeyType type = v1::KEY_TYPE_UNSPECIFIED;
+  std::span<const uint8_t> blob;
+};
+
+struct SignParams {
+  v1::SignAlgorithm algorithm = v1::SIGN_ALGORITHM_UNSPECIFIED;
+  v1::Digest digest = v1::DIGEST_NONE;
+  int32_t pss_salt_length = -1;  // >= 0 as is; -1 digest length; -2 max
+  v1::Digest pss_mgf1_digest = v1::DIGEST_NONE;  // NONE: same as digest
+};
+
+struct DecryptParams {
+  v1::DecryptAlgorithm algorithm = v1::DECRYPT_ALGORITHM_UNSPECIFIED;
+  v1::Digest oaep_digest = v1::DIGEST_NONE;       // NONE: SHA-1
+  v1::Digest oaep_mgf1_digest = v1::DIGEST_NONE;  // NONE: same as oaep_digest
+  std::string oaep_label;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // The name the config and the key store use for this backend instance.
+  virtual std::string_view Name() const = 0;
+
+  // Creates a new key for ref. ref is bound into the blob (e.g. as AEAD
+  // associated data), so a blob copied to another reference does not work.
+  virtual StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
+                                        v1::KeyType type) = 0;
+  // Takes a private key in PEM or DER (PKCS#8 or traditional). The type is
+  // detected; unsupported types and sizes give kUnsupported.
+  virtual StatusOr<CreatedKey> Import(const daemon::KeyRef& ref,
+                                      const SecretBytes& private_key) = 0;
+
+  // data is the digest (RSA, ECDSA) or the message (Ed25519). The caller has
+  // already checked that the key's type and usage allow the operation.
+  virtual StatusOr<std::vector<uint8_t>> Sign(const KeyHandle& key,
+                                              const SignParams& params,
+                                              std::span<const uint8_t> data) = 0;
+  virtual StatusOr<SecretBytes> Decrypt(
+      const KeyHandle& key, const DecryptParams& params,
+      std::span<const uint8_t> ciphertext) = 0;
+  // peer is a DER SubjectPublicKeyInfo or the raw public encoding.
+  virtual StatusOr<SecretBytes> Derive(const KeyHandle& key,
+                                       std::span<const uint8_t> peer) = 0;
+
+  // Forgets the key: removes backend objects and cached state. Called after
+  // the key store row is gone.
+  virtual Status Destroy(const KeyHandle& key) = 0;
+};
+
+}  // namespace keyhold::backend
+
+#endif  // KEYHOLD_DAEMON_BACKENDS_BACKEND_H_

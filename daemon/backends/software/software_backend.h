@@ -1,0 +1,48 @@
+// The software backend: keys are OpenSSL 3 EVP keys, stored as PKCS#8 DER
+// sealed with AES-256-GCM under the daemon's master key, with the key
+// reference ("owner/name") as associated data. Decoded keys are cached in
+// memory by key id so the hot path does not decrypt and parse.
+#ifndef KEYHOLD_DAEMON_BACKENDS_SOFTWARE_SOFTWARE_BACKEND_H_
+#define KEYHOLD_DAEMON_BACKENDS_SOFTWARE_SOFTWARE_BACKEND_H_
+
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "daemon/backends/backend.h"
+
+namespace keyhold::backend::software {
+
+class SoftwareBackend : public Backend {
+ public:
+  // Loads the 32-byte master key from master_key_path, creating it (mode
+  // 0600, O_EXCL, fsynced) if it does not exist. Refuses a file that is not a
+  // regular file of exactly 32 bytes or that others can read.
+  static StatusOr<std::unique_ptr<SoftwareBackend>> Create(
+      std::string name, const std::filesystem::path& master_key_path);
+  ~SoftwareBackend() override;
+
+  std::string_view Name() const override;
+  StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
+                                v1::KeyType type) override;
+  StatusOr<CreatedKey> Import(const daemon::KeyRef& ref,
+                              const SecretBytes& private_key) override;
+  StatusOr<std::vector<uint8_t>> Sign(const KeyHandle& key,
+                                      const SignParams& params,
+                                      std::span<const uint8_t> data) override;
+  StatusOr<SecretBytes> Decrypt(const KeyHandle& key,
+                                const DecryptParams& params,
+                                std::span<const uint8_t> ciphertext) override;
+  StatusOr<SecretBytes> Derive(const KeyHandle& key,
+                               std::span<const uint8_t> peer) override;
+  Status Destroy(const KeyHandle& key) override;
+
+ private:
+  struct Impl;
+  explicit SoftwareBackend(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace keyhold::backend::software
+
+#endif  // KEYHOLD_DAEMON_BACKENDS_SOFTWARE_SOFTWARE_BACKEND_H_

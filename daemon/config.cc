@@ -1,0 +1,134 @@
+#include "daemon/config.h"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <toml++/toml.h>
+
+namespace keyhold::daemon {
+namespace {
+
+Status CheckKeys(const toml::table& table, const std::set<std::string>& known,
+                 const std::string& where) {
+  for (const auto& [key, value] : table) {
+    if (!known.contains(std::string(key.str()))) {
+      return InvalidArgument("unknown setting '" + where +
+                             std::string(key.str()) + "'");
+    }
+  }
+  return Status::Ok();
+}
+
+template <typename T>
+Status ReadUint(const toml::table& t, const char* key, T* out,
+                const std::string& where, int64_t min, int64_t max) {
+  const toml::node* node = t.get(key);
+  if (node == nullptr) {
+    return Status::Ok();
+  }
+  auto v = node->value<int64_t>();
+  if (!v || *v < min || *v > max) {
+    return InvalidArgument("setting '" + where + key +
+                           "' must be an integer from " + std::to_string(min) +
+                           " to " + std::to_string(max));
+  }
+  *out = static_cast<T>(*v);
+  return Status::Ok();
+}
+
+Status ReadString(const toml::table& t, const char* key, std::string* out) {
+  const toml::node* node = t.get(key);
+  if (node == nullptr) {
+    return Status::Ok();
+  }
+  auto v = node->value<std::string>();
+  if (!v || v->empty()) {
+    return InvalidArgument(std::string("setting '") + key +
+                           "' must be a non-empty string");
+  }
+  *out = *v;
+  return Status::Ok();
+}
+
+}  // namespace
+
+StatusOr<Config> ParseConfig(const std::string& toml_text,
+                             const std::string& source_name) {
+  toml::table root;
+  try {
+    root = toml::parse(toml_text, source_name);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream msg;
+    msg << source_name << ":" << e.source().begin.line << ": "
+        << e.description();
+    return InvalidArgument(msg.str());
+  }
+  Config c;
+  KH_RETURN_IF_ERROR(CheckKeys(root,
+                               {"socket", "state_dir", "admins", "log_level",
+                                "default_backend", "worker_threads", "limits"},
+                               ""));
+  KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
+  KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
+  KH_RETURN_IF_ERROR(ReadString(root, "log_level", &c.log_level));
+  KH_RETURN_IF_ERROR(ReadString(root, "default_backend", &c.default_backend));
+  KH_RETURN_IF_ERROR(
+      ReadUint(root, "worker_threads", &c.worker_threads, "", 0, 256));
+  if (const toml::node* admins = root.get("admins")) {
+    const toml::array* arr = admins->as_array();
+    if (arr == nullptr) {
+      return InvalidArgument("setting 'admins' must be an array of uids");
+    }
+    c.admin_uids.clear();
+    for (const toml::node& n : *arr) {
+      auto v = n.value<int64_t>();
+      if (!v || *v < 0 || *v > UINT32_MAX) {
+        return InvalidArgument("setting 'admins' must hold numeric uids");
+      }
+      c.admin_uids.push_back(static_cast<uint32_t>(*v));
+    }
+  }
+  static const std::set<std::string> kLevels = {"trace", "debug", "info",
+                                                "warn",  "error", "off"};
+  if (!kLevels.contains(c.log_level)) {
+    return InvalidArgument("setting 'log_level' must be one of trace, debug, "
+                           "info, warn, error, off");
+  }
+  if (const toml::node* limits = root.get("limits")) {
+    const toml::table* t = limits->as_table();
+    if (t == nullptr) {
+      return InvalidArgument("'limits' must be a table");
+    }
+    KH_RETURN_IF_ERROR(CheckKeys(
+        *t,
+        {"max_frame_bytes", "max_in_flight_per_connection", "max_connections",
+         "idle_timeout_seconds", "io_timeout_seconds"},
+        "limits."));
+    Limits& l = c.limits;
+    KH_RETURN_IF_ERROR(ReadUint(*t, "max_frame_bytes", &l.max_frame_bytes,
+                                "limits.", 1024, 16 * 1024 * 1024));
+    KH_RETURN_IF_ERROR(ReadUint(*t, "max_in_flight_per_connection",
+                                &l.max_in_flight_per_connection, "limits.", 1,
+                                1024));
+    KH_RETURN_IF_ERROR(ReadUint(*t, "max_connections", &l.max_connections,
+                                "limits.", 1, 1000000));
+    KH_RETURN_IF_ERROR(ReadUint(*t, "idle_timeout_seconds",
+                                &l.idle_timeout_seconds, "limits.", 0,
+                                86400 * 7));
+    KH_RETURN_IF_ERROR(ReadUint(*t, "io_timeout_seconds", &l.io_timeout_seconds,
+                                "limits.", 1, 3600));
+  }
+  return c;
+}
+
+StatusOr<Config> LoadConfigFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) {
+    return InvalidArgument("cannot read config file " + path);
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ParseConfig(ss.str(), path);
+}
+
+}  // namespace keyhold::daemon

@@ -1,0 +1,44 @@
+// keyholdd configuration: TOML file with working defaults for every key, so
+// the daemon starts with no file at all.
+#ifndef KEYHOLD_DAEMON_CONFIG_H_
+#define KEYHOLD_DAEMON_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace keyhold::daemon {
+
+struct Limits {
+  uint32_t max_frame_bytes = 64 * 1024;
+  uint32_t max_in_flight_per_connection = 16;
+  uint32_t max_connections = 1024;
+  // A connection with nothing in flight that sends nothing for this long is
+  // closed (clients reconnect transparently). 0 disables.
+  uint32_t idle_timeout_seconds = 300;
+  // Once a frame has started, the rest must arrive (and each response must be
+  // taken by the client) within this time.
+  uint32_t io_timeout_seconds = 10;
+};
+
+struct Config {
+  std::string socket_path = "/run/keyhold/keyhold.sock";
+  std::string state_dir = "/var/lib/keyhold";
+  std::vector<uint32_t> admin_uids = {0};
+  std::string log_level = "info";
+  std::string default_backend = "software";
+  uint32_t worker_threads = 0;  // 0: one per core
+  Limits limits;
+};
+
+// Parses TOML text. Unknown keys are an error (a typo must not silently fall
+// back to a default).
+StatusOr<Config> ParseConfig(const std::string& toml_text,
+                             const std::string& source_name);
+StatusOr<Config> LoadConfigFile(const std::string& path);
+
+}  // namespace keyhold::daemon
+
+#endif  // KEYHOLD_DAEMON_CONFIG_H_

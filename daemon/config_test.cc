@@ -1,0 +1,85 @@
+#include "daemon/config.h"
+
+#include <gtest/gtest.h>
+
+namespace keyhold::daemon {
+namespace {
+
+TEST(ConfigTest, EmptyFileGivesDefaults) {
+  auto c = ParseConfig("", "test");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->socket_path, "/run/keyhold/keyhold.sock");
+  EXPECT_EQ(c->state_dir, "/var/lib/keyhold");
+  EXPECT_EQ(c->admin_uids, std::vector<uint32_t>{0});
+  EXPECT_EQ(c->limits.max_frame_bytes, 65536u);
+}
+
+TEST(ConfigTest, ReadsEverySetting) {
+  auto c = ParseConfig(R"(
+socket = "/tmp/k.sock"
+state_dir = "/tmp/state"
+admins = [0, 1000]
+log_level = "debug"
+default_backend = "software"
+worker_threads = 3
+[limits]
+max_frame_bytes = 4096
+max_in_flight_per_connection = 4
+max_connections = 10
+idle_timeout_seconds = 0
+io_timeout_seconds = 2
+)",
+                       "test");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->socket_path, "/tmp/k.sock");
+  EXPECT_EQ(c->admin_uids, (std::vector<uint32_t>{0, 1000}));
+  EXPECT_EQ(c->worker_threads, 3u);
+  EXPECT_EQ(c->limits.max_frame_bytes, 4096u);
+  EXPECT_EQ(c->limits.max_in_flight_per_connection, 4u);
+  EXPECT_EQ(c->limits.idle_timeout_seconds, 0u);
+}
+
+TEST(ConfigTest, RejectsTyposAndBadValues) {
+  EXPECT_FALSE(ParseConfig("sokcet = \"/x\"", "t").ok());
+  EXPECT_FALSE(ParseConfig("[limits]\nmax_frame = 1", "t").ok());
+  EXPECT_FALSE(ParseConfig("[limits]\nmax_frame_bytes = 10", "t").ok());
+  EXPECT_FALSE(ParseConfig("admins = [\"root\"]", "t").ok());
+  EXPECT_FALSE(ParseConfig("admins = 0", "t").ok());
+  EXPECT_FALSE(ParseConfig("log_level = \"loud\"", "t").ok());
+  EXPECT_FALSE(ParseConfig("socket = \"\"", "t").ok());
+  EXPECT_FALSE(ParseConfig("worker_threads = -1", "t").ok());
+  auto bad = ParseConfig("socket = ", "file.toml");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("file.toml:1"), std::string::npos);
+}
+
+TEST(ConfigTest, MissingFile) {
+  EXPECT_FALSE(LoadConfigFile("/nonexistent/keyholdd.toml").ok());
+}
+
+}  // namespace
+}  // namespace keyhold::daemon
+
+namespace keyhold::daemon {
+namespace {
+
+// The shipped example documents the defaults; it must parse and agree.
+TEST(ConfigTest, ShippedExampleMatchesDefaults) {
+  auto c = LoadConfigFile(KH_SOURCE_DIR "/conf/keyholdd.toml.example");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  const Config d;
+  EXPECT_EQ(c->socket_path, d.socket_path);
+  EXPECT_EQ(c->state_dir, d.state_dir);
+  EXPECT_EQ(c->admin_uids, d.admin_uids);
+  EXPECT_EQ(c->log_level, d.log_level);
+  EXPECT_EQ(c->worker_threads, d.worker_threads);
+  EXPECT_EQ(c->limits.max_frame_bytes, d.limits.max_frame_bytes);
+  EXPECT_EQ(c->limits.max_in_flight_per_connection,
+            d.limits.max_in_flight_per_connection);
+  EXPECT_EQ(c->limits.max_connections, d.limits.max_connections);
+  EXPECT_EQ(c->limits.idle_timeout_seconds, d.limits.idle_timeout_seconds);
+  EXPECT_EQ(c->limits.io_timeout_seconds, d.limits.io_timeout_seconds);
+}
+
+}  // namespace
+}  // namespace keyhold::daemon

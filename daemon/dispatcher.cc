@@ -1,0 +1,159 @@
+#include "daemon/dispatcher.h"
+
+#include <spdlog/spdlog.h>
+
+#include <array>
+#include <exception>
+
+#include "common/key_types.h"
+
+namespace keyhold::daemon {
+namespace {
+
+using R = v1::Request;
+
+#define KH_KEY_OF(field) \
+  [](const R& r) -> const v1::KeyRef& { return r.field().key(); }
+
+// Every operation the daemon accepts. Reviewers audit this table: an
+// operation missing here does not exist, and its permission is enforced by
+// Dispatcher::Handle before the handler sees the request.
+constexpr std::array<OpEntry, 14> kOps = {{
+    {R::kHello, "hello", Permission::kAnyone, HandleHello, nullptr},
+    {R::kPing, "ping", Permission::kAnyone, HandlePing, nullptr},
+    {R::kGenerateKey, "generate-key", Permission::kOwnNamespace,
+     HandleGenerateKey, KH_KEY_OF(generate_key)},
+    {R::kImportKey, "import-key", Permission::kOwnNamespace, HandleImportKey,
+     KH_KEY_OF(import_key)},
+    {R::kGetPublicKey, "get-public-key", Permission::kKeyUse,
+     HandleGetPublicKey, KH_KEY_OF(get_public_key)},
+    {R::kListKeys, "list-keys", Permission::kAnyone, HandleListKeys, nullptr},
+    {R::kDestroyKey, "destroy-key", Permission::kKeyOwner, HandleDestroyKey,
+     KH_KEY_OF(destroy_key)},
+    {R::kSign, "sign", Permission::kKeyUse, HandleSign, KH_KEY_OF(sign)},
+    {R::kDecrypt, "decrypt", Permission::kKeyUse, HandleDecrypt,
+     KH_KEY_OF(decrypt)},
+    {R::kDerive, "derive", Permission::kKeyUse, HandleDerive,
+     KH_KEY_OF(derive)},
+    {R::kGrantUse, "grant-use", Permission::kKeyOwner, HandleGrantUse,
+     KH_KEY_OF(grant_use)},
+    {R::kRevokeUse, "revoke-use", Permission::kKeyOwner, HandleRevokeUse,
+     KH_KEY_OF(revoke_use)},
+    {R::kListClients, "list-clients", Permission::kAdmin, HandleListClients,
+     nullptr},
+    {R::kDeleteClient, "delete-client", Permission::kAdmin, HandleDeleteClient,
+     nullptr},
+}};
+
+#undef KH_KEY_OF
+
+const OpEntry* Find(R::OpCase op) {
+  for (const OpEntry& e : kOps) {
+    if (e.op == op) {
+      return &e;
+    }
+  }
+  return nullptr;
+}
+
+// Resolves the request's key reference against the caller's namespace.
+StatusOr<KeyRef> ResolveRef(const Principal& caller, const v1::KeyRef& wire) {
+  KH_RETURN_IF_ERROR(ValidateKeyName(wire.name()));
+  return KeyRef{wire.has_owner() ? wire.owner() : caller.uid, wire.name()};
+}
+
+Status Authorize(OpContext& ctx, const OpEntry& entry, const Principal& caller,
+                 const R& request, OpArgs* args) {
+  switch (entry.permission) {
+    case Permission::kAnyone:
+      return Status::Ok();
+    case Permission::kAdmin:
+      if (!caller.is_admin) {
+        return PermissionDenied("operation '" + std::string(entry.name) +
+                                "' is for keyhold admins only");
+      }
+      return Status::Ok();
+    case Permission::kOwnNamespace: {
+      auto ref = ResolveRef(caller, entry.key_of(request));
+      if (!ref.ok()) {
+        return ref.status();
+      }
+      if (ref->owner != caller.uid) {
+        return PermissionDenied("keys can only be created in your own namespace");
+      }
+      args->new_ref = std::move(*ref);
+      return Status::Ok();
+    }
+    case Permission::kKeyUse:
+    case Permission::kKeyOwner: {
+      auto ref = ResolveRef(caller, entry.key_of(request));
+      if (!ref.ok()) {
+        return ref.status();
+      }
+      auto key = ctx.store->Authorize(caller, *ref,
+                                      entry.permission == Permission::kKeyUse
+                                          ? Right::kUse
+                                          : Right::kManage);
+      if (!key.ok()) {
+        return key.status();
+      }
+      args->key = std::move(*key);
+      return Status::Ok();
+    }
+  }
+  return Internal("unhandled permission");
+}
+
+}  // namespace
+
+std::span<const OpEntry> OpTable() { return kOps; }
+
+std::string_view OpName(v1::Request::OpCase op) {
+  const OpEntry* e = Find(op);
+  return e == nullptr ? "unknown" : e->name;
+}
+
+v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
+  v1::Response response;
+  response.set_id(request.id());
+  Status status;
+  const OpEntry* entry = Find(request.op_case());
+  if (entry == nullptr) {
+    status = Unsupported("unknown operation");
+  } else {
+    try {
+      OpArgs args{caller, nullptr, {}};
+      status = Authorize(*ctx_, *entry, caller, request, &args);
+      if (status.ok()) {
+        status = entry->handler(*ctx_, args, request, &response);
+      }
+    } catch (const std::exception& e) {
+      spdlog::error("op {} for uid {}: exception: {}", entry->name, caller.uid,
+                    e.what());
+      status = Internal("internal error");
+    }
+  }
+  if (!status.ok()) {
+    // Details of internal failures stay in the log; the client gets the
+    // category.
+    if (status.code() == Code::kInternal) {
+      spdlog::warn("op {} for uid {} pid {} failed: {}", OpName(request.op_case()),
+                   caller.uid, caller.pid, status.message());
+    } else {
+      spdlog::debug("op {} for uid {} pid {}: {}", OpName(request.op_case()),
+                    caller.uid, caller.pid, status.ToString());
+    }
+    const uint64_t id = response.id();
+    response.Clear();
+    response.set_id(id);
+    response.set_code(static_cast<v1::Code>(status.code()));
+    response.set_message(status.code() == Code::kInternal ? "internal error"
+                                                          : status.message());
+  } else {
+    spdlog::debug("op {} for uid {} pid {}: ok", OpName(request.op_case()),
+                  caller.uid, caller.pid);
+  }
+  return response;
+}
+
+}  // namespace keyhold::daemon

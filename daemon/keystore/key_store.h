@@ -1,0 +1,108 @@
+// KeyStore: the SQLite database of keys, grants and their owners.
+//
+// Every key lives in its owner's namespace, (owner uid, name). The store is
+// the one place that decides who may do what with a key (Authorize); op
+// handlers call it before they touch a backend. A key that exists but is not
+// visible to the caller reads exactly like a key that does not exist.
+//
+// Durability: WAL with synchronous=FULL; every mutation is one transaction, so
+// an acknowledged create or delete survives kill -9 and power loss, and a
+// crash mid-way leaves no half-written row.
+//
+// Thread-safe: all methods may be called from any thread.
+#ifndef KEYHOLD_DAEMON_KEYSTORE_KEY_STORE_H_
+#define KEYHOLD_DAEMON_KEYSTORE_KEY_STORE_H_
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "daemon/keystore/key_ref.h"
+#include "daemon/keystore/principal.h"
+#include "keyhold/v1/keyhold.pb.h"
+
+struct sqlite3;
+
+namespace keyhold::daemon {
+
+struct GrantEntry {
+  enum class Kind : uint8_t { kUser = 1, kGroup = 2 };
+  Kind kind = Kind::kUser;
+  uint32_t id = 0;
+  friend bool operator==(const GrantEntry&, const GrantEntry&) = default;
+};
+
+struct KeyRecord {
+  uint64_t id = 0;  // row id; never reused
+  KeyRef ref;
+  std::string backend;
+  v1::KeyType type = v1::KEY_TYPE_UNSPECIFIED;
+  uint32_t usage = 0;               // bit set of v1::Usage
+  std::vector<uint8_t> public_key;  // DER SubjectPublicKeyInfo
+  std::vector<uint8_t> blob;        // backend-opaque
+  int64_t created_unix = 0;
+  std::vector<GrantEntry> grants;
+};
+
+enum class Right : uint8_t {
+  kUse,     // sign, decrypt, derive, public key: owner or grantee
+  kManage,  // delete, grant, revoke: owner only
+};
+
+class KeyStore {
+ public:
+  // Opens or creates the database at path (mode 0600).
+  static StatusOr<std::unique_ptr<KeyStore>> Open(
+      const std::filesystem::path& path);
+  ~KeyStore();
+  KeyStore(const KeyStore&) = delete;
+  KeyStore& operator=(const KeyStore&) = delete;
+
+  // The key if `who` may exercise `right` on it. kNotFound when it does not
+  // exist or is invisible to `who`; kPermissionDenied when `who` holds a
+  // grant but asks for kManage.
+  StatusOr<std::shared_ptr<const KeyRecord>> Authorize(const Principal& who,
+                                                       const KeyRef& ref,
+                                                       Right right);
+
+  // Stores a new key; sets record.id and record.created_unix.
+  // kAlreadyExists if (owner, name) is taken.
+  Status Insert(KeyRecord& record);
+  // Removes a key and its grants. kNotFound if absent.
+  Status Delete(const KeyRef& ref);
+
+  StatusOr<std::vector<KeyRecord>> ListOwned(uint32_t owner);
+  // Keys of other owners granted to who's uid or one of its groups.
+  StatusOr<std::vector<KeyRecord>> ListSharedWith(const Principal& who);
+
+  // Adding an existing grant is not an error; removing a missing one is
+  // kNotFound.
+  Status AddGrant(const KeyRef& ref, GrantEntry grant);
+  Status RemoveGrant(const KeyRef& ref, GrantEntry grant);
+
+  // uid -> number of keys owned.
+  StatusOr<std::map<uint32_t, uint32_t>> CountByOwner();
+
+  // Removes every key uid owns and every grant made to uid (so a reused uid
+  // inherits nothing). Returns the removed keys so their backends can
+  // destroy them.
+  StatusOr<std::vector<KeyRecord>> DeleteAllOf(uint32_t uid);
+
+ private:
+  explicit KeyStore(sqlite3* db);
+  StatusOr<std::shared_ptr<const KeyRecord>> LoadLocked(const KeyRef& ref);
+
+  std::mutex mu_;
+  sqlite3* db_;  // guarded by mu_
+  // Read cache for the hot path (Authorize on every sign); guarded by mu_.
+  std::map<KeyRef, std::shared_ptr<const KeyRecord>> cache_;
+};
+
+}  // namespace keyhold::daemon
+
+#endif  // KEYHOLD_DAEMON_KEYSTORE_KEY_STORE_H_

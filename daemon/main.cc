@@ -1,0 +1,198 @@
+// keyholdd: the composition root. Reads the config, hardens the process,
+// builds the object graph (key store, backends, dispatcher, server) and runs
+// until SIGTERM or SIGINT. The only file that names concrete backends.
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <csignal>
+#include <filesystem>
+#include <thread>
+
+#include "daemon/backends/software/software_backend.h"
+#include "daemon/config.h"
+#include "daemon/dispatcher.h"
+#include "daemon/keystore/key_store.h"
+#include "daemon/server.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using keyhold::Status;
+
+constexpr char kDefaultConfigPath[] = "/etc/keyhold/keyholdd.toml";
+
+// Secrets must not end up in core files or be readable through ptrace by
+// other processes of the same uid.
+void HardenProcess() {
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  struct rlimit none {
+    0, 0
+  };
+  setrlimit(RLIMIT_CORE, &none);
+  umask(077);
+  std::signal(SIGPIPE, SIG_IGN);
+}
+
+Status PrepareStateDir(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) {
+    fs::create_directories(dir, ec);
+    if (ec) {
+      return keyhold::Internal("cannot create state directory " + dir + ": " +
+                               ec.message());
+    }
+    ::chmod(dir.c_str(), 0700);
+  }
+  struct stat st {};
+  if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return keyhold::Internal("state directory " + dir + " is not a directory");
+  }
+  if (st.st_uid != geteuid()) {
+    return keyhold::Internal("state directory " + dir +
+                             " is not owned by the daemon's uid " +
+                             std::to_string(geteuid()));
+  }
+  if ((st.st_mode & 0077) != 0) {
+    return keyhold::Internal("state directory " + dir +
+                             " is accessible to other users (mode " +
+                             std::to_string(st.st_mode & 0777) +
+                             " octal-decimal); chmod 700 it");
+  }
+  return Status::Ok();
+}
+
+int Run(int argc, char** argv) {
+  CLI::App app{"keyholdd: keeps private keys out of application processes"};
+  std::string config_path;
+  std::string socket_path;
+  std::string state_dir;
+  std::string log_level;
+  app.add_option("--config", config_path,
+                 std::string("TOML config file (default: ") +
+                     kDefaultConfigPath + " if it exists, else built-in "
+                     "defaults)");
+  app.add_option("--socket", socket_path, "Unix socket path (overrides config)");
+  app.add_option("--state-dir", state_dir,
+                 "directory for the key store and master key (overrides "
+                 "config)");
+  app.add_option("--log-level", log_level,
+                 "trace, debug, info, warn, error or off (overrides config)");
+  app.set_version_flag("--version", KEYHOLD_VERSION);
+  CLI11_PARSE(app, argc, argv);
+
+  HardenProcess();
+  auto logger = spdlog::stderr_color_mt("keyholdd");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+
+  keyhold::daemon::Config config;
+  if (config_path.empty() && fs::exists(kDefaultConfigPath)) {
+    config_path = kDefaultConfigPath;
+  }
+  if (!config_path.empty()) {
+    auto loaded = keyhold::daemon::LoadConfigFile(config_path);
+    if (!loaded.ok()) {
+      spdlog::critical("config: {}", loaded.status().message());
+      return 2;
+    }
+    config = std::move(*loaded);
+  }
+  if (!socket_path.empty()) {
+    config.socket_path = socket_path;
+  }
+  if (!state_dir.empty()) {
+    config.state_dir = state_dir;
+  }
+  if (!log_level.empty()) {
+    config.log_level = log_level;
+  }
+  spdlog::set_level(spdlog::level::from_str(config.log_level));
+
+  if (Status st = PrepareStateDir(config.state_dir); !st.ok()) {
+    spdlog::critical("{}", st.message());
+    return 1;
+  }
+  auto store =
+      keyhold::daemon::KeyStore::Open(fs::path(config.state_dir) / "keys.db");
+  if (!store.ok()) {
+    spdlog::critical("key store: {}", store.status().message());
+    return 1;
+  }
+  auto software = keyhold::backend::software::SoftwareBackend::Create(
+      "software", fs::path(config.state_dir) / "master.key");
+  if (!software.ok()) {
+    spdlog::critical("software backend: {}", software.status().message());
+    return 1;
+  }
+
+  keyhold::daemon::ClientRegistry clients;
+  keyhold::daemon::OpContext ctx;
+  ctx.store = store->get();
+  ctx.backends[std::string((*software)->Name())] = software->get();
+  ctx.default_backend = config.default_backend;
+  ctx.clients = &clients;
+  ctx.limits = config.limits;
+  if (!ctx.backends.contains(ctx.default_backend)) {
+    spdlog::critical("default_backend '{}' is not a configured backend",
+                     ctx.default_backend);
+    return 2;
+  }
+  keyhold::daemon::Dispatcher dispatcher(&ctx);
+
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  const unsigned workers_n =
+      config.worker_threads != 0 ? config.worker_threads : cores;
+  boost::asio::io_context io(1);
+  boost::asio::thread_pool workers(workers_n);
+  keyhold::daemon::Server server(io, workers, dispatcher, clients,
+                                 config.limits, config.admin_uids);
+  if (Status st = server.Listen(config.socket_path); !st.ok()) {
+    spdlog::critical("{}", st.message());
+    return 1;
+  }
+
+  boost::asio::signal_set signals(io, SIGINT, SIGTERM, SIGHUP);
+  std::function<void(const boost::system::error_code&, int)> on_signal;
+  on_signal = [&](const boost::system::error_code& ec, int sig) {
+    if (ec) {
+      return;
+    }
+    if (sig == SIGHUP) {
+      spdlog::info("SIGHUP: configuration reload is not supported yet; "
+                   "ignoring");
+      signals.async_wait(on_signal);
+      return;
+    }
+    spdlog::info("signal {}: shutting down", sig);
+    server.Stop();
+  };
+  signals.async_wait(on_signal);
+
+  server.Start();
+  spdlog::info("keyholdd {} listening on {} (state {}, {} workers)",
+               KEYHOLD_VERSION, config.socket_path, config.state_dir,
+               workers_n);
+  io.run();
+  workers.join();
+  spdlog::info("keyholdd stopped");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "keyholdd: fatal: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,471 @@
+#include "daemon/server.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <boost/asio/post.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/write.hpp>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+
+#include "common/frame.h"
+#include "common/peer_cred.h"
+#include "common/secret.h"
+
+namespace keyhold::daemon {
+
+namespace asio = boost::asio;
+using Socket = asio::local::stream_protocol::socket;
+using Clock = std::chrono::steady_clock;
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(Server& server, Socket socket, asio::thread_pool& workers,
+          Dispatcher& dispatcher, ClientRegistry& clients, const Limits& limits,
+          Principal principal)
+      : server_(server),
+        socket_(std::move(socket)),
+        read_timer_(socket_.get_executor()),
+        write_timer_(socket_.get_executor()),
+        workers_(workers),
+        dispatcher_(dispatcher),
+        clients_(clients),
+        limits_(limits),
+        principal_(std::move(principal)) {}
+
+  void Start() {
+    clients_.Add(principal_.uid, principal_.pid);
+    registered_ = true;
+    spdlog::debug("connection from uid {} pid {}", principal_.uid,
+                  principal_.pid);
+    ReadHeader();
+  }
+
+  // Graceful stop: take no new requests, close once every response in
+  // flight has been written.
+  void Drain() {
+    draining_ = true;
+    if (in_flight_ == 0) {
+      Close(nullptr);
+    }
+  }
+
+  void Close(const char* why) {
+    if (closed_) {
+      return;
+    }
+    closed_ = true;
+    if (why != nullptr) {
+      spdlog::debug("closing connection of uid {} pid {}: {}", principal_.uid,
+                    principal_.pid, why);
+    }
+    boost::system::error_code ignored;
+    socket_.shutdown(Socket::shutdown_both, ignored);
+    socket_.close(ignored);
+    read_timer_.cancel();
+    write_timer_.cancel();
+    for (std::string& frame : write_queue_) {
+      CleanseString(frame);
+    }
+    write_queue_.clear();
+    if (registered_) {
+      clients_.Remove(principal_.uid, principal_.pid);
+      registered_ = false;
+    }
+    server_.Forget(this);
+  }
+
+ private:
+  // Closes the connection if the timer reaches its expiry without being
+  // re-armed or cancelled.
+  void Arm(asio::steady_timer& timer, uint32_t seconds, const char* why) {
+    if (seconds == 0) {
+      timer.cancel();
+      return;
+    }
+    timer.expires_after(std::chrono::seconds(seconds));
+    timer.async_wait([weak = weak_from_this(), &timer, why](
+                         const boost::system::error_code& ec) {
+      if (ec) {
+        return;
+      }
+      auto self = weak.lock();
+      if (self && !self->closed_ && timer.expiry() <= Clock::now()) {
+        self->Close(why);
+      }
+    });
+  }
+
+  void ReadHeader() {
+    if (closed_ || reading_ || close_after_write_ || draining_) {
+      return;
+    }
+    if (in_flight_ >= limits_.max_in_flight_per_connection) {
+      return;  // resumed by Finished()
+    }
+    reading_ = true;
+    if (in_flight_ == 0) {
+      Arm(read_timer_, limits_.idle_timeout_seconds, "idle timeout");
+    } else {
+      read_timer_.cancel();
+    }
+    asio::async_read(
+        socket_, asio::buffer(header_),
+        [self = shared_from_this()](const boost::system::error_code& ec,
+                                    std::size_t) { self->OnHeader(ec); });
+  }
+
+  void OnHeader(const boost::system::error_code& ec) {
+    if (closed_) {
+      return;
+    }
+    if (ec || draining_) {
+      reading_ = false;
+      if (!draining_ || in_flight_ == 0) {
+        Close(ec == asio::error::eof ? nullptr : "read failed");
+      }
+      return;
+    }
+    auto length = DecodeFrameHeader(header_, limits_.max_frame_bytes);
+    if (!length.ok()) {
+      reading_ = false;
+      spdlog::info("uid {} pid {}: {}; closing", principal_.uid,
+                   principal_.pid, length.status().message());
+      SendError(0, length.status());
+      close_after_write_ = true;
+      return;
+    }
+    body_ = SecretBytes(*length);
+    Arm(read_timer_, limits_.io_timeout_seconds, "frame not completed in time");
+    asio::async_read(
+        socket_,
+        asio::buffer(body_.data(SecretAccess::kToken), body_.size()),
+        [self = shared_from_this()](const boost::system::error_code& e,
+                                    std::size_t) { self->OnBody(e); });
+  }
+
+  void OnBody(const boost::system::error_code& ec) {
+    reading_ = false;
+    if (closed_) {
+      return;
+    }
+    read_timer_.cancel();
+    if (ec) {
+      Close(ec == asio::error::eof ? "truncated frame" : "read failed");
+      return;
+    }
+    auto request = std::make_shared<v1::Request>();
+    Status st = DecodeRequest(body_.Expose(SecretAccess::kToken), request.get());
+    body_ = SecretBytes();
+    if (!st.ok()) {
+      if (st.code() == Code::kUnsupported) {
+        // A well-formed request for an operation we do not know: answer and
+        // keep the connection.
+        SendError(request->id(), st);
+        ReadHeader();
+        return;
+      }
+      spdlog::info("uid {} pid {}: {}; closing", principal_.uid,
+                   principal_.pid, st.message());
+      SendError(0, st);
+      close_after_write_ = true;
+      return;
+    }
+    ++in_flight_;
+    asio::post(workers_, [self = shared_from_this(), request] {
+      self->Work(*request);
+    });
+    ReadHeader();
+  }
+
+  // Runs on a worker thread.
+  void Work(v1::Request& request) {
+    v1::Response response = dispatcher_.Handle(principal_, request);
+    if (request.has_import_key()) {
+      CleanseString(*request.mutable_import_key()->mutable_private_key());
+    }
+    auto frame = EncodeFrame(response, kMaxResponseFrameBytes);
+    if (response.has_decrypt()) {
+      CleanseString(*response.mutable_decrypt()->mutable_plaintext());
+    }
+    if (response.has_derive()) {
+      CleanseString(*response.mutable_derive()->mutable_shared_secret());
+    }
+    std::string bytes;
+    if (frame.ok()) {
+      bytes = std::move(*frame);
+    } else {
+      v1::Response error;
+      error.set_id(request.id());
+      error.set_code(static_cast<v1::Code>(frame.status().code()));
+      error.set_message("response too large");
+      bytes = std::move(*EncodeFrame(error, kMaxResponseFrameBytes));
+    }
+    asio::post(socket_.get_executor(),
+               [self = shared_from_this(), bytes = std::move(bytes)]() mutable {
+                 self->Queue(std::move(bytes));
+               });
+  }
+
+  void SendError(uint64_t id, const Status& st) {
+    v1::Response r;
+    r.set_id(id);
+    r.set_code(static_cast<v1::Code>(st.code()));
+    r.set_message(st.message());
+    auto frame = EncodeFrame(r, kMaxResponseFrameBytes);
+    if (frame.ok()) {
+      ++in_flight_;  // balanced in OnWritten like every response
+      Queue(std::move(*frame));
+    }
+  }
+
+  void Queue(std::string frame) {
+    if (closed_) {
+      CleanseString(frame);
+      return;
+    }
+    write_queue_.push_back(std::move(frame));
+    if (!writing_) {
+      WriteNext();
+    }
+  }
+
+  void WriteNext() {
+    writing_ = true;
+    Arm(write_timer_, limits_.io_timeout_seconds, "client does not read");
+    asio::async_write(
+        socket_, asio::buffer(write_queue_.front()),
+        [self = shared_from_this()](const boost::system::error_code& ec,
+                                    std::size_t) { self->OnWritten(ec); });
+  }
+
+  void OnWritten(const boost::system::error_code& ec) {
+    writing_ = false;
+    if (closed_) {
+      return;
+    }
+    write_timer_.cancel();
+    CleanseString(write_queue_.front());
+    write_queue_.pop_front();
+    --in_flight_;
+    if (ec) {
+      Close("write failed");
+      return;
+    }
+    if (!write_queue_.empty()) {
+      WriteNext();
+      return;
+    }
+    if ((close_after_write_ || draining_) && in_flight_ == 0) {
+      Close(nullptr);
+      return;
+    }
+    ReadHeader();  // may have been paused at the in-flight limit
+  }
+
+  Server& server_;
+  Socket socket_;
+  asio::steady_timer read_timer_;
+  asio::steady_timer write_timer_;
+  asio::thread_pool& workers_;
+  Dispatcher& dispatcher_;
+  ClientRegistry& clients_;
+  const Limits limits_;
+  const Principal principal_;
+
+  // Everything below is touched on the I/O thread only.
+  std::array<uint8_t, kFrameHeaderBytes> header_{};
+  SecretBytes body_;
+  std::deque<std::string> write_queue_;
+  uint32_t in_flight_ = 0;  // requests read whose response is not yet written
+  bool reading_ = false;
+  bool writing_ = false;
+  bool closed_ = false;
+  bool close_after_write_ = false;
+  bool draining_ = false;
+  bool registered_ = false;
+};
+
+Server::Server(asio::io_context& io, asio::thread_pool& workers,
+               Dispatcher& dispatcher, ClientRegistry& clients, Limits limits,
+               std::vector<uint32_t> admin_uids)
+    : io_(io),
+      workers_(workers),
+      dispatcher_(dispatcher),
+      clients_(clients),
+      limits_(limits),
+      admin_uids_(std::move(admin_uids)) {}
+
+Server::~Server() = default;
+
+namespace {
+
+// True if something accepts connections at path.
+bool SomeoneListens(const std::string& path) {
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    return false;
+  }
+  struct sockaddr_un addr {};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  const bool live =
+      connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0;
+  close(fd);
+  return live;
+}
+
+}  // namespace
+
+Status Server::Listen(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (path.empty() || path.size() >= sizeof(sockaddr_un::sun_path)) {
+    return InvalidArgument("socket path is empty or too long: " + path);
+  }
+  const fs::path dir = fs::path(path).parent_path();
+  std::error_code fec;
+  if (!dir.empty() && !fs::exists(dir, fec)) {
+    fs::create_directories(dir, fec);
+    if (fec) {
+      return Internal("cannot create socket directory " + dir.string() + ": " +
+                      fec.message());
+    }
+    ::chmod(dir.c_str(), 0755);
+  }
+  struct stat st {};
+  if (lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return Internal("refusing to replace " + path + ": not a socket");
+    }
+    if (SomeoneListens(path)) {
+      return Internal("another daemon is already listening on " + path);
+    }
+    ::unlink(path.c_str());
+  }
+  boost::system::error_code ec;
+  acceptor_ = std::make_unique<asio::local::stream_protocol::acceptor>(io_);
+  acceptor_->open(asio::local::stream_protocol(), ec);
+  if (!ec) {
+    acceptor_->bind(asio::local::stream_protocol::endpoint(path), ec);
+  }
+  if (!ec) {
+    acceptor_->listen(asio::socket_base::max_listen_connections, ec);
+  }
+  if (ec) {
+    return Internal("cannot listen on " + path + ": " + ec.message());
+  }
+  // Access control is per operation by peer credentials; every local user
+  // may connect.
+  if (::chmod(path.c_str(), 0666) != 0) {
+    return Internal("cannot chmod " + path + ": " + std::strerror(errno));
+  }
+  path_ = path;
+  return Status::Ok();
+}
+
+void Server::Start() { Accept(); }
+
+void Server::Accept() {
+  if (stopped_ || !acceptor_) {
+    return;
+  }
+  acceptor_->async_accept([this](const boost::system::error_code& ec,
+                                 Socket socket) {
+    if (stopped_ || ec == asio::error::operation_aborted) {
+      return;
+    }
+    if (ec) {
+      // Out of descriptors or similar: back off briefly instead of spinning.
+      spdlog::warn("accept failed: {}", ec.message());
+      auto timer = std::make_shared<asio::steady_timer>(io_);
+      timer->expires_after(std::chrono::milliseconds(100));
+      timer->async_wait([this, timer](const boost::system::error_code&) {
+        Accept();
+      });
+      return;
+    }
+    if (sessions_.size() >= limits_.max_connections) {
+      spdlog::warn("connection refused: {} connections open (limit)",
+                   sessions_.size());
+      boost::system::error_code ignored;
+      socket.close(ignored);
+      Accept();
+      return;
+    }
+    auto cred = GetPeerCred(socket.native_handle(), /*with_groups=*/true);
+    if (!cred.ok()) {
+      spdlog::warn("connection refused: {}", cred.status().message());
+      Accept();
+      return;
+    }
+    Principal who;
+    who.uid = cred->uid;
+    who.gid = cred->gid;
+    who.groups.assign(cred->groups.begin(), cred->groups.end());
+    who.pid = cred->pid;
+    who.is_admin = std::find(admin_uids_.begin(), admin_uids_.end(),
+                             cred->uid) != admin_uids_.end();
+    auto session = std::make_shared<Session>(*this, std::move(socket), workers_,
+                                             dispatcher_, clients_, limits_,
+                                             std::move(who));
+    sessions_.insert(session);
+    session->Start();
+    Accept();
+  });
+}
+
+void Server::Forget(Session* session) {
+  for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
+    if (it->get() == session) {
+      sessions_.erase(it);
+      break;
+    }
+  }
+  if (stopped_ && sessions_.empty() && stop_timer_) {
+    stop_timer_->cancel();
+  }
+}
+
+void Server::Stop() {
+  if (stopped_) {
+    return;
+  }
+  stopped_ = true;
+  if (acceptor_) {
+    boost::system::error_code ignored;
+    acceptor_->close(ignored);
+  }
+  if (!path_.empty()) {
+    ::unlink(path_.c_str());
+  }
+  auto sessions = sessions_;
+  for (const auto& s : sessions) {
+    s->Drain();
+  }
+  // Whatever has not finished within the I/O timeout is cut off.
+  stop_timer_ = std::make_unique<asio::steady_timer>(io_);
+  stop_timer_->expires_after(std::chrono::seconds(limits_.io_timeout_seconds));
+  stop_timer_->async_wait([this](const boost::system::error_code& ec) {
+    if (ec) {
+      return;
+    }
+    auto left = sessions_;
+    for (const auto& s : left) {
+      s->Close("daemon shutting down");
+    }
+  });
+  if (sessions_.empty()) {
+    stop_timer_->cancel();
+  }
+}
+
+}  // namespace keyhold::daemon

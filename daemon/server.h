@@ -1,0 +1,70 @@
+// The listener and its sessions.
+//
+// Threads: one I/O thread runs the io_context (accept, read, write, timers);
+// private-key work runs on a separate worker pool so that I/O never waits on
+// crypto. A session reads frames, hands each request to the pool, and writes
+// responses in whatever order they finish (several requests may be in flight
+// per connection, up to limits.max_in_flight_per_connection; past that the
+// session stops reading until one completes).
+//
+// The caller's identity is read from the kernel (SO_PEERCRED, SO_PEERGROUPS)
+// once, at accept, and never taken from a request.
+#ifndef KEYHOLD_DAEMON_SERVER_H_
+#define KEYHOLD_DAEMON_SERVER_H_
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "daemon/client_registry.h"
+#include "daemon/config.h"
+#include "daemon/dispatcher.h"
+
+namespace keyhold::daemon {
+
+class Session;
+
+class Server {
+ public:
+  Server(boost::asio::io_context& io, boost::asio::thread_pool& workers,
+         Dispatcher& dispatcher, ClientRegistry& clients, Limits limits,
+         std::vector<uint32_t> admin_uids);
+  ~Server();
+
+  // Binds the socket at path (mode 0666; the directory is created 0755 if
+  // missing). A stale socket file is replaced; a live one (another daemon
+  // answers) is an error.
+  Status Listen(const std::string& path);
+  // Starts accepting; runs on the io_context.
+  void Start();
+  // Stops accepting, closes every session, removes the socket file.
+  void Stop();
+
+  // Called by sessions.
+  void Forget(Session* session);
+
+ private:
+  void Accept();
+
+  boost::asio::io_context& io_;
+  boost::asio::thread_pool& workers_;
+  Dispatcher& dispatcher_;
+  ClientRegistry& clients_;
+  Limits limits_;
+  std::vector<uint32_t> admin_uids_;
+  std::string path_;
+  std::unique_ptr<boost::asio::local::stream_protocol::acceptor> acceptor_;
+  std::set<std::shared_ptr<Session>> sessions_;  // I/O thread only
+  std::unique_ptr<boost::asio::steady_timer> stop_timer_;
+  bool stopped_ = false;
+};
+
+}  // namespace keyhold::daemon
+
+#endif  // KEYHOLD_DAEMON_SERVER_H_

@@ -1,0 +1,295 @@
+// Bad input against a real keyholdd: every case gets a clear status or a
+// closed connection, the daemon keeps serving others, and stored keys are
+// untouched.
+#include <gtest/gtest.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include "common/frame.h"
+#include "tests/harness/daemon_process.h"
+
+namespace keyhold::testing {
+namespace {
+
+class BadInputTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    daemon_ = std::make_unique<DaemonProcess>(
+        "[limits]\nio_timeout_seconds = 2\nmax_in_flight_per_connection = 4\n");
+    ASSERT_TRUE(daemon_->Start()) << daemon_->log();
+    client_ = std::make_unique<client::Client>(daemon_->ClientOptions());
+    auto created =
+        client_->GenerateKey(client::MakeKeyRef("keep"), v1::EC_P256);
+    ASSERT_TRUE(created.ok()) << created.status().ToString();
+    public_key_ = created->public_key();
+    ASSERT_TRUE(Sign("keep").ok());
+  }
+
+  StatusOr<std::string> Sign(const std::string& name) {
+    v1::SignRequest req;
+    *req.mutable_key() = client::MakeKeyRef(name);
+    req.set_algorithm(v1::ECDSA);
+    req.set_digest(v1::SHA256);
+    req.set_data(std::string(32, '\x11'));
+    return client_->Sign(req);
+  }
+
+  // After every abuse: the daemon is alive, the stored key is unchanged and
+  // still signs with a signature that verifies under the original public key.
+  void ExpectHealthy() {
+    ASSERT_TRUE(daemon_->Running());
+    client::Client fresh(daemon_->ClientOptions());
+    ASSERT_TRUE(fresh.Ping().ok());
+    auto pub = fresh.GetPublicKey(client::MakeKeyRef("keep"));
+    ASSERT_TRUE(pub.ok()) << pub.status().ToString();
+    EXPECT_EQ(pub->public_key(), public_key_);
+    auto sig = Sign("keep");
+    ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+    const auto* p = reinterpret_cast<const uint8_t*>(public_key_.data());
+    EVP_PKEY* pkey = d2i_PUBKEY(nullptr, &p, static_cast<long>(public_key_.size()));
+    ASSERT_NE(pkey, nullptr);
+    EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new(pkey, nullptr);
+    ASSERT_EQ(EVP_PKEY_verify_init(ctx), 1);
+    const std::string digest(32, '\x11');
+    EXPECT_EQ(EVP_PKEY_verify(ctx, reinterpret_cast<const uint8_t*>(sig->data()),
+                              sig->size(),
+                              reinterpret_cast<const uint8_t*>(digest.data()),
+                              digest.size()),
+              1);
+    EVP_PKEY_CTX_free(ctx);
+    EVP_PKEY_free(pkey);
+  }
+
+  std::unique_ptr<DaemonProcess> daemon_;
+  std::unique_ptr<client::Client> client_;
+  std::string public_key_;
+};
+
+TEST_F(BadInputTest, OversizedFrameIsRefusedAndClosed) {
+  RawConnection raw(daemon_->socket_path());
+  ASSERT_TRUE(raw.ok());
+  const auto header = EncodeFrameHeader(kDefaultMaxFrameBytes + 1);
+  ASSERT_TRUE(raw.Send(std::string(header.begin(), header.end())));
+  v1::Response r;
+  ASSERT_TRUE(raw.ReadResponse(&r));
+  EXPECT_EQ(r.code(), v1::RESOURCE_EXHAUSTED);
+  EXPECT_NE(r.message().find("exceeds the limit"), std::string::npos);
+  EXPECT_TRUE(raw.ClosedByPeer(3000));
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, HugeLengthDoesNotAllocate) {
+  RawConnection raw(daemon_->socket_path());
+  ASSERT_TRUE(raw.Send(std::string("\xff\xff\xff\xff", 4)));
+  v1::Response r;
+  ASSERT_TRUE(raw.ReadResponse(&r));
+  EXPECT_EQ(r.code(), v1::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(raw.ClosedByPeer(3000));
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, ClientSideFrameLimitGivesClearError) {
+  v1::SignRequest req;
+  *req.mutable_key() = client::MakeKeyRef("keep");
+  req.set_algorithm(v1::ECDSA);
+  req.set_data(std::string(kDefaultMaxFrameBytes, 'x'));
+  auto r = client_->Sign(req);
+  EXPECT_EQ(r.status().code(), Code::kResourceExhausted);
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, TruncatedFrameThenHangupIsHarmless) {
+  {
+    RawConnection raw(daemon_->socket_path());
+    v1::Request req;
+    req.set_id(1);
+    req.mutable_ping();
+    const std::string frame = Frame(req);
+    ASSERT_TRUE(raw.Send(frame.substr(0, frame.size() - 1)));
+  }
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, StalledFrameIsTimedOut) {
+  RawConnection raw(daemon_->socket_path());
+  const auto header = EncodeFrameHeader(100);
+  ASSERT_TRUE(raw.Send(std::string(header.begin(), header.end()) + "abc"));
+  // io_timeout_seconds = 2 in this test's config.
+  EXPECT_TRUE(raw.ClosedByPeer(6000));
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, GarbageIsRefusedAndClosed) {
+  RawConnection raw(daemon_->socket_path());
+  const std::string garbage = "\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8";
+  const auto header = EncodeFrameHeader(static_cast<uint32_t>(garbage.size()));
+  ASSERT_TRUE(raw.Send(std::string(header.begin(), header.end()) + garbage));
+  v1::Response r;
+  ASSERT_TRUE(raw.ReadResponse(&r));
+  EXPECT_EQ(r.code(), v1::INVALID_ARGUMENT);
+  EXPECT_EQ(r.message(), "malformed request");
+  EXPECT_TRUE(raw.ClosedByPeer(3000));
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, RandomBytesNeverCrashTheDaemon) {
+  uint32_t seed = 12345;
+  for (int i = 0; i < 200; ++i) {
+    RawConnection raw(daemon_->socket_path());
+    std::string junk;
+    const int n = 1 + static_cast<int>(seed % 300);
+    for (int j = 0; j < n; ++j) {
+      seed = seed * 1103515245u + 12345u;
+      junk += static_cast<char>(seed >> 16);
+    }
+    // Sometimes a plausible small length prefix, sometimes raw noise.
+    if (i % 2 == 0) {
+      const auto header = EncodeFrameHeader(static_cast<uint32_t>(junk.size()));
+      junk = std::string(header.begin(), header.end()) + junk;
+    }
+    raw.Send(junk);
+  }
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, UnknownOperationKeepsConnection) {
+  RawConnection raw(daemon_->socket_path());
+  // id = 9, then field 99 (length-delimited, empty): an op from the future.
+  const std::string body("\x08\x09\x9a\x06\x00", 5);
+  const auto header = EncodeFrameHeader(static_cast<uint32_t>(body.size()));
+  ASSERT_TRUE(raw.Send(std::string(header.begin(), header.end()) + body));
+  v1::Response r;
+  ASSERT_TRUE(raw.ReadResponse(&r));
+  EXPECT_EQ(r.id(), 9u);
+  EXPECT_EQ(r.code(), v1::UNSUPPORTED);
+  EXPECT_EQ(r.message(), "unknown operation");
+  // Same connection still works.
+  v1::Request ping;
+  ping.set_id(10);
+  ping.mutable_ping();
+  ASSERT_TRUE(raw.Send(Frame(ping)));
+  ASSERT_TRUE(raw.ReadResponse(&r));
+  EXPECT_EQ(r.id(), 10u);
+  EXPECT_EQ(r.code(), v1::OK);
+}
+
+TEST_F(BadInputTest, PipelinedRequestsAnsweredById) {
+  RawConnection raw(daemon_->socket_path());
+  std::string batch;
+  for (uint64_t id = 100; id < 110; ++id) {
+    v1::Request req;
+    req.set_id(id);
+    if (id % 2 == 0) {
+      req.mutable_ping();
+    } else {
+      auto* s = req.mutable_sign();
+      *s->mutable_key() = client::MakeKeyRef("keep");
+      s->set_algorithm(v1::ECDSA);
+      s->set_digest(v1::SHA256);
+      s->set_data(std::string(32, 'x'));
+    }
+    batch += Frame(req);
+  }
+  ASSERT_TRUE(raw.Send(batch));
+  std::set<uint64_t> ids;
+  for (int i = 0; i < 10; ++i) {
+    v1::Response r;
+    ASSERT_TRUE(raw.ReadResponse(&r));
+    EXPECT_EQ(r.code(), v1::OK) << r.message();
+    EXPECT_EQ(r.id() % 2 == 0, r.has_ping());
+    ids.insert(r.id());
+  }
+  EXPECT_EQ(ids.size(), 10u);
+}
+
+TEST_F(BadInputTest, SilentClientDoesNotBlockOthers) {
+  std::vector<std::unique_ptr<RawConnection>> silent;
+  for (int i = 0; i < 50; ++i) {
+    silent.push_back(std::make_unique<RawConnection>(daemon_->socket_path()));
+    ASSERT_TRUE(silent.back()->ok());
+  }
+  // Half a frame, then nothing.
+  ASSERT_TRUE(silent[0]->Send(std::string("\x00\x00", 2)));
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(Sign("keep").ok());
+  }
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, WrongKeyTypeMissingKeyInvalidNamesDuplicates) {
+  v1::SignRequest pss;
+  *pss.mutable_key() = client::MakeKeyRef("keep");
+  pss.set_algorithm(v1::RSA_PSS);
+  pss.set_digest(v1::SHA256);
+  pss.set_data(std::string(32, 'x'));
+  auto r = client_->Sign(pss);
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("ec-p256"), std::string::npos);
+
+  v1::DecryptRequest dec;
+  *dec.mutable_key() = client::MakeKeyRef("keep");
+  dec.set_algorithm(v1::RSA_OAEP);
+  dec.set_ciphertext("x");
+  EXPECT_EQ(client_->Decrypt(dec).status().code(), Code::kInvalidArgument);
+
+  EXPECT_EQ(Sign("missing").status().code(), Code::kNotFound);
+  EXPECT_EQ(client_->GenerateKey(client::MakeKeyRef("keep"), v1::EC_P256)
+                .status()
+                .code(),
+            Code::kAlreadyExists);
+  for (const char* bad : {"", "a/b", "white space", "semi;colon"}) {
+    EXPECT_EQ(client_->GenerateKey(client::MakeKeyRef(bad), v1::EC_P256)
+                  .status()
+                  .code(),
+              Code::kInvalidArgument)
+        << bad;
+  }
+  EXPECT_EQ(client_->GenerateKey(client::MakeKeyRef(std::string(65, 'a')),
+                                 v1::EC_P256)
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(client_
+                ->GenerateKey(client::MakeKeyRef("t"),
+                              static_cast<v1::KeyType>(42))
+                .status()
+                .code(),
+            Code::kUnsupported);
+  SecretBytes junk(std::vector<uint8_t>{1, 2, 3});
+  EXPECT_EQ(client_->ImportKey(client::MakeKeyRef("imp"), junk).status().code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(client_->Derive(client::MakeKeyRef("keep"),
+                            std::vector<uint8_t>{4, 1, 2})
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, InFlightLimitAppliesBackpressureNotErrors) {
+  // max_in_flight_per_connection = 4: 40 pipelined requests all get answers.
+  RawConnection raw(daemon_->socket_path());
+  std::string batch;
+  for (uint64_t id = 1; id <= 40; ++id) {
+    v1::Request req;
+    req.set_id(id);
+    auto* s = req.mutable_sign();
+    *s->mutable_key() = client::MakeKeyRef("keep");
+    s->set_algorithm(v1::ECDSA);
+    s->set_digest(v1::SHA256);
+    s->set_data(std::string(32, 'x'));
+    batch += Frame(req);
+  }
+  ASSERT_TRUE(raw.Send(batch));
+  for (int i = 0; i < 40; ++i) {
+    v1::Response r;
+    ASSERT_TRUE(raw.ReadResponse(&r)) << i;
+    EXPECT_EQ(r.code(), v1::OK);
+  }
+}
+
+}  // namespace
+}  // namespace keyhold::testing

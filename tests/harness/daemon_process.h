@@ -1,0 +1,69 @@
+// Starts a real keyholdd on a temporary socket and state directory, for the
+// cross-component tests. Stops it by process id.
+#ifndef KEYHOLD_TESTS_HARNESS_DAEMON_PROCESS_H_
+#define KEYHOLD_TESTS_HARNESS_DAEMON_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <string>
+#include <vector>
+
+#include "common/client/client.h"
+
+namespace keyhold::testing {
+
+class DaemonProcess {
+ public:
+  // Creates a fresh temporary directory (0755, so other uids can reach the
+  // socket) holding state/ and keyhold.sock. extra_config is appended to the
+  // generated TOML config.
+  explicit DaemonProcess(std::string extra_config = "");
+  ~DaemonProcess();  // kills the daemon and removes the directory
+
+  // Starts keyholdd and waits until it answers a ping. Returns false (and
+  // keeps the log) if it does not come up within 10 s.
+  bool Start();
+  // SIGTERM and wait; returns the exit status.
+  int Stop();
+  // SIGKILL and wait.
+  void Kill();
+  bool Running() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
+
+  const std::string& socket_path() const { return socket_path_; }
+  const std::string& dir() const { return dir_; }
+  std::string state_dir() const { return dir_ + "/state"; }
+  std::string log() const;  // the daemon's stderr so far
+
+  client::Options ClientOptions() const;
+
+ private:
+  std::string dir_;
+  std::string socket_path_;
+  std::string config_path_;
+  std::string log_path_;
+  pid_t pid_ = -1;
+};
+
+// A raw connection for bad-input tests: no framing help, no checks.
+class RawConnection {
+ public:
+  explicit RawConnection(const std::string& socket_path);
+  ~RawConnection();
+  bool ok() const { return fd_ >= 0; }
+  bool Send(const std::string& bytes);
+  // Reads one response frame; false on EOF, error or 5 s without data.
+  bool ReadResponse(v1::Response* out);
+  // True once the daemon has closed the connection (EOF within timeout_ms).
+  bool ClosedByPeer(int timeout_ms);
+  int fd() const { return fd_; }
+
+ private:
+  int fd_ = -1;
+};
+
+std::string Frame(const v1::Request& req);
+
+}  // namespace keyhold::testing
+
+#endif  // KEYHOLD_TESTS_HARNESS_DAEMON_PROCESS_H_

@@ -1,0 +1,80 @@
+# Shared helpers for the shell scenarios: start a real keyholdd on a temporary
+# socket and state directory, stop it by process id, and fail loudly.
+# Expects KEYHOLDD and KEYHOLD (binary paths) in the environment.
+set -euo pipefail
+
+: "${KEYHOLDD:?path to keyholdd}"
+: "${KEYHOLD:?path to keyhold}"
+
+KH_DIR="$(mktemp -d /tmp/keyhold-sh-XXXXXX)"
+chmod 755 "$KH_DIR"
+export KEYHOLD_SOCKET="$KH_DIR/keyhold.sock"
+KH_PID=""
+KH_PASSED=0
+KH_FAILED=0
+
+kh_start() {
+  "$KEYHOLDD" --socket "$KEYHOLD_SOCKET" --state-dir "$KH_DIR/state" \
+    --log-level debug "$@" 2>>"$KH_DIR/keyholdd.log" &
+  KH_PID=$!
+  for _ in $(seq 1 100); do
+    if "$KEYHOLD" ping >/dev/null 2>&1; then return 0; fi
+    sleep 0.05
+  done
+  echo "keyholdd did not start; log:" >&2
+  cat "$KH_DIR/keyholdd.log" >&2
+  return 1
+}
+
+kh_stop() {
+  if [ -n "$KH_PID" ]; then
+    kill "$KH_PID" 2>/dev/null || true
+    wait "$KH_PID" 2>/dev/null || true
+    KH_PID=""
+  fi
+}
+
+kh_cleanup() {
+  kh_stop
+  rm -rf "$KH_DIR"
+}
+trap kh_cleanup EXIT
+
+# check "description" command...: runs the command, counts pass/fail.
+check() {
+  local what="$1"
+  shift
+  if "$@" >"$KH_DIR/out" 2>"$KH_DIR/err"; then
+    KH_PASSED=$((KH_PASSED + 1))
+  else
+    KH_FAILED=$((KH_FAILED + 1))
+    echo "FAIL: $what" >&2
+    echo "  command: $*" >&2
+    sed 's/^/  stdout: /' "$KH_DIR/out" >&2
+    sed 's/^/  stderr: /' "$KH_DIR/err" >&2
+  fi
+}
+
+# fails: the command must exit non-zero with exactly one line on stderr
+# containing the expected text.
+fails() {
+  local what="$1" expected="$2"
+  shift 2
+  if "$@" >"$KH_DIR/out" 2>"$KH_DIR/err"; then
+    KH_FAILED=$((KH_FAILED + 1))
+    echo "FAIL: $what (succeeded, expected failure)" >&2
+    return
+  fi
+  if [ "$(wc -l <"$KH_DIR/err")" -ne 1 ] || ! grep -q -- "$expected" "$KH_DIR/err"; then
+    KH_FAILED=$((KH_FAILED + 1))
+    echo "FAIL: $what (stderr does not say '$expected' on one line)" >&2
+    sed 's/^/  stderr: /' "$KH_DIR/err" >&2
+    return
+  fi
+  KH_PASSED=$((KH_PASSED + 1))
+}
+
+kh_summary() {
+  echo "$KH_PASSED passed, $KH_FAILED failed"
+  [ "$KH_FAILED" -eq 0 ]
+}
