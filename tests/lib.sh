@@ -44,7 +44,13 @@ trap kh_cleanup EXIT
 check() {
   local what="$1"
   shift
-  if "$@" >"$KH_DIR/out" 2>"$KH_DIR/err"; then
+  # Write to new files and rename after, so a check may read the previous
+  # command's output from $KH_DIR/out.
+  local rc=0
+  "$@" >"$KH_DIR/out.new" 2>"$KH_DIR/err.new" || rc=$?
+  mv "$KH_DIR/out.new" "$KH_DIR/out"
+  mv "$KH_DIR/err.new" "$KH_DIR/err"
+  if [ "$rc" -eq 0 ]; then
     KH_PASSED=$((KH_PASSED + 1))
   else
     KH_FAILED=$((KH_FAILED + 1))
@@ -60,7 +66,11 @@ check() {
 fails() {
   local what="$1" expected="$2"
   shift 2
-  if "$@" >"$KH_DIR/out" 2>"$KH_DIR/err"; then
+  local rc=0
+  "$@" >"$KH_DIR/out.new" 2>"$KH_DIR/err.new" || rc=$?
+  mv "$KH_DIR/out.new" "$KH_DIR/out"
+  mv "$KH_DIR/err.new" "$KH_DIR/err"
+  if [ "$rc" -eq 0 ]; then
     KH_FAILED=$((KH_FAILED + 1))
     echo "FAIL: $what (succeeded, expected failure)" >&2
     return
