@@ -66,7 +66,8 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
   Config c;
   KH_RETURN_IF_ERROR(CheckKeys(root,
                                {"socket", "state_dir", "admins", "log_level",
-                                "default_backend", "worker_threads", "limits"},
+                                "default_backend", "worker_threads", "blocking_threads",
+                                "limits"},
                                ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
@@ -74,6 +75,8 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
   KH_RETURN_IF_ERROR(ReadString(root, "default_backend", &c.default_backend));
   KH_RETURN_IF_ERROR(
       ReadUint(root, "worker_threads", &c.worker_threads, "", 0, 256));
+  KH_RETURN_IF_ERROR(
+      ReadUint(root, "blocking_threads", &c.blocking_threads, "", 0, 256));
   if (const toml::node* admins = root.get("admins")) {
     const toml::array* arr = admins->as_array();
     if (arr == nullptr) {

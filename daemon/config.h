@@ -29,7 +29,11 @@ struct Config {
   std::vector<uint32_t> admin_uids = {0};
   std::string log_level = "info";
   std::string default_backend = "software";
-  uint32_t worker_threads = 0;  // 0: one per core
+  // Threads that do I/O and cheap, bounded crypto; 0: one per core.
+  uint32_t worker_threads = 0;
+  // Threads for work that may wait (key generation, key store writes,
+  // device backends); 0: max(2, cores).
+  uint32_t blocking_threads = 0;
   Limits limits;
 };
 

@@ -73,6 +73,7 @@ TEST(ConfigTest, ShippedExampleMatchesDefaults) {
   EXPECT_EQ(c->admin_uids, d.admin_uids);
   EXPECT_EQ(c->log_level, d.log_level);
   EXPECT_EQ(c->worker_threads, d.worker_threads);
+  EXPECT_EQ(c->blocking_threads, d.blocking_threads);
   EXPECT_EQ(c->limits.max_frame_bytes, d.limits.max_frame_bytes);
   EXPECT_EQ(c->limits.max_in_flight_per_connection,
             d.limits.max_in_flight_per_connection);

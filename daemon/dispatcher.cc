@@ -19,29 +19,29 @@ using R = v1::Request;
 // operation missing here does not exist, and its permission is enforced by
 // Dispatcher::Handle before the handler sees the request.
 constexpr std::array<OpEntry, 14> kOps = {{
-    {R::kHello, "hello", Permission::kAnyone, HandleHello, nullptr},
-    {R::kPing, "ping", Permission::kAnyone, HandlePing, nullptr},
-    {R::kGenerateKey, "generate-key", Permission::kOwnNamespace,
+    {R::kHello, "hello", Permission::kAnyone, Execution::kInline, HandleHello, nullptr},
+    {R::kPing, "ping", Permission::kAnyone, Execution::kInline, HandlePing, nullptr},
+    {R::kGenerateKey, "generate-key", Permission::kOwnNamespace, Execution::kBlocking,
      HandleGenerateKey, KH_KEY_OF(generate_key)},
-    {R::kImportKey, "import-key", Permission::kOwnNamespace, HandleImportKey,
+    {R::kImportKey, "import-key", Permission::kOwnNamespace, Execution::kBlocking, HandleImportKey,
      KH_KEY_OF(import_key)},
-    {R::kGetPublicKey, "get-public-key", Permission::kKeyUse,
+    {R::kGetPublicKey, "get-public-key", Permission::kKeyUse, Execution::kInline,
      HandleGetPublicKey, KH_KEY_OF(get_public_key)},
-    {R::kListKeys, "list-keys", Permission::kAnyone, HandleListKeys, nullptr},
-    {R::kDestroyKey, "destroy-key", Permission::kKeyOwner, HandleDestroyKey,
+    {R::kListKeys, "list-keys", Permission::kAnyone, Execution::kBlocking, HandleListKeys, nullptr},
+    {R::kDestroyKey, "destroy-key", Permission::kKeyOwner, Execution::kBlocking, HandleDestroyKey,
      KH_KEY_OF(destroy_key)},
-    {R::kSign, "sign", Permission::kKeyUse, HandleSign, KH_KEY_OF(sign)},
-    {R::kDecrypt, "decrypt", Permission::kKeyUse, HandleDecrypt,
+    {R::kSign, "sign", Permission::kKeyUse, Execution::kByBackend, HandleSign, KH_KEY_OF(sign)},
+    {R::kDecrypt, "decrypt", Permission::kKeyUse, Execution::kByBackend, HandleDecrypt,
      KH_KEY_OF(decrypt)},
-    {R::kDerive, "derive", Permission::kKeyUse, HandleDerive,
+    {R::kDerive, "derive", Permission::kKeyUse, Execution::kByBackend, HandleDerive,
      KH_KEY_OF(derive)},
-    {R::kGrantUse, "grant-use", Permission::kKeyOwner, HandleGrantUse,
+    {R::kGrantUse, "grant-use", Permission::kKeyOwner, Execution::kBlocking, HandleGrantUse,
      KH_KEY_OF(grant_use)},
-    {R::kRevokeUse, "revoke-use", Permission::kKeyOwner, HandleRevokeUse,
+    {R::kRevokeUse, "revoke-use", Permission::kKeyOwner, Execution::kBlocking, HandleRevokeUse,
      KH_KEY_OF(revoke_use)},
-    {R::kListClients, "list-clients", Permission::kAdmin, HandleListClients,
+    {R::kListClients, "list-clients", Permission::kAdmin, Execution::kBlocking, HandleListClients,
      nullptr},
-    {R::kDeleteClient, "delete-client", Permission::kAdmin, HandleDeleteClient,
+    {R::kDeleteClient, "delete-client", Permission::kAdmin, Execution::kBlocking, HandleDeleteClient,
      nullptr},
 }};
 
@@ -111,6 +111,30 @@ std::span<const OpEntry> OpTable() { return kOps; }
 std::string_view OpName(v1::Request::OpCase op) {
   const OpEntry* e = Find(op);
   return e == nullptr ? "unknown" : e->name;
+}
+
+std::optional<v1::Response> Dispatcher::TryHandleInline(
+    const Principal& caller, v1::Request& request) {
+  const OpEntry* entry = Find(request.op_case());
+  if (entry == nullptr || entry->execution == Execution::kInline) {
+    return Handle(caller, request);
+  }
+  if (entry->execution == Execution::kBlocking) {
+    return std::nullopt;
+  }
+  // kByBackend: find the key's backend. The lookup is a cache hit on the hot
+  // path; Handle() authorizes again, so nothing is decided here.
+  auto ref = ResolveRef(caller, entry->key_of(request));
+  if (ref.ok()) {
+    auto key = ctx_->store->Authorize(caller, *ref, Right::kUse);
+    if (key.ok()) {
+      auto it = ctx_->backends.find((*key)->backend);
+      if (it != ctx_->backends.end() && it->second->MayBlock()) {
+        return std::nullopt;
+      }
+    }
+  }
+  return Handle(caller, request);
 }
 
 v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {

@@ -3,6 +3,7 @@
 #ifndef KEYHOLD_DAEMON_DISPATCHER_H_
 #define KEYHOLD_DAEMON_DISPATCHER_H_
 
+#include <optional>
 #include <span>
 #include <string_view>
 
@@ -18,10 +19,20 @@ enum class Permission : uint8_t {
   kAdmin,         // a uid listed in the config's admins
 };
 
+// Where an operation runs. I/O threads handle a request inline when it costs
+// bounded CPU only; anything that may wait (fsync of a key store write, key
+// generation, a device) runs on the blocking pool so it never holds up I/O.
+enum class Execution : uint8_t {
+  kInline,     // cheap and bounded: answered on the I/O thread
+  kBlocking,   // always on the blocking pool
+  kByBackend,  // inline unless the key's backend MayBlock()
+};
+
 struct OpEntry {
   v1::Request::OpCase op;
   std::string_view name;
   Permission permission;
+  Execution execution;
   OpHandler handler;
   // Where the request names its key (kOwnNamespace, kKeyUse, kKeyOwner).
   const v1::KeyRef& (*key_of)(const v1::Request&);
@@ -37,8 +48,14 @@ class Dispatcher {
   explicit Dispatcher(OpContext* ctx) : ctx_(ctx) {}
 
   // Runs one request for caller and returns the response (same id). Never
-  // throws: a handler exception becomes kInternal.
+  // throws: a handler exception becomes kInternal. May block.
   v1::Response Handle(const Principal& caller, v1::Request& request);
+
+  // For I/O threads: handles the request if its table entry allows it to run
+  // inline (for kByBackend: if the key's backend does not block), else
+  // returns nullopt and the caller hands it to Handle() on the blocking pool.
+  std::optional<v1::Response> TryHandleInline(const Principal& caller,
+                                              v1::Request& request);
 
  private:
   OpContext* ctx_;

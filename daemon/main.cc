@@ -15,6 +15,7 @@
 #include <csignal>
 #include <filesystem>
 #include <thread>
+#include <vector>
 
 #include "daemon/backends/software/software_backend.h"
 #include "daemon/config.h"
@@ -148,11 +149,14 @@ int Run(int argc, char** argv) {
   keyhold::daemon::Dispatcher dispatcher(&ctx);
 
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const unsigned workers_n =
+  const unsigned io_threads =
       config.worker_threads != 0 ? config.worker_threads : cores;
-  boost::asio::io_context io(1);
-  boost::asio::thread_pool workers(workers_n);
-  keyhold::daemon::Server server(io, workers, dispatcher, clients,
+  const unsigned blocking_threads = config.blocking_threads != 0
+                                        ? config.blocking_threads
+                                        : std::max(2u, cores);
+  boost::asio::io_context io(static_cast<int>(io_threads));
+  boost::asio::thread_pool blocking(blocking_threads);
+  keyhold::daemon::Server server(io, blocking, dispatcher, clients,
                                  config.limits, config.admin_uids);
   if (Status st = server.Listen(config.socket_path); !st.ok()) {
     spdlog::critical("{}", st.message());
@@ -177,11 +181,19 @@ int Run(int argc, char** argv) {
   signals.async_wait(on_signal);
 
   server.Start();
-  spdlog::info("keyholdd {} listening on {} (state {}, {} workers)",
-               KEYHOLD_VERSION, config.socket_path, config.state_dir,
-               workers_n);
+  spdlog::info(
+      "keyholdd {} listening on {} (state {}, {} I/O threads, {} blocking)",
+      KEYHOLD_VERSION, config.socket_path, config.state_dir, io_threads,
+      blocking_threads);
+  std::vector<std::thread> threads;
+  for (unsigned i = 1; i < io_threads; ++i) {
+    threads.emplace_back([&io] { io.run(); });
+  }
   io.run();
-  workers.join();
+  for (auto& t : threads) {
+    t.join();
+  }
+  blocking.join();
   spdlog::info("keyholdd stopped");
   return 0;
 }

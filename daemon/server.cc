@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
@@ -16,6 +18,8 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
+#include <mutex>
+#include <optional>
 
 #include "common/frame.h"
 #include "common/peer_cred.h"
@@ -34,17 +38,19 @@ class Session : public std::enable_shared_from_this<Session> {
           Principal principal)
       : server_(server),
         socket_(std::move(socket)),
-        read_timer_(socket_.get_executor()),
-        write_timer_(socket_.get_executor()),
+        watchdog_(socket_.get_executor()),
         workers_(workers),
         dispatcher_(dispatcher),
         clients_(clients),
         limits_(limits),
         principal_(std::move(principal)) {}
 
+  asio::any_io_executor executor() { return socket_.get_executor(); }
+
   void Start() {
     clients_.Add(principal_.uid, principal_.pid);
     registered_ = true;
+    Watch();
     spdlog::debug("connection from uid {} pid {}", principal_.uid,
                   principal_.pid);
     ReadHeader();
@@ -71,8 +77,7 @@ class Session : public std::enable_shared_from_this<Session> {
     boost::system::error_code ignored;
     socket_.shutdown(Socket::shutdown_both, ignored);
     socket_.close(ignored);
-    read_timer_.cancel();
-    write_timer_.cancel();
+    watchdog_.cancel();
     for (std::string& frame : write_queue_) {
       CleanseString(frame);
     }
@@ -85,24 +90,40 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
  private:
-  // Closes the connection if the timer reaches its expiry without being
-  // re-armed or cancelled.
-  void Arm(asio::steady_timer& timer, uint32_t seconds, const char* why) {
-    if (seconds == 0) {
-      timer.cancel();
-      return;
+  // Deadlines are enforced by one periodic watchdog per connection rather
+  // than a timer re-armed per frame: the hot path only stamps the time
+  // (no timer syscalls per request); timeouts are exact to about a second.
+  enum class Phase : uint8_t { kIdle, kWaiting, kBody };
+
+  void SetPhase(Phase phase) {
+    phase_ = phase;
+    phase_since_ = Clock::now();
+  }
+
+  void Watch() {
+    watchdog_.expires_after(std::chrono::seconds(1));
+    watchdog_.async_wait(
+        [self = shared_from_this()](const boost::system::error_code& ec) {
+          if (ec || self->closed_) {
+            return;
+          }
+          self->CheckDeadlines();
+          self->Watch();
+        });
+  }
+
+  void CheckDeadlines() {
+    const auto now = Clock::now();
+    const auto io = std::chrono::seconds(limits_.io_timeout_seconds);
+    const auto idle = std::chrono::seconds(limits_.idle_timeout_seconds);
+    if (writing_ && now - write_since_ > io) {
+      Close("client does not read");
+    } else if (reading_ && phase_ == Phase::kBody && now - phase_since_ > io) {
+      Close("frame not completed in time");
+    } else if (reading_ && phase_ == Phase::kIdle &&
+               limits_.idle_timeout_seconds != 0 && now - phase_since_ > idle) {
+      Close("idle timeout");
     }
-    timer.expires_after(std::chrono::seconds(seconds));
-    timer.async_wait([weak = weak_from_this(), &timer, why](
-                         const boost::system::error_code& ec) {
-      if (ec) {
-        return;
-      }
-      auto self = weak.lock();
-      if (self && !self->closed_ && timer.expiry() <= Clock::now()) {
-        self->Close(why);
-      }
-    });
   }
 
   void ReadHeader() {
@@ -113,11 +134,7 @@ class Session : public std::enable_shared_from_this<Session> {
       return;  // resumed by Finished()
     }
     reading_ = true;
-    if (in_flight_ == 0) {
-      Arm(read_timer_, limits_.idle_timeout_seconds, "idle timeout");
-    } else {
-      read_timer_.cancel();
-    }
+    SetPhase(in_flight_ == 0 ? Phase::kIdle : Phase::kWaiting);
     asio::async_read(
         socket_, asio::buffer(header_),
         [self = shared_from_this()](const boost::system::error_code& ec,
@@ -145,7 +162,7 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     body_ = SecretBytes(*length);
-    Arm(read_timer_, limits_.io_timeout_seconds, "frame not completed in time");
+    SetPhase(Phase::kBody);
     asio::async_read(
         socket_,
         asio::buffer(body_.data(SecretAccess::kToken), body_.size()),
@@ -158,7 +175,6 @@ class Session : public std::enable_shared_from_this<Session> {
     if (closed_) {
       return;
     }
-    read_timer_.cancel();
     if (ec) {
       Close(ec == asio::error::eof ? "truncated frame" : "read failed");
       return;
@@ -181,15 +197,34 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     ++in_flight_;
-    asio::post(workers_, [self = shared_from_this(), request] {
-      self->Work(*request);
-    });
+    // Cheap operations are answered right here, on this I/O thread: the
+    // response goes out without another thread hop. The rest goes to the
+    // blocking pool so it cannot hold up I/O.
+    std::optional<v1::Response> response =
+        dispatcher_.TryHandleInline(principal_, *request);
+    if (response) {
+      Queue(Encode(*request, *response));
+    } else {
+      asio::post(workers_, [self = shared_from_this(), request] {
+        self->Work(*request);
+      });
+    }
     ReadHeader();
   }
 
-  // Runs on a worker thread.
+  // Runs on the blocking pool.
   void Work(v1::Request& request) {
     v1::Response response = dispatcher_.Handle(principal_, request);
+    asio::post(socket_.get_executor(),
+               [self = shared_from_this(),
+                bytes = Encode(request, response)]() mutable {
+                 self->Queue(std::move(bytes));
+               });
+  }
+
+  // Serializes a response and wipes whatever secret the request or the
+  // response message still holds.
+  static std::string Encode(v1::Request& request, v1::Response& response) {
     if (request.has_import_key()) {
       CleanseString(*request.mutable_import_key()->mutable_private_key());
     }
@@ -210,10 +245,7 @@ class Session : public std::enable_shared_from_this<Session> {
       error.set_message("response too large");
       bytes = std::move(*EncodeFrame(error, kMaxResponseFrameBytes));
     }
-    asio::post(socket_.get_executor(),
-               [self = shared_from_this(), bytes = std::move(bytes)]() mutable {
-                 self->Queue(std::move(bytes));
-               });
+    return bytes;
   }
 
   void SendError(uint64_t id, const Status& st) {
@@ -241,7 +273,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void WriteNext() {
     writing_ = true;
-    Arm(write_timer_, limits_.io_timeout_seconds, "client does not read");
+    write_since_ = Clock::now();
     asio::async_write(
         socket_, asio::buffer(write_queue_.front()),
         [self = shared_from_this()](const boost::system::error_code& ec,
@@ -253,7 +285,6 @@ class Session : public std::enable_shared_from_this<Session> {
     if (closed_) {
       return;
     }
-    write_timer_.cancel();
     CleanseString(write_queue_.front());
     write_queue_.pop_front();
     --in_flight_;
@@ -274,8 +305,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   Server& server_;
   Socket socket_;
-  asio::steady_timer read_timer_;
-  asio::steady_timer write_timer_;
+  asio::steady_timer watchdog_;
   asio::thread_pool& workers_;
   Dispatcher& dispatcher_;
   ClientRegistry& clients_;
@@ -286,6 +316,9 @@ class Session : public std::enable_shared_from_this<Session> {
   std::array<uint8_t, kFrameHeaderBytes> header_{};
   SecretBytes body_;
   std::deque<std::string> write_queue_;
+  Phase phase_ = Phase::kIdle;
+  Clock::time_point phase_since_;
+  Clock::time_point write_since_;
   uint32_t in_flight_ = 0;  // requests read whose response is not yet written
   bool reading_ = false;
   bool writing_ = false;
@@ -372,14 +405,22 @@ Status Server::Listen(const std::string& path) {
   return Status::Ok();
 }
 
-void Server::Start() { Accept(); }
+void Server::Start() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Accept();
+}
 
 void Server::Accept() {
   if (stopped_ || !acceptor_) {
     return;
   }
-  acceptor_->async_accept([this](const boost::system::error_code& ec,
-                                 Socket socket) {
+  // Each connection gets its own strand: its handlers never run
+  // concurrently, while different connections run on different I/O threads.
+  acceptor_->async_accept(asio::make_strand(io_), [this](
+                                                      const boost::system::
+                                                          error_code& ec,
+                                                      Socket socket) {
+    std::unique_lock<std::mutex> lock(mu_);
     if (stopped_ || ec == asio::error::operation_aborted) {
       return;
     }
@@ -389,6 +430,7 @@ void Server::Accept() {
       auto timer = std::make_shared<asio::steady_timer>(io_);
       timer->expires_after(std::chrono::milliseconds(100));
       timer->async_wait([this, timer](const boost::system::error_code&) {
+        std::lock_guard<std::mutex> relock(mu_);
         Accept();
       });
       return;
@@ -418,12 +460,14 @@ void Server::Accept() {
                                              dispatcher_, clients_, limits_,
                                              std::move(who));
     sessions_.insert(session);
-    session->Start();
     Accept();
+    lock.unlock();
+    asio::dispatch(session->executor(), [session] { session->Start(); });
   });
 }
 
 void Server::Forget(Session* session) {
+  std::lock_guard<std::mutex> lock(mu_);
   for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
     if (it->get() == session) {
       sessions_.erase(it);
@@ -436,6 +480,7 @@ void Server::Forget(Session* session) {
 }
 
 void Server::Stop() {
+  std::lock_guard<std::mutex> lock(mu_);
   if (stopped_) {
     return;
   }
@@ -447,9 +492,8 @@ void Server::Stop() {
   if (!path_.empty()) {
     ::unlink(path_.c_str());
   }
-  auto sessions = sessions_;
-  for (const auto& s : sessions) {
-    s->Drain();
+  for (const auto& session : sessions_) {
+    asio::post(session->executor(), [session] { session->Drain(); });
   }
   // Whatever has not finished within the I/O timeout is cut off.
   stop_timer_ = std::make_unique<asio::steady_timer>(io_);
@@ -458,9 +502,10 @@ void Server::Stop() {
     if (ec) {
       return;
     }
-    auto left = sessions_;
-    for (const auto& s : left) {
-      s->Close("daemon shutting down");
+    std::lock_guard<std::mutex> relock(mu_);
+    for (const auto& session : sessions_) {
+      asio::post(session->executor(),
+                 [session] { session->Close("daemon shutting down"); });
     }
   });
   if (sessions_.empty()) {

@@ -1,11 +1,14 @@
 // The listener and its sessions.
 //
-// Threads: one I/O thread runs the io_context (accept, read, write, timers);
-// private-key work runs on a separate worker pool so that I/O never waits on
-// crypto. A session reads frames, hands each request to the pool, and writes
-// responses in whatever order they finish (several requests may be in flight
-// per connection, up to limits.max_in_flight_per_connection; past that the
-// session stops reading until one completes).
+// Threads: the io_context runs on one thread per core (accept, read, write,
+// timers); each connection's handlers are serialized on its own strand. A
+// request whose cost is bounded CPU (a software-backend signature, a ping) is
+// answered inline on the I/O thread that read it, which saves a thread hop
+// per operation; anything that may wait (key generation, key store writes,
+// device backends) goes to the blocking pool, so I/O never waits on it.
+// Responses are written in whatever order they finish (several requests may
+// be in flight per connection, up to limits.max_in_flight_per_connection;
+// past that the session stops reading until one completes).
 //
 // The caller's identity is read from the kernel (SO_PEERCRED, SO_PEERGROUPS)
 // once, at accept, and never taken from a request.
@@ -17,6 +20,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <string>
 #include <vector>
@@ -32,7 +36,7 @@ class Session;
 
 class Server {
  public:
-  Server(boost::asio::io_context& io, boost::asio::thread_pool& workers,
+  Server(boost::asio::io_context& io, boost::asio::thread_pool& blocking,
          Dispatcher& dispatcher, ClientRegistry& clients, Limits limits,
          std::vector<uint32_t> admin_uids);
   ~Server();
@@ -50,7 +54,7 @@ class Server {
   void Forget(Session* session);
 
  private:
-  void Accept();
+  void Accept();  // with mu_ held
 
   boost::asio::io_context& io_;
   boost::asio::thread_pool& workers_;
@@ -60,7 +64,8 @@ class Server {
   std::vector<uint32_t> admin_uids_;
   std::string path_;
   std::unique_ptr<boost::asio::local::stream_protocol::acceptor> acceptor_;
-  std::set<std::shared_ptr<Session>> sessions_;  // I/O thread only
+  std::mutex mu_;  // guards everything below
+  std::set<std::shared_ptr<Session>> sessions_;
   std::unique_ptr<boost::asio::steady_timer> stop_timer_;
   bool stopped_ = false;
 };

@@ -9,10 +9,12 @@ cd "$(dirname "$0")/.."
 root="$(pwd)"
 
 scripts/install-deps.sh
-cmake --preset dev -DKH_BUILD_TESTS=OFF -DKH_BUILD_BENCH=OFF >/dev/null
-cmake --build --preset dev --target keyholdd keyhold
+# Its own build directory: the demo needs no test packages, and must not
+# change the test build's settings.
+cmake --preset dev -B build/demo -DKH_BUILD_TESTS=OFF -DKH_BUILD_BENCH=OFF >/dev/null
+cmake --build build/demo -j2 --target keyholdd keyhold
 
-bin="$root/build/dev"
+bin="$root/build/demo"
 demo="$root/demo"
 mkdir -p "$demo"
 chmod 755 "$demo"

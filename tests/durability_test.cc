@@ -68,5 +68,52 @@ TEST(DurabilityTest, AcknowledgedCreatesSurviveKill9) {
   }
 }
 
+TEST(DurabilityTest, AcknowledgedDeletesSurviveKill9) {
+  DaemonProcess daemon;
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  constexpr int kKeys = 400;
+  {
+    client::Client c(daemon.ClientOptions());
+    for (int i = 0; i < kKeys; ++i) {
+      ASSERT_TRUE(c.GenerateKey(client::MakeKeyRef("d" + std::to_string(i)),
+                                v1::ED25519)
+                      .ok());
+    }
+  }
+  std::mutex mu;
+  std::set<std::string> deleted;
+  std::atomic<bool> stop{false};
+  std::thread deleter([&] {
+    client::Client c(daemon.ClientOptions());
+    for (int i = 0; i < kKeys && !stop; ++i) {
+      const std::string name = "d" + std::to_string(i);
+      if (c.DestroyKey(client::MakeKeyRef(name)).ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        deleted.insert(name);
+      }
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  daemon.Kill();
+  stop = true;
+  deleter.join();
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  client::Client c(daemon.ClientOptions());
+  int present = 0;
+  for (int i = 0; i < kKeys; ++i) {
+    const std::string name = "d" + std::to_string(i);
+    auto pub = c.GetPublicKey(client::MakeKeyRef(name));
+    if (deleted.contains(name)) {
+      EXPECT_EQ(pub.status().code(), Code::kNotFound)
+          << name << " was deleted, acknowledged, and came back";
+    } else if (pub.ok()) {
+      ++present;
+    }
+  }
+  std::cout << deleted.size() << " deletes acknowledged, " << present
+            << " keys left\n";
+  EXPECT_FALSE(deleted.empty());
+}
+
 }  // namespace
 }  // namespace keyhold::testing

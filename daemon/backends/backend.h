@@ -57,6 +57,12 @@ class Backend {
   // The name the config and the key store use for this backend instance.
   virtual std::string_view Name() const = 0;
 
+  // False if Sign/Decrypt/Derive only use the CPU for a bounded time, so the
+  // daemon may run them on its I/O threads (one fewer thread hop per
+  // request). Backends that talk to a device (TPM, HSM) keep the default,
+  // and their operations run on the blocking pool.
+  virtual bool MayBlock() const { return true; }
+
   // Creates a new key for ref. ref is bound into the blob (e.g. as AEAD
   // associated data), so a blob copied to another reference does not work.
   virtual StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,

@@ -447,10 +447,26 @@ StatusOr<std::unique_ptr<KeyStore>> KeyStore::Open(
   return store;
 }
 
+std::shared_ptr<const KeyRecord> KeyStore::Cached(const KeyRef& ref) {
+  std::shared_lock<std::shared_mutex> lock(cache_mu_);
+  auto it = cache_.find(ref);
+  return it == cache_.end() ? nullptr : it->second;
+}
+
+void KeyStore::Uncache(const KeyRef& ref) {
+  std::unique_lock<std::shared_mutex> lock(cache_mu_);
+  cache_.erase(ref);
+}
+
+void KeyStore::UncacheAll() {
+  std::unique_lock<std::shared_mutex> lock(cache_mu_);
+  cache_.clear();
+}
+
 StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::LoadLocked(
     const KeyRef& ref) {
-  if (auto it = cache_.find(ref); it != cache_.end()) {
-    return it->second;
+  if (auto cached = Cached(ref)) {
+    return cached;
   }
   StatusOr<Stmt> stmt =
       Prepare(db_, std::string("SELECT ") + kKeyColumns +
@@ -467,16 +483,22 @@ StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::LoadLocked(
     return NotFound(std::string(kKeyNotFound));
   }
   auto record = std::make_shared<const KeyRecord>(std::move(rows->front()));
-  cache_.emplace(ref, record);
+  {
+    std::unique_lock<std::shared_mutex> lock(cache_mu_);
+    cache_.emplace(ref, record);
+  }
   return record;
 }
 
 StatusOr<std::shared_ptr<const KeyRecord>> KeyStore::Authorize(
     const Principal& who, const KeyRef& ref, Right right) {
-  std::lock_guard<std::mutex> lock(mu_);
-  StatusOr<std::shared_ptr<const KeyRecord>> record = LoadLocked(ref);
-  if (!record.ok()) {
-    return record.status();
+  StatusOr<std::shared_ptr<const KeyRecord>> record = Cached(ref);
+  if (*record == nullptr) {
+    std::lock_guard<std::mutex> lock(mu_);
+    record = LoadLocked(ref);
+    if (!record.ok()) {
+      return record.status();
+    }
   }
   const KeyRecord& key = **record;
   if (key.ref.owner == who.uid) {
@@ -536,13 +558,13 @@ Status KeyStore::Insert(KeyRecord& record) {
   record.id = static_cast<uint64_t>(id);
   record.created_unix = created;
   // Not cached here: the next Authorize loads it, with grants as stored.
-  cache_.erase(record.ref);
+  Uncache(record.ref);
   return Status::Ok();
 }
 
 Status KeyStore::Delete(const KeyRef& ref) {
   std::lock_guard<std::mutex> lock(mu_);
-  cache_.erase(ref);
+  Uncache(ref);
   Transaction txn(db_);
   KH_RETURN_IF_ERROR(txn.Begin());
   StatusOr<Stmt> stmt =
@@ -619,7 +641,7 @@ StatusOr<std::vector<KeyRecord>> KeyStore::ListSharedWith(
 Status KeyStore::AddGrant(const KeyRef& ref, GrantEntry grant) {
   KH_RETURN_IF_ERROR(ValidateGrant(grant));
   std::lock_guard<std::mutex> lock(mu_);
-  cache_.erase(ref);
+  Uncache(ref);
   Transaction txn(db_);
   KH_RETURN_IF_ERROR(txn.Begin());
   StatusOr<int64_t> id = KeyId(db_, ref);
@@ -636,7 +658,7 @@ Status KeyStore::AddGrant(const KeyRef& ref, GrantEntry grant) {
 Status KeyStore::RemoveGrant(const KeyRef& ref, GrantEntry grant) {
   KH_RETURN_IF_ERROR(ValidateGrant(grant));
   std::lock_guard<std::mutex> lock(mu_);
-  cache_.erase(ref);
+  Uncache(ref);
   Transaction txn(db_);
   KH_RETURN_IF_ERROR(txn.Begin());
   StatusOr<int64_t> id = KeyId(db_, ref);
@@ -692,7 +714,7 @@ StatusOr<std::map<uint32_t, uint32_t>> KeyStore::CountByOwner() {
 StatusOr<std::vector<KeyRecord>> KeyStore::DeleteAllOf(uint32_t uid) {
   std::lock_guard<std::mutex> lock(mu_);
   // Grants made to uid hide in other owners' records too.
-  cache_.clear();
+  UncacheAll();
   Transaction txn(db_);
   KH_RETURN_IF_ERROR(txn.Begin());
   StatusOr<std::vector<KeyRecord>> removed = SelectOwned(db_, uid);

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -97,9 +98,18 @@ class KeyStore {
   explicit KeyStore(sqlite3* db);
   StatusOr<std::shared_ptr<const KeyRecord>> LoadLocked(const KeyRef& ref);
 
+  // Looks up the cache only; null on a miss.
+  std::shared_ptr<const KeyRecord> Cached(const KeyRef& ref);
+  void Uncache(const KeyRef& ref);
+  void UncacheAll();
+
   std::mutex mu_;
   sqlite3* db_;  // guarded by mu_
-  // Read cache for the hot path (Authorize on every sign); guarded by mu_.
+  // Read cache for the hot path (Authorize on every sign). Its own lock, so
+  // a cache hit never waits behind a write's fsync. Entries are inserted
+  // only while holding mu_, and writers invalidate while holding mu_, so a
+  // stale row can never be cached after a write.
+  std::shared_mutex cache_mu_;
   std::map<KeyRef, std::shared_ptr<const KeyRecord>> cache_;
 };
 

@@ -23,6 +23,7 @@ class SoftwareBackend : public Backend {
   ~SoftwareBackend() override;
 
   std::string_view Name() const override;
+  bool MayBlock() const override { return false; }
   StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
                                 v1::KeyType type) override;
   StatusOr<CreatedKey> Import(const daemon::KeyRef& ref,
