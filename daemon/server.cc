@@ -53,7 +53,7 @@ class Session : public std::enable_shared_from_this<Session> {
     Watch();
     spdlog::debug("connection from uid {} pid {}", principal_.uid,
                   principal_.pid);
-    ReadHeader();
+    Pump();
   }
 
   // Graceful stop: take no new requests, close once every response in
@@ -126,68 +126,98 @@ class Session : public std::enable_shared_from_this<Session> {
     }
   }
 
-  void ReadHeader() {
-    if (closed_ || reading_ || close_after_write_ || draining_) {
-      return;
-    }
-    if (in_flight_ >= limits_.max_in_flight_per_connection) {
-      return;  // resumed by Finished()
-    }
-    reading_ = true;
-    SetPhase(in_flight_ == 0 ? Phase::kIdle : Phase::kWaiting);
-    asio::async_read(
-        socket_, asio::buffer(header_),
-        [self = shared_from_this()](const boost::system::error_code& ec,
-                                    std::size_t) { self->OnHeader(ec); });
+  // Reading: bytes accumulate in rbuf_ (wiped when freed); Pump() handles
+  // every complete frame in it, then reads more. One recv usually brings a
+  // whole request, and pipelined requests arrive together.
+  bool MayTakeRequests() const {
+    return !closed_ && !close_after_write_ && !draining_ &&
+           in_flight_ < limits_.max_in_flight_per_connection;
   }
 
-  void OnHeader(const boost::system::error_code& ec) {
-    if (closed_) {
-      return;
-    }
-    if (ec || draining_) {
-      reading_ = false;
-      if (!draining_ || in_flight_ == 0) {
-        Close(ec == asio::error::eof ? nullptr : "read failed");
+  void Pump() {
+    while (MayTakeRequests() && rlen_ >= kFrameHeaderBytes) {
+      const uint8_t* data = rbuf_.data(SecretAccess::kToken);
+      auto length = DecodeFrameHeader(
+          std::span<const uint8_t>(data, kFrameHeaderBytes),
+          limits_.max_frame_bytes);
+      if (!length.ok()) {
+        spdlog::info("uid {} pid {}: {}; closing", principal_.uid,
+                     principal_.pid, length.status().message());
+        SendError(0, length.status());
+        close_after_write_ = true;
+        return;
       }
-      return;
+      const std::size_t total = kFrameHeaderBytes + *length;
+      if (rlen_ < total) {
+        if (rbuf_.size() < total) {
+          rbuf_.resize(total);  // the old buffer is wiped by the allocator
+        }
+        break;
+      }
+      HandleFrame(std::span<const uint8_t>(data + kFrameHeaderBytes, *length));
+      Consume(total);
     }
-    auto length = DecodeFrameHeader(header_, limits_.max_frame_bytes);
-    if (!length.ok()) {
-      reading_ = false;
-      spdlog::info("uid {} pid {}: {}; closing", principal_.uid,
-                   principal_.pid, length.status().message());
-      SendError(0, length.status());
-      close_after_write_ = true;
-      return;
+    if (rlen_ == 0 && rbuf_.size() > kReadChunk) {
+      rbuf_ = SecretBytes(kReadChunk);  // give back a large frame's buffer
     }
-    body_ = SecretBytes(*length);
-    SetPhase(Phase::kBody);
-    asio::async_read(
-        socket_,
-        asio::buffer(body_.data(SecretAccess::kToken), body_.size()),
-        [self = shared_from_this()](const boost::system::error_code& e,
-                                    std::size_t) { self->OnBody(e); });
+    if (MayTakeRequests() && !reading_) {
+      StartRead();
+    }
   }
 
-  void OnBody(const boost::system::error_code& ec) {
+  void Consume(std::size_t n) {
+    uint8_t* data = rbuf_.data(SecretAccess::kToken);
+    std::memmove(data, data + n, rlen_ - n);
+    CleanseMemory(data + (rlen_ - n), n);
+    rlen_ -= n;
+  }
+
+  void StartRead() {
+    reading_ = true;
+    SetPhase(rlen_ > 0        ? Phase::kBody
+             : in_flight_ == 0 ? Phase::kIdle
+                               : Phase::kWaiting);
+    socket_.async_read_some(
+        asio::buffer(rbuf_.data(SecretAccess::kToken) + rlen_,
+                     rbuf_.size() - rlen_),
+        [self = shared_from_this()](const boost::system::error_code& ec,
+                                    std::size_t n) { self->OnRead(ec, n); });
+  }
+
+  void OnRead(const boost::system::error_code& ec, std::size_t n) {
     reading_ = false;
     if (closed_) {
       return;
     }
-    if (ec) {
-      Close(ec == asio::error::eof ? "truncated frame" : "read failed");
+    if (draining_) {
+      // Shutting down: no new requests; close once the last answer is out.
+      if (in_flight_ == 0) {
+        Close(nullptr);
+      }
       return;
     }
+    if (ec) {
+      const char* why = nullptr;
+      if (ec != asio::error::eof) {
+        why = "read failed";
+      } else if (rlen_ > 0) {
+        why = "truncated frame";
+      }
+      Close(why);
+      return;
+    }
+    rlen_ += n;
+    Pump();
+  }
+
+  void HandleFrame(std::span<const uint8_t> body) {
     auto request = std::make_shared<v1::Request>();
-    Status st = DecodeRequest(body_.Expose(SecretAccess::kToken), request.get());
-    body_ = SecretBytes();
+    Status st = DecodeRequest(body, request.get());
     if (!st.ok()) {
       if (st.code() == Code::kUnsupported) {
         // A well-formed request for an operation we do not know: answer and
         // keep the connection.
         SendError(request->id(), st);
-        ReadHeader();
         return;
       }
       spdlog::info("uid {} pid {}: {}; closing", principal_.uid,
@@ -209,7 +239,6 @@ class Session : public std::enable_shared_from_this<Session> {
         self->Work(*request);
       });
     }
-    ReadHeader();
   }
 
   // Runs on the blocking pool.
@@ -300,7 +329,7 @@ class Session : public std::enable_shared_from_this<Session> {
       Close(nullptr);
       return;
     }
-    ReadHeader();  // may have been paused at the in-flight limit
+    Pump();  // may have been paused at the in-flight limit
   }
 
   Server& server_;
@@ -313,8 +342,9 @@ class Session : public std::enable_shared_from_this<Session> {
   const Principal principal_;
 
   // Everything below is touched on the I/O thread only.
-  std::array<uint8_t, kFrameHeaderBytes> header_{};
-  SecretBytes body_;
+  static constexpr std::size_t kReadChunk = 4096;
+  SecretBytes rbuf_{kReadChunk};
+  std::size_t rlen_ = 0;  // bytes of rbuf_ in use
   std::deque<std::string> write_queue_;
   Phase phase_ = Phase::kIdle;
   Clock::time_point phase_since_;

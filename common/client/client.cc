@@ -95,6 +95,26 @@ class Connection {
     return Status::Ok();
   }
 
+  // Reads at least one byte, at most len. Waits first: right after a request
+  // the answer is never there yet, so a recv would only fail with EAGAIN.
+  StatusOr<std::size_t> ReadSome(uint8_t* out, std::size_t len,
+                                 Clock::time_point deadline) {
+    for (;;) {
+      KH_RETURN_IF_ERROR(WaitFor(fd_, POLLIN, deadline));
+      const ssize_t n = recv(fd_, out, len, MSG_DONTWAIT);
+      if (n > 0) {
+        return static_cast<std::size_t>(n);
+      }
+      if (n == 0) {
+        return Unavailable("keyholdd closed the connection");
+      }
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) {
+        continue;
+      }
+      return Unavailable(Errno("receive from keyholdd"));
+    }
+  }
+
   Status ReadAll(uint8_t* out, std::size_t len, Clock::time_point deadline) {
     std::size_t done = 0;
     while (done < len) {
@@ -289,17 +309,40 @@ StatusOr<v1::Response> Client::Impl::RoundTrip(Connection& conn,
   KH_RETURN_IF_ERROR(conn.WriteAll(frame, deadline));
   // Only one request is in flight per pooled connection, so the next
   // response is ours; the id check guards against a confused stream.
-  uint8_t header[kFrameHeaderBytes];
-  KH_RETURN_IF_ERROR(conn.ReadAll(header, sizeof(header), deadline));
-  auto length = DecodeFrameHeader(header, kMaxResponseFrameBytes);
+  // One read usually brings the whole response. The buffer is wiped when
+  // freed: a response may carry a plaintext or a shared secret.
+  SecretBytes buffer(4096);
+  uint8_t* data = buffer.data(SecretAccess::kToken);
+  std::size_t have = 0;
+  while (have < kFrameHeaderBytes) {
+    auto n = conn.ReadSome(data + have, buffer.size() - have, deadline);
+    if (!n.ok()) {
+      return n.status();
+    }
+    have += *n;
+  }
+  auto length = DecodeFrameHeader(
+      std::span<const uint8_t>(data, kFrameHeaderBytes), kMaxResponseFrameBytes);
   if (!length.ok()) {
     return Internal("bad response frame from keyholdd: " +
                     length.status().message());
   }
-  std::vector<uint8_t> body(*length);
-  KH_RETURN_IF_ERROR(conn.ReadAll(body.data(), body.size(), deadline));
+  const std::size_t total = kFrameHeaderBytes + *length;
+  if (have > total) {
+    // Only one request is in flight per connection; extra bytes mean the
+    // stream is confused, and the caller drops this connection.
+    return Internal("unexpected data from keyholdd");
+  }
+  if (buffer.size() < total) {
+    buffer.resize(total);
+    data = buffer.data(SecretAccess::kToken);
+  }
+  if (have < total) {
+    KH_RETURN_IF_ERROR(conn.ReadAll(data + have, total - have, deadline));
+  }
   v1::Response response;
-  KH_RETURN_IF_ERROR(DecodeResponse(body, &response));
+  KH_RETURN_IF_ERROR(DecodeResponse(
+      std::span<const uint8_t>(data + kFrameHeaderBytes, *length), &response));
   if (response.id() != id) {
     // The daemon answers a frame it could not read with id 0 and closes.
     if (response.id() == 0 && response.code() != v1::OK) {
