@@ -47,6 +47,7 @@ std::string_view KeyTypeName(v1::KeyType t) {
 
 std::vector<v1::KeyType> AllKeyTypes() {
   std::vector<v1::KeyType> out;
+  out.reserve(kTypes.size());
   for (const auto& entry : kTypes) {
     out.push_back(entry.second);
   }

@@ -85,6 +85,14 @@ fails() {
 }
 
 kh_summary() {
+  kh_stop
+  # Sanitizer builds: any report in the daemon's log is a failure.
+  if grep -qE "ERROR: (Address|Leak)Sanitizer|WARNING: ThreadSanitizer|runtime error:" \
+      "$KH_DIR/keyholdd.log" 2>/dev/null; then
+    KH_FAILED=$((KH_FAILED + 1))
+    echo "FAIL: sanitizer report in keyholdd's log:" >&2
+    cat "$KH_DIR/keyholdd.log" >&2
+  fi
   echo "$KH_PASSED passed, $KH_FAILED failed"
   [ "$KH_FAILED" -eq 0 ]
 }

@@ -201,11 +201,13 @@ struct Client::Impl {
 // child drop the inherited connections (closing our copies of the fds does
 // not affect the parent's).
 namespace {
+// Never destroyed on purpose: fork handlers may run during exit.
 std::mutex& RegistryMutex() {
-  static auto* mu = new std::mutex;
+  static auto* mu = new std::mutex;  // NOLINT(cppcoreguidelines-owning-memory)
   return *mu;
 }
 std::set<Client::Impl*>& Registry() {
+  // NOLINTNEXTLINE(cppcoreguidelines-owning-memory)
   static auto* set = new std::set<Client::Impl*>;
   return *set;
 }

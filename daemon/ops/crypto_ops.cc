@@ -9,7 +9,7 @@ namespace keyhold::daemon {
 namespace {
 
 // Ed25519 signs whole messages; keep them well inside one frame.
-constexpr std::size_t kMaxSignMessageBytes = 16 * 1024;
+constexpr std::size_t kMaxSignMessageBytes = std::size_t{16} * 1024;
 constexpr std::size_t kMaxDigestBytes = 64;
 
 Status CheckUsage(const KeyRecord& key, v1::Usage usage, const char* verb) {

@@ -16,6 +16,8 @@
 #include <sstream>
 #include <thread>
 
+#include <gtest/gtest.h>
+
 #include "common/frame.h"
 
 namespace keyhold::testing {
@@ -35,8 +37,18 @@ DaemonProcess::DaemonProcess(std::string extra_config) {
 }
 
 DaemonProcess::~DaemonProcess() {
+  // A clean stop lets sanitizer builds run their exit checks (leaks), and
+  // any sanitizer report in the daemon's log fails the test.
   if (pid_ > 0) {
-    Kill();
+    Stop();
+  }
+  const std::string text = log();
+  for (const char* marker : {"ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                             "WARNING: ThreadSanitizer", "runtime error:"}) {
+    if (text.find(marker) != std::string::npos) {
+      ADD_FAILURE() << "sanitizer report in keyholdd's log:\n" << text;
+      break;
+    }
   }
   std::error_code ec;
   std::filesystem::remove_all(dir_, ec);
@@ -76,9 +88,18 @@ int DaemonProcess::Stop() {
   }
   kill(pid_, SIGTERM);
   int status = 0;
-  waitpid(pid_, &status, 0);
-  pid_ = -1;
-  return status;
+  // A graceful stop must not hang: 20 s (sanitizer builds are slow), then
+  // SIGKILL and report it.
+  for (int i = 0; i < 400; ++i) {
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return status;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ADD_FAILURE() << "keyholdd did not stop within 20 s of SIGTERM";
+  Kill();
+  return -1;
 }
 
 void DaemonProcess::Kill() {

@@ -18,12 +18,15 @@ class DaemonProcess {
   // socket) holding state/ and keyhold.sock. extra_config is appended to the
   // generated TOML config.
   explicit DaemonProcess(std::string extra_config = "");
-  ~DaemonProcess();  // kills the daemon and removes the directory
+  // Stops the daemon, fails the test if its log holds a sanitizer report,
+  // and removes the directory.
+  ~DaemonProcess();
 
   // Starts keyholdd and waits until it answers a ping. Returns false (and
   // keeps the log) if it does not come up within 10 s.
   bool Start();
-  // SIGTERM and wait; returns the exit status.
+  // SIGTERM and wait (at most 20 s, then SIGKILL and a test failure);
+  // returns the wait status.
   int Stop();
   // SIGKILL and wait.
   void Kill();
