@@ -25,7 +25,7 @@ constexpr std::array<OpEntry, 14> kOps = {{
      HandleGenerateKey, KH_KEY_OF(generate_key)},
     {R::kImportKey, "import-key", Permission::kOwnNamespace, Execution::kBlocking, HandleImportKey,
      KH_KEY_OF(import_key)},
-    {R::kGetPublicKey, "get-public-key", Permission::kKeyUse, Execution::kInline,
+    {R::kGetPublicKey, "get-public-key", Permission::kKeyUse, Execution::kByBackend,
      HandleGetPublicKey, KH_KEY_OF(get_public_key)},
     {R::kListKeys, "list-keys", Permission::kAnyone, Execution::kBlocking, HandleListKeys, nullptr},
     {R::kDestroyKey, "destroy-key", Permission::kKeyOwner, Execution::kBlocking, HandleDestroyKey,
@@ -122,16 +122,20 @@ std::optional<v1::Response> Dispatcher::TryHandleInline(
   if (entry->execution == Execution::kBlocking) {
     return std::nullopt;
   }
-  // kByBackend: find the key's backend. The lookup is a cache hit on the hot
-  // path; Handle() authorizes again, so nothing is decided here.
+  // kByBackend: inline only if the key's record is already in memory (a
+  // miss would read the database, which may wait behind a write's fsync)
+  // and its backend does not block. A malformed reference is answered
+  // inline: that is just an error. Handle() authorizes; nothing is decided
+  // here.
   auto ref = ResolveRef(caller, entry->key_of(request));
   if (ref.ok()) {
-    auto key = ctx_->store->Authorize(caller, *ref, Right::kUse);
-    if (key.ok()) {
-      auto it = ctx_->backends.find((*key)->backend);
-      if (it != ctx_->backends.end() && it->second->MayBlock()) {
-        return std::nullopt;
-      }
+    auto backend = ctx_->store->CachedBackend(*ref);
+    if (!backend) {
+      return std::nullopt;
+    }
+    auto it = ctx_->backends.find(*backend);
+    if (it != ctx_->backends.end() && it->second->MayBlock()) {
+      return std::nullopt;
     }
   }
   return Handle(caller, request);

@@ -25,7 +25,8 @@ enum class Permission : uint8_t {
 enum class Execution : uint8_t {
   kInline,     // cheap and bounded: answered on the I/O thread
   kBlocking,   // always on the blocking pool
-  kByBackend,  // inline unless the key's backend MayBlock()
+  kByBackend,  // inline if the key's record is cached and its backend
+               // does not block (Backend::MayBlock()), else the pool
 };
 
 struct OpEntry {

@@ -23,9 +23,10 @@ class FakeBackend : public backend::Backend {
     return backend::CreatedKey{v1::EC_P256, {0x30, 0x00}, {4}};
   }
   StatusOr<std::vector<uint8_t>> Sign(const backend::KeyHandle&,
-                                      const backend::SignParams&,
+                                      const backend::SignParams& params,
                                       std::span<const uint8_t>) override {
     ++signs;
+    last_sign = params;
     return std::vector<uint8_t>{0xaa};
   }
   StatusOr<SecretBytes> Decrypt(const backend::KeyHandle&,
@@ -43,6 +44,7 @@ class FakeBackend : public backend::Backend {
   }
   int generated = 0;
   int signs = 0;
+  backend::SignParams last_sign;
   int destroyed = 0;
 };
 
@@ -204,6 +206,54 @@ TEST_F(DispatcherTest, WrongKeyTypeForOperation) {
   s->set_data(std::string(31, 'd'));
   EXPECT_EQ(Run(alice_, req).code(), v1::INVALID_ARGUMENT);
   EXPECT_EQ(backend_.signs, 0);
+}
+
+TEST_F(DispatcherTest, UnsetPssSaltMeansDigestLength) {
+  v1::Request req;
+  req.mutable_generate_key()->mutable_key()->set_name("r");
+  req.mutable_generate_key()->set_type(v1::RSA_2048);
+  ASSERT_EQ(Run(alice_, req).code(), v1::OK);
+  v1::Request sign;
+  auto* s = sign.mutable_sign();
+  s->mutable_key()->set_name("r");
+  s->set_algorithm(v1::RSA_PSS);
+  s->set_digest(v1::SHA256);
+  s->set_data(std::string(32, 'd'));
+  ASSERT_EQ(Run(alice_, sign).code(), v1::OK);
+  EXPECT_EQ(backend_.last_sign.pss_salt_length, -1);
+  s->set_pss_salt_length(0);  // explicitly empty salt is honoured
+  ASSERT_EQ(Run(alice_, sign).code(), v1::OK);
+  EXPECT_EQ(backend_.last_sign.pss_salt_length, 0);
+}
+
+TEST_F(DispatcherTest, OnlyCachedKeysOfNonBlockingBackendsRunInline) {
+  ASSERT_EQ(Create(alice_, "k").code(), v1::OK);
+  Dispatcher d(&ctx_);
+  v1::Request sign;
+  auto* s = sign.mutable_sign();
+  s->mutable_key()->set_name("k");
+  s->set_algorithm(v1::ECDSA);
+  s->set_digest(v1::SHA256);
+  s->set_data(std::string(32, 'd'));
+  // Not yet in the cache: a database read, so the blocking pool.
+  EXPECT_FALSE(d.TryHandleInline(alice_, sign).has_value());
+  ASSERT_EQ(d.Handle(alice_, sign).code(), v1::OK);  // now cached
+  // The fake backend keeps the default MayBlock() == true.
+  EXPECT_FALSE(d.TryHandleInline(alice_, sign).has_value());
+  // Unknown names never reach the database from an I/O thread.
+  s->mutable_key()->set_name("nope");
+  EXPECT_FALSE(d.TryHandleInline(alice_, sign).has_value());
+  // Invalid names are just errors, answered inline.
+  s->mutable_key()->set_name("a/b");
+  auto r = d.TryHandleInline(alice_, sign);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->code(), v1::INVALID_ARGUMENT);
+  v1::Request ping;
+  ping.mutable_ping();
+  EXPECT_TRUE(d.TryHandleInline(alice_, ping).has_value());
+  v1::Request gen;
+  gen.mutable_generate_key()->mutable_key()->set_name("g");
+  EXPECT_FALSE(d.TryHandleInline(alice_, gen).has_value());
 }
 
 TEST_F(DispatcherTest, AdminOperationsNeedAdmin) {

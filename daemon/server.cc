@@ -93,13 +93,6 @@ class Session : public std::enable_shared_from_this<Session> {
   // Deadlines are enforced by one periodic watchdog per connection rather
   // than a timer re-armed per frame: the hot path only stamps the time
   // (no timer syscalls per request); timeouts are exact to about a second.
-  enum class Phase : uint8_t { kIdle, kWaiting, kBody };
-
-  void SetPhase(Phase phase) {
-    phase_ = phase;
-    phase_since_ = Clock::now();
-  }
-
   void Watch() {
     watchdog_.expires_after(std::chrono::seconds(1));
     watchdog_.async_wait(
@@ -118,10 +111,12 @@ class Session : public std::enable_shared_from_this<Session> {
     const auto idle = std::chrono::seconds(limits_.idle_timeout_seconds);
     if (writing_ && now - write_since_ > io) {
       Close("client does not read");
-    } else if (reading_ && phase_ == Phase::kBody && now - phase_since_ > io) {
+    } else if (reading_ && rlen_ > 0 && now - frame_since_ > io) {
+      // Counted from the frame's first byte, so trickling bytes does not
+      // keep a frame open.
       Close("frame not completed in time");
-    } else if (reading_ && phase_ == Phase::kIdle &&
-               limits_.idle_timeout_seconds != 0 && now - phase_since_ > idle) {
+    } else if (reading_ && rlen_ == 0 && in_flight_ == 0 &&
+               limits_.idle_timeout_seconds != 0 && now - idle_since_ > idle) {
       Close("idle timeout");
     }
   }
@@ -160,6 +155,13 @@ class Session : public std::enable_shared_from_this<Session> {
     if (rlen_ == 0 && rbuf_.size() > kReadChunk) {
       rbuf_ = SecretBytes(kReadChunk);  // give back a large frame's buffer
     }
+    if (eof_) {
+      // The client shut down its side: answer what it sent, then close.
+      if (in_flight_ == 0) {
+        Close(rlen_ > 0 ? "truncated frame" : nullptr);
+      }
+      return;
+    }
     if (MayTakeRequests() && !reading_) {
       StartRead();
     }
@@ -170,13 +172,13 @@ class Session : public std::enable_shared_from_this<Session> {
     std::memmove(data, data + n, rlen_ - n);
     CleanseMemory(data + (rlen_ - n), n);
     rlen_ -= n;
+    if (rlen_ > 0) {
+      frame_since_ = Clock::now();  // the next frame has begun
+    }
   }
 
   void StartRead() {
     reading_ = true;
-    SetPhase(rlen_ > 0        ? Phase::kBody
-             : in_flight_ == 0 ? Phase::kIdle
-                               : Phase::kWaiting);
     socket_.async_read_some(
         asio::buffer(rbuf_.data(SecretAccess::kToken) + rlen_,
                      rbuf_.size() - rlen_),
@@ -196,15 +198,17 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       return;
     }
-    if (ec) {
-      const char* why = nullptr;
-      if (ec != asio::error::eof) {
-        why = "read failed";
-      } else if (rlen_ > 0) {
-        why = "truncated frame";
-      }
-      Close(why);
+    if (ec == asio::error::eof) {
+      eof_ = true;
+      Pump();
       return;
+    }
+    if (ec) {
+      Close("read failed");
+      return;
+    }
+    if (rlen_ == 0) {
+      frame_since_ = Clock::now();
     }
     rlen_ += n;
     Pump();
@@ -329,6 +333,9 @@ class Session : public std::enable_shared_from_this<Session> {
       Close(nullptr);
       return;
     }
+    if (in_flight_ == 0) {
+      idle_since_ = Clock::now();
+    }
     Pump();  // may have been paused at the in-flight limit
   }
 
@@ -346,8 +353,8 @@ class Session : public std::enable_shared_from_this<Session> {
   SecretBytes rbuf_{kReadChunk};
   std::size_t rlen_ = 0;  // bytes of rbuf_ in use
   std::deque<std::string> write_queue_;
-  Phase phase_ = Phase::kIdle;
-  Clock::time_point phase_since_;
+  Clock::time_point idle_since_ = Clock::now();  // nothing in flight since
+  Clock::time_point frame_since_;  // first byte of the partial frame in rbuf_
   Clock::time_point write_since_;
   uint32_t in_flight_ = 0;  // requests read whose response is not yet written
   bool reading_ = false;
@@ -355,6 +362,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool closed_ = false;
   bool close_after_write_ = false;
   bool draining_ = false;
+  bool eof_ = false;  // the client shut down its sending side
   bool registered_ = false;
 };
 
@@ -404,6 +412,20 @@ Status Server::Listen(const std::string& path) {
     }
     ::chmod(dir.c_str(), 0755);
   }
+  // Clients trust a socket by its owner; that is only sound if no one but
+  // us (or root) can create files next to it.
+  struct stat dst {};
+  const std::string dir_name = dir.empty() ? "." : dir.string();
+  if (stat(dir_name.c_str(), &dst) != 0) {
+    return Internal("cannot stat socket directory " + dir_name + ": " +
+                    std::strerror(errno));
+  }
+  if ((dst.st_uid != geteuid() && dst.st_uid != 0) ||
+      (dst.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return Internal("socket directory " + dir_name +
+                    " can be written by other users; use a directory only "
+                    "keyholdd (or root) can write, such as /run/keyhold");
+  }
   struct stat st {};
   if (lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) {
@@ -418,18 +440,18 @@ Status Server::Listen(const std::string& path) {
   acceptor_ = std::make_unique<asio::local::stream_protocol::acceptor>(io_);
   acceptor_->open(asio::local::stream_protocol(), ec);
   if (!ec) {
+    // Access control is per operation by peer credentials; every local user
+    // may connect, so the socket is created 0666 (umask 0111 at bind; no
+    // chmod by path afterwards).
+    const mode_t old_mask = ::umask(0111);
     acceptor_->bind(asio::local::stream_protocol::endpoint(path), ec);
+    ::umask(old_mask);
   }
   if (!ec) {
     acceptor_->listen(asio::socket_base::max_listen_connections, ec);
   }
   if (ec) {
     return Internal("cannot listen on " + path + ": " + ec.message());
-  }
-  // Access control is per operation by peer credentials; every local user
-  // may connect.
-  if (::chmod(path.c_str(), 0666) != 0) {
-    return Internal("cannot chmod " + path + ": " + std::strerror(errno));
   }
   path_ = path;
   return Status::Ok();

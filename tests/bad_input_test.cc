@@ -4,8 +4,17 @@
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <set>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include <filesystem>
 #include <thread>
 
 #include "common/frame.h"
@@ -120,6 +129,52 @@ TEST_F(BadInputTest, StalledFrameIsTimedOut) {
   // io_timeout_seconds = 2 in this test's config.
   EXPECT_TRUE(raw.ClosedByPeer(6000));
   ExpectHealthy();
+}
+
+TEST_F(BadInputTest, TricklingFrameIsTimedOutFromItsFirstByte) {
+  // One byte every 500 ms keeps the socket busy, but the frame is not done
+  // within io_timeout_seconds (2) of its first byte.
+  RawConnection raw(daemon_->socket_path());
+  const auto header = EncodeFrameHeader(100);
+  ASSERT_TRUE(raw.Send(std::string(header.begin(), header.end())));
+  const auto start = std::chrono::steady_clock::now();
+  bool closed = false;
+  for (int i = 0; i < 30 && !closed; ++i) {
+    if (!raw.Send("x")) {
+      closed = true;
+      break;
+    }
+    closed = raw.ClosedByPeer(500);
+  }
+  EXPECT_TRUE(closed);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(8));
+  ExpectHealthy();
+}
+
+TEST_F(BadInputTest, HalfClosedClientStillGetsEveryAnswer) {
+  RawConnection raw(daemon_->socket_path());
+  std::string batch;
+  for (uint64_t id = 1; id <= 10; ++id) {
+    v1::Request req;
+    req.set_id(id);
+    if (id % 2 == 0) {
+      req.mutable_ping();
+    } else {
+      req.mutable_list_keys();  // runs on the blocking pool
+    }
+    batch += Frame(req);
+  }
+  ASSERT_TRUE(raw.Send(batch));
+  ASSERT_EQ(shutdown(raw.fd(), SHUT_WR), 0);
+  std::set<uint64_t> ids;
+  for (int i = 0; i < 10; ++i) {
+    v1::Response r;
+    ASSERT_TRUE(raw.ReadResponse(&r)) << "answer " << i << " lost";
+    EXPECT_EQ(r.code(), v1::OK);
+    ids.insert(r.id());
+  }
+  EXPECT_EQ(ids.size(), 10u);
+  EXPECT_TRUE(raw.ClosedByPeer(3000));
 }
 
 TEST_F(BadInputTest, GarbageIsRefusedAndClosed) {
@@ -289,6 +344,48 @@ TEST_F(BadInputTest, InFlightLimitAppliesBackpressureNotErrors) {
     ASSERT_TRUE(raw.ReadResponse(&r)) << i;
     EXPECT_EQ(r.code(), v1::OK);
   }
+}
+
+TEST(IdleTimeoutTest, IdleConnectionIsClosedAfterUse) {
+  DaemonProcess daemon("[limits]\nidle_timeout_seconds = 2\n");
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  RawConnection raw(daemon.socket_path());
+  v1::Request ping;
+  ping.set_id(1);
+  ping.mutable_ping();
+  ASSERT_TRUE(raw.Send(Frame(ping)));
+  v1::Response r;
+  ASSERT_TRUE(raw.ReadResponse(&r));
+  // Used once, then silent: closed after about 2 s.
+  EXPECT_TRUE(raw.ClosedByPeer(6000));
+  // A client library user does not notice: it reconnects.
+  client::Client c(daemon.ClientOptions());
+  ASSERT_TRUE(c.Ping().ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));
+  EXPECT_TRUE(c.Ping().ok());
+}
+
+TEST(SocketDirectoryTest, DaemonRefusesAWorldWritableDirectory) {
+  char tmpl[] = "/tmp/keyhold-ww-XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  chmod(dir.c_str(), 0777);
+  const std::string sock = dir + "/keyhold.sock";
+  const std::string state = dir + "/state";
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, 2);
+    execl(KEYHOLDD_PATH, "keyholdd", "--socket", sock.c_str(), "--state-dir",
+          state.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  struct stat st {};
+  EXPECT_NE(stat(sock.c_str(), &st), 0) << "a socket was created anyway";
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

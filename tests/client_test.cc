@@ -151,11 +151,16 @@ TEST(ClientTest, ImpostorGetsNoBytes) {
       _exit(3);
     }
     (void)write(pipefd[1], "r", 1);
-    const int conn = accept(fd, nullptr, nullptr);
-    char buf[16];
-    // Report how many bytes the client sent before hanging up.
-    const ssize_t n = recv(conn, buf, sizeof(buf), 0);
-    _exit(n == 0 ? 0 : 1);
+    // Two clients connect; report whether either sent a single byte.
+    ssize_t total = 0;
+    for (int i = 0; i < 2; ++i) {
+      const int conn = accept(fd, nullptr, nullptr);
+      char buf[16];
+      const ssize_t n = recv(conn, buf, sizeof(buf), 0);
+      total += n > 0 ? n : 0;
+      close(conn);
+    }
+    _exit(total == 0 ? 0 : 1);
   }
   char ready;
   ASSERT_EQ(read(pipefd[0], &ready, 1), 1);
@@ -165,6 +170,18 @@ TEST(ClientTest, ImpostorGetsNoBytes) {
   {
     client::Client c(o);
     EXPECT_EQ(c.Ping().code(), Code::kPermissionDenied);
+  }
+  {
+    // Default expectation (the socket's owner): the impostor owns its
+    // socket, but the directory is world-writable, so that proves nothing.
+    client::Options d;
+    d.socket_path = path;
+    client::Client c(d);
+    auto r = c.Ping();
+    EXPECT_EQ(r.code(), Code::kPermissionDenied);
+    EXPECT_NE(r.message().find("can be written by other users"),
+              std::string::npos)
+        << r.message();
   }
   int status = 0;
   waitpid(pid, &status, 0);

@@ -71,7 +71,7 @@ TEST(DurabilityTest, AcknowledgedCreatesSurviveKill9) {
 TEST(DurabilityTest, AcknowledgedDeletesSurviveKill9) {
   DaemonProcess daemon;
   ASSERT_TRUE(daemon.Start()) << daemon.log();
-  constexpr int kKeys = 400;
+  constexpr int kKeys = 1500;
   {
     client::Client c(daemon.ClientOptions());
     for (int i = 0; i < kKeys; ++i) {
@@ -93,7 +93,7 @@ TEST(DurabilityTest, AcknowledgedDeletesSurviveKill9) {
       }
     }
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));
   daemon.Kill();
   stop = true;
   deleter.join();

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include "common/frame.h"
@@ -60,6 +61,23 @@ Status WaitFor(int fd, short events, Clock::time_point deadline) {
 // A connection failure that a fresh connection may fix (the daemon restarted,
 // or closed an idle connection).
 bool IsRetryable(const Status& s) { return s.code() == Code::kUnavailable; }
+
+// Operations that change nothing, so running one twice is harmless.
+bool IsRepeatable(v1::Request::OpCase op) {
+  switch (op) {
+    case v1::Request::kHello:
+    case v1::Request::kPing:
+    case v1::Request::kGetPublicKey:
+    case v1::Request::kListKeys:
+    case v1::Request::kSign:
+    case v1::Request::kDecrypt:
+    case v1::Request::kDerive:
+    case v1::Request::kListClients:
+      return true;
+    default:
+      return false;
+  }
+}
 
 class Connection {
  public:
@@ -181,8 +199,9 @@ struct Client::Impl {
   }
 
   StatusOr<std::unique_ptr<Connection>> Connect();
+  // *sent tells whether the whole request reached the socket.
   StatusOr<v1::Response> RoundTrip(Connection& conn, const std::string& frame,
-                                   uint64_t id);
+                                   uint64_t id, bool* sent);
   std::unique_ptr<Connection> TakeIdle(bool* reused);
   void ReturnIdle(std::unique_ptr<Connection> conn);
 
@@ -251,52 +270,71 @@ StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect() {
   }
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
 
-  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) {
-    return Unavailable(Errno("socket"));
-  }
-  auto conn = std::make_unique<Connection>(fd);
   const auto deadline = Clock::now() + options.connect_timeout;
-  for (;;) {
-    if (connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) ==
-        0) {
+  std::unique_ptr<Connection> conn;
+  for (auto backoff = std::chrono::milliseconds(1);;) {
+    const int fd =
+        socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+      return Unavailable(Errno("socket"));
+    }
+    conn = std::make_unique<Connection>(fd);
+    int rc;
+    do {
+      rc = connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr));
+    } while (rc != 0 && errno == EINTR);
+    if (rc == 0) {
       break;
     }
-    if (errno == EINTR) {
-      continue;
+    // A Unix socket says EAGAIN when the daemon's listen backlog is full;
+    // nothing was connected, so try again (a fresh socket) until the deadline.
+    if (errno != EAGAIN || Clock::now() + backoff > deadline) {
+      return Unavailable("cannot connect to keyholdd at " + path + ": " +
+                         std::strerror(errno));
     }
-    if (errno == EAGAIN || errno == EINPROGRESS) {
-      // A full listen backlog: wait for the daemon to accept.
-      KH_RETURN_IF_ERROR(WaitFor(fd, POLLOUT, deadline));
-      int err = 0;
-      socklen_t len = sizeof(err);
-      getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-      if (err == 0) {
-        break;
-      }
-      errno = err;
-    }
-    return Unavailable("cannot connect to keyholdd at " + path + ": " +
-                       std::strerror(errno));
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(50));
   }
 
   // Check who is listening before sending a single byte.
-  auto peer = GetPeerCred(fd, /*with_groups=*/false);
+  auto peer = GetPeerCred(conn->fd(), /*with_groups=*/false);
   if (!peer.ok()) {
     return Unavailable(peer.status().message());
+  }
+  if (peer->uid == static_cast<uid_t>(-1)) {
+    return Unavailable("connection to keyholdd not established");
   }
   uid_t expected = 0;
   if (options.expected_daemon_uid) {
     expected = *options.expected_daemon_uid;
   } else {
+    // The default expectation is the socket file's owner. That only means
+    // something if nobody else could have put a socket there: the directory
+    // must belong to that uid (or root) and be writable by no one else.
     struct stat st {};
     if (stat(path.c_str(), &st) != 0) {
       return Unavailable(Errno(("stat " + path).c_str()));
     }
     expected = st.st_uid;
+    const std::string dir =
+        path.find('/') == std::string::npos
+            ? "."
+            : (path.rfind('/') == 0 ? "/" : path.substr(0, path.rfind('/')));
+    struct stat dst {};
+    if (stat(dir.c_str(), &dst) != 0) {
+      return Unavailable(Errno(("stat " + dir).c_str()));
+    }
+    if ((dst.st_uid != expected && dst.st_uid != 0) ||
+        (dst.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+      return PermissionDenied(
+          "refusing to talk to " + path + ": its directory " + dir +
+          " can be written by other users, so the socket's owner proves "
+          "nothing; set KEYHOLD_DAEMON_UID or move the socket");
+    }
   }
   if (peer->uid != expected) {
-    return PermissionDenied("refusing to talk to " + path + ": its peer runs as uid " +
+    return PermissionDenied("refusing to talk to " + path +
+                            ": its peer runs as uid " +
                             std::to_string(peer->uid) +
                             ", expected keyholdd's uid " +
                             std::to_string(expected));
@@ -306,9 +344,11 @@ StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect() {
 
 StatusOr<v1::Response> Client::Impl::RoundTrip(Connection& conn,
                                                const std::string& frame,
-                                               uint64_t id) {
+                                               uint64_t id, bool* sent) {
   const auto deadline = Clock::now() + options.call_timeout;
+  *sent = false;
   KH_RETURN_IF_ERROR(conn.WriteAll(frame, deadline));
+  *sent = true;
   // Only one request is in flight per pooled connection, so the next
   // response is ours; the id check guards against a confused stream.
   // One read usually brings the whole response. The buffer is wiped when
@@ -420,12 +460,15 @@ StatusOr<v1::Response> Client::Call(v1::Request request) {
       conn = std::move(*fresh);
       reused = false;
     }
-    auto response = impl_->RoundTrip(*conn, *frame, id);
+    bool sent = false;
+    auto response = impl_->RoundTrip(*conn, *frame, id, &sent);
     if (!response.ok()) {
       conn.reset();
       // A pooled connection may have died with a daemon restart or idle
-      // timeout; one retry on a fresh connection covers that.
-      if (reused && attempt == 0 && IsRetryable(response.status())) {
+      // timeout; one retry on a fresh connection covers that. A request that
+      // was sent may have run, so only a repeatable one is sent again.
+      if (reused && attempt == 0 && IsRetryable(response.status()) &&
+          (!sent || IsRepeatable(request.op_case()))) {
         continue;
       }
       return response.status();

@@ -453,6 +453,13 @@ std::shared_ptr<const KeyRecord> KeyStore::Cached(const KeyRef& ref) {
   return it == cache_.end() ? nullptr : it->second;
 }
 
+std::optional<std::string> KeyStore::CachedBackend(const KeyRef& ref) {
+  if (auto cached = Cached(ref)) {
+    return cached->backend;
+  }
+  return std::nullopt;
+}
+
 void KeyStore::Uncache(const KeyRef& ref) {
   std::unique_lock<std::shared_mutex> lock(cache_mu_);
   cache_.erase(ref);
@@ -562,17 +569,19 @@ Status KeyStore::Insert(KeyRecord& record) {
   return Status::Ok();
 }
 
-Status KeyStore::Delete(const KeyRef& ref) {
+Status KeyStore::Delete(const KeyRef& ref, uint64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
   Uncache(ref);
   Transaction txn(db_);
   KH_RETURN_IF_ERROR(txn.Begin());
-  StatusOr<Stmt> stmt =
-      Prepare(db_, "DELETE FROM keys WHERE owner = ?1 AND name = ?2");
+  StatusOr<Stmt> stmt = Prepare(
+      db_,
+      "DELETE FROM keys WHERE owner = ?1 AND name = ?2 AND (?3 = 0 OR id = ?3)");
   if (!stmt.ok()) {
     return stmt.status();
   }
   BindRef(stmt->get(), ref);
+  BindInt(stmt->get(), 3, static_cast<int64_t>(id));
   const int rc = sqlite3_step(stmt->get());
   if (rc != SQLITE_DONE) {
     return SqliteError(db_, rc);

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <vector>
@@ -71,11 +72,17 @@ class KeyStore {
                                                        const KeyRef& ref,
                                                        Right right);
 
+  // The backend of a key if its record is in the memory cache; never reads
+  // the database, so it never waits. For routing only: authorizes nothing.
+  std::optional<std::string> CachedBackend(const KeyRef& ref);
+
   // Stores a new key; sets record.id and record.created_unix.
   // kAlreadyExists if (owner, name) is taken.
   Status Insert(KeyRecord& record);
-  // Removes a key and its grants. kNotFound if absent.
-  Status Delete(const KeyRef& ref);
+  // Removes a key and its grants. kNotFound if absent. With a non-zero id,
+  // only that row: a key deleted and re-created under the same name in the
+  // meantime is left alone.
+  Status Delete(const KeyRef& ref, uint64_t id = 0);
 
   StatusOr<std::vector<KeyRecord>> ListOwned(uint32_t owner);
   // Keys of other owners granted to who's uid or one of its groups.

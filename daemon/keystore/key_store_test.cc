@@ -666,3 +666,34 @@ TEST_F(KeyStoreTest, FullDiskGivesCleanErrorAndKeepsData) {
 
 }  // namespace
 }  // namespace keyhold::daemon
+
+namespace keyhold::daemon {
+namespace {
+
+TEST_F(KeyStoreTest, DeleteByIdLeavesARecreatedKeyAlone) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  KeyRecord old_key = Insert(*store, 1000, "web");
+  ASSERT_TRUE(store->Delete(old_key.ref).ok());
+  KeyRecord new_key = Insert(*store, 1000, "web");
+  // A delete that authorized the old row must not remove the new one.
+  EXPECT_EQ(store->Delete(old_key.ref, old_key.id).code(), Code::kNotFound);
+  EXPECT_TRUE(
+      store->Authorize(User(1000), KeyRef{1000, "web"}, Right::kUse).ok());
+  EXPECT_TRUE(store->Delete(new_key.ref, new_key.id).ok());
+}
+
+TEST_F(KeyStoreTest, CachedBackendNeverReadsTheDatabase) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  Insert(*store, 1000, "web");
+  EXPECT_FALSE(store->CachedBackend(KeyRef{1000, "web"}).has_value());
+  ASSERT_TRUE(
+      store->Authorize(User(1000), KeyRef{1000, "web"}, Right::kUse).ok());
+  EXPECT_EQ(store->CachedBackend(KeyRef{1000, "web"}), "software");
+  ASSERT_TRUE(store->Delete(KeyRef{1000, "web"}).ok());
+  EXPECT_FALSE(store->CachedBackend(KeyRef{1000, "web"}).has_value());
+}
+
+}  // namespace
+}  // namespace keyhold::daemon

@@ -97,7 +97,7 @@ Status HandleSign(OpContext& ctx, const OpArgs& args, v1::Request& request,
   backend::SignParams params;
   params.algorithm = op.algorithm();
   params.digest = op.digest();
-  params.pss_salt_length = op.pss_salt_length();
+  params.pss_salt_length = op.has_pss_salt_length() ? op.pss_salt_length() : -1;
   params.pss_mgf1_digest = op.pss_mgf1_digest();
   auto sig = (*backend)->Sign(HandleFor(key), params, Bytes(op.data()));
   if (!sig.ok()) {

@@ -182,7 +182,7 @@ Status HandleListKeys(OpContext& ctx, const OpArgs& args, v1::Request& request,
 Status HandleDestroyKey(OpContext& ctx, const OpArgs& args, v1::Request&,
                         v1::Response* response) {
   const KeyRecord& key = *args.key;
-  KH_RETURN_IF_ERROR(ctx.store->Delete(key.ref));
+  KH_RETURN_IF_ERROR(ctx.store->Delete(key.ref, key.id));
   // The row is gone first: a crash here leaves at most an unused backend
   // object, never a row pointing at nothing.
   auto backend = BackendFor(ctx, key.backend);
