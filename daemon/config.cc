@@ -67,7 +67,7 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
   KH_RETURN_IF_ERROR(CheckKeys(root,
                                {"socket", "state_dir", "admins", "log_level",
                                 "default_backend", "worker_threads", "blocking_threads",
-                                "limits"},
+                                "inline_crypto", "limits"},
                                ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
@@ -77,6 +77,13 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
       ReadUint(root, "worker_threads", &c.worker_threads, "", 0, 256));
   KH_RETURN_IF_ERROR(
       ReadUint(root, "blocking_threads", &c.blocking_threads, "", 0, 256));
+  if (const toml::node* node = root.get("inline_crypto")) {
+    const toml::value<bool>* v = node->as_boolean();  // no int-to-bool
+    if (v == nullptr) {
+      return InvalidArgument("setting 'inline_crypto' must be true or false");
+    }
+    c.inline_crypto = v->get();
+  }
   if (const toml::node* admins = root.get("admins")) {
     const toml::array* arr = admins->as_array();
     if (arr == nullptr) {

@@ -34,6 +34,10 @@ struct Config {
   // Threads for work that may wait (key generation, key store writes,
   // device backends); 0: max(2, cores).
   uint32_t blocking_threads = 0;
+  // Answer bounded-CPU private-key operations (software-backend sign,
+  // decrypt, derive) on the I/O threads, saving a thread hop per request.
+  // false: every key operation goes through the blocking pool.
+  bool inline_crypto = true;
   Limits limits;
 };
 

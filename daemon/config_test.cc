@@ -48,6 +48,10 @@ TEST(ConfigTest, RejectsTyposAndBadValues) {
   EXPECT_FALSE(ParseConfig("log_level = \"loud\"", "t").ok());
   EXPECT_FALSE(ParseConfig("socket = \"\"", "t").ok());
   EXPECT_FALSE(ParseConfig("worker_threads = -1", "t").ok());
+  EXPECT_FALSE(ParseConfig("inline_crypto = 1", "t").ok());
+  auto off = ParseConfig("inline_crypto = false", "t");
+  ASSERT_TRUE(off.ok());
+  EXPECT_FALSE(off->inline_crypto);
   auto bad = ParseConfig("socket = ", "file.toml");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("file.toml:1"), std::string::npos);
@@ -74,6 +78,7 @@ TEST(ConfigTest, ShippedExampleMatchesDefaults) {
   EXPECT_EQ(c->log_level, d.log_level);
   EXPECT_EQ(c->worker_threads, d.worker_threads);
   EXPECT_EQ(c->blocking_threads, d.blocking_threads);
+  EXPECT_EQ(c->inline_crypto, d.inline_crypto);
   EXPECT_EQ(c->limits.max_frame_bytes, d.limits.max_frame_bytes);
   EXPECT_EQ(c->limits.max_in_flight_per_connection,
             d.limits.max_in_flight_per_connection);

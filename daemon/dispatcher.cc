@@ -119,7 +119,7 @@ std::optional<v1::Response> Dispatcher::TryHandleInline(
   if (entry == nullptr || entry->execution == Execution::kInline) {
     return Handle(caller, request);
   }
-  if (entry->execution == Execution::kBlocking) {
+  if (entry->execution == Execution::kBlocking || !ctx_->inline_crypto) {
     return std::nullopt;
   }
   // kByBackend: inline only if the key's record is already in memory (a

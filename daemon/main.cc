@@ -141,6 +141,7 @@ int Run(int argc, char** argv) {
   ctx.default_backend = config.default_backend;
   ctx.clients = &clients;
   ctx.limits = config.limits;
+  ctx.inline_crypto = config.inline_crypto;
   if (!ctx.backends.contains(ctx.default_backend)) {
     spdlog::critical("default_backend '{}' is not a configured backend",
                      ctx.default_backend);

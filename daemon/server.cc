@@ -145,6 +145,9 @@ class Session : public std::enable_shared_from_this<Session> {
       const std::size_t total = kFrameHeaderBytes + *length;
       if (rlen_ < total) {
         if (rbuf_.size() < total) {
+          // A pending read targets rbuf_; it is only ever started after the
+          // buffer was sized for the frame it continues.
+          KH_CHECK(!reading_);
           rbuf_.resize(total);  // the old buffer is wiped by the allocator
         }
         break;
@@ -152,7 +155,7 @@ class Session : public std::enable_shared_from_this<Session> {
       HandleFrame(std::span<const uint8_t>(data + kFrameHeaderBytes, *length));
       Consume(total);
     }
-    if (rlen_ == 0 && rbuf_.size() > kReadChunk) {
+    if (rlen_ == 0 && !reading_ && rbuf_.size() > kReadChunk) {
       rbuf_ = SecretBytes(kReadChunk);  // give back a large frame's buffer
     }
     if (eof_) {

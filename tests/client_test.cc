@@ -48,6 +48,29 @@ TEST(ClientTest, ManyThreadsShareOneClient) {
   EXPECT_EQ(ok.load(), 800);
 }
 
+TEST(ClientTest, EveryKeyOperationThroughTheBlockingPool) {
+  // inline_crypto = false: the path hardware backends take.
+  DaemonProcess daemon("inline_crypto = false\n");
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  client::Client c(daemon.ClientOptions());
+  ASSERT_TRUE(c.GenerateKey(client::MakeKeyRef("k"), v1::EC_P256).ok());
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 100; ++i) {
+        if (c.Sign(EcSign("k")).ok()) {
+          ++ok;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  EXPECT_EQ(ok.load(), 400);
+}
+
 TEST(ClientTest, WorksInChildrenAfterFork) {
   DaemonProcess daemon;
   ASSERT_TRUE(daemon.Start()) << daemon.log();

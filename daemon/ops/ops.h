@@ -25,6 +25,7 @@ struct OpContext {
   std::string default_backend;
   ClientRegistry* clients = nullptr;
   Limits limits;
+  bool inline_crypto = true;
 };
 
 struct OpArgs {
