@@ -31,6 +31,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -188,6 +189,48 @@ struct BenchOptions {
   std::vector<unsigned> threads = {1, 2};
   std::vector<v1::KeyType> types = {v1::EC_P256, v1::ED25519, v1::RSA_2048};
 };
+
+// The cost of the IPC itself on this machine: a child echoes one byte over a
+// socketpair; returns the median round trip in microseconds.
+double SocketPairRoundTripMicros() {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    return -1;
+  }
+  const pid_t pid = fork();
+  if (pid == 0) {
+    close(sv[0]);
+    char b;
+    while (read(sv[1], &b, 1) == 1) {
+      if (write(sv[1], &b, 1) != 1) {
+        break;
+      }
+    }
+    _exit(0);
+  }
+  close(sv[1]);
+  std::vector<double> samples;
+  samples.reserve(20000);
+  char b = 'x';
+  for (int i = 0; i < 20000; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (write(sv[0], &b, 1) != 1 || read(sv[0], &b, 1) != 1) {
+      break;
+    }
+    samples.push_back(std::chrono::duration<double, std::micro>(
+                          std::chrono::steady_clock::now() - t0)
+                          .count());
+  }
+  close(sv[0]);
+  waitpid(pid, nullptr, 0);
+  if (samples.empty()) {
+    return -1;
+  }
+  std::nth_element(samples.begin(),
+                   samples.begin() + static_cast<std::ptrdiff_t>(samples.size() / 2),
+                   samples.end());
+  return samples[samples.size() / 2];
+}
 
 void PrintUsage(const char* argv0) {
   std::fprintf(
@@ -968,6 +1011,11 @@ int Run(int argc, char** argv) {
     }
     std::printf("- keyholdd %s, %s\n", hello->daemon_version().c_str(),
                 daemon_desc.c_str());
+    std::printf(
+        "- floor: a 1-byte round trip between two processes over a Unix "
+        "socketpair takes %.1f µs p50 here (no keyhold code; every keyhold "
+        "call pays at least this)\n",
+        SocketPairRoundTripMicros());
     std::printf(
         "- method: per configuration %.2f s measured per side, in two "
         "halves in ABBA order, %.2f s warm-up before each change of side; "
