@@ -165,6 +165,23 @@ std::size_t DigestSize(v1::Digest d) {
   }
 }
 
+const EVP_MD* DigestMd(v1::Digest d) {
+  switch (d) {
+    case v1::SHA1:
+      return EVP_sha1();
+    case v1::SHA224:
+      return EVP_sha224();
+    case v1::SHA256:
+      return EVP_sha256();
+    case v1::SHA384:
+      return EVP_sha384();
+    case v1::SHA512:
+      return EVP_sha512();
+    default:
+      return nullptr;
+  }
+}
+
 std::string HexEncode(std::span<const uint8_t> bytes) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string out;

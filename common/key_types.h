@@ -9,6 +9,8 @@
 #include <string_view>
 #include <vector>
 
+#include <openssl/evp.h>
+
 #include "common/status.h"
 #include "keyhold/v1/keyhold.pb.h"
 
@@ -46,6 +48,9 @@ StatusOr<KeyRefText> ParseKeyRefText(std::string_view text);
 std::optional<v1::Digest> DigestFromString(std::string_view s);
 std::string_view DigestName(v1::Digest d);
 std::size_t DigestSize(v1::Digest d);  // 0 for DIGEST_NONE
+// OpenSSL's EVP_MD for a digest; nullptr for DIGEST_NONE and values outside
+// the enum.
+const EVP_MD* DigestMd(v1::Digest d);
 
 // Lower-case hex.
 std::string HexEncode(std::span<const uint8_t> bytes);

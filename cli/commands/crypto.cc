@@ -15,23 +15,6 @@
 namespace keyhold::cli {
 namespace {
 
-const EVP_MD* DigestMd(v1::Digest d) {
-  switch (d) {
-    case v1::SHA1:
-      return EVP_sha1();
-    case v1::SHA224:
-      return EVP_sha224();
-    case v1::SHA256:
-      return EVP_sha256();
-    case v1::SHA384:
-      return EVP_sha384();
-    case v1::SHA512:
-      return EVP_sha512();
-    default:
-      return nullptr;
-  }
-}
-
 // --- sign ---
 
 struct SignOptions {

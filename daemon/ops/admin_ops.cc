@@ -47,14 +47,7 @@ Status HandleDeleteClient(OpContext& ctx, const OpArgs& args,
     return removed.status();
   }
   for (const KeyRecord& key : *removed) {
-    auto backend = BackendFor(ctx, key.backend);
-    if (backend.ok()) {
-      Status st = (*backend)->Destroy(HandleFor(key));
-      if (!st.ok()) {
-        spdlog::warn("key {}: backend cleanup failed: {}", key.ref.ToString(),
-                     st.ToString());
-      }
-    }
+    ForgetInBackend(ctx, key);
   }
   spdlog::info("admin uid {} deleted client uid {} ({} keys)", args.caller.uid,
                uid, removed->size());

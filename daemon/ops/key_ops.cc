@@ -46,6 +46,18 @@ void FillKeyInfo(const KeyRecord& record, bool include_grants,
   }
 }
 
+void ForgetInBackend(OpContext& ctx, const KeyRecord& key) {
+  auto backend = BackendFor(ctx, key.backend);
+  if (!backend.ok()) {
+    return;
+  }
+  Status st = (*backend)->Destroy(HandleFor(key));
+  if (!st.ok()) {
+    spdlog::warn("key {}: backend cleanup failed: {}", key.ref.ToString(),
+                 st.ToString());
+  }
+}
+
 namespace {
 
 // Stores a key the backend just created. If the store refuses (a duplicate
@@ -185,14 +197,7 @@ Status HandleDestroyKey(OpContext& ctx, const OpArgs& args, v1::Request&,
   KH_RETURN_IF_ERROR(ctx.store->Delete(key.ref, key.id));
   // The row is gone first: a crash here leaves at most an unused backend
   // object, never a row pointing at nothing.
-  auto backend = BackendFor(ctx, key.backend);
-  if (backend.ok()) {
-    Status st = (*backend)->Destroy(HandleFor(key));
-    if (!st.ok()) {
-      spdlog::warn("key {}: backend cleanup failed: {}", key.ref.ToString(),
-                   st.ToString());
-    }
-  }
+  ForgetInBackend(ctx, key);
   spdlog::info("key {} deleted by uid {}", key.ref.ToString(), args.caller.uid);
   response->mutable_destroy_key();
   return Status::Ok();

@@ -88,24 +88,6 @@ std::string_view SignAlgorithmName(v1::SignAlgorithm a) {
   }
 }
 
-// nullptr for DIGEST_NONE and values outside the enum.
-const EVP_MD* DigestMd(v1::Digest d) {
-  switch (d) {
-    case v1::SHA1:
-      return EVP_sha1();
-    case v1::SHA224:
-      return EVP_sha224();
-    case v1::SHA256:
-      return EVP_sha256();
-    case v1::SHA384:
-      return EVP_sha384();
-    case v1::SHA512:
-      return EVP_sha512();
-    default:
-      return nullptr;
-  }
-}
-
 // Digest that must be a real one (not NONE); what names the parameter.
 StatusOr<const EVP_MD*> RequireDigest(v1::Digest d, std::string_view what) {
   const EVP_MD* md = DigestMd(d);
