@@ -226,9 +226,10 @@ double SocketPairRoundTripMicros() {
   if (samples.empty()) {
     return -1;
   }
-  std::nth_element(samples.begin(),
-                   samples.begin() + static_cast<std::ptrdiff_t>(samples.size() / 2),
-                   samples.end());
+  std::nth_element(
+      samples.begin(),
+      samples.begin() + static_cast<std::ptrdiff_t>(samples.size() / 2),
+      samples.end());
   return samples[samples.size() / 2];
 }
 

@@ -3,8 +3,9 @@
 namespace keyhold {
 
 std::array<uint8_t, kFrameHeaderBytes> EncodeFrameHeader(uint32_t length) {
-  return {static_cast<uint8_t>(length >> 24), static_cast<uint8_t>(length >> 16),
-          static_cast<uint8_t>(length >> 8), static_cast<uint8_t>(length)};
+  return {static_cast<uint8_t>(length >> 24),
+          static_cast<uint8_t>(length >> 16), static_cast<uint8_t>(length >> 8),
+          static_cast<uint8_t>(length)};
 }
 
 StatusOr<uint32_t> DecodeFrameHeader(std::span<const uint8_t> header,

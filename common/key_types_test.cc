@@ -58,8 +58,8 @@ TEST(KeyTypesTest, Digests) {
   EXPECT_EQ(DigestName(v1::SHA512), "sha512");
   EXPECT_EQ(DigestMd(v1::SHA384), EVP_sha384());
   EXPECT_EQ(DigestMd(v1::DIGEST_NONE), nullptr);
-  for (v1::Digest d : {v1::SHA1, v1::SHA224, v1::SHA256, v1::SHA384,
-                       v1::SHA512}) {
+  for (v1::Digest d :
+       {v1::SHA1, v1::SHA224, v1::SHA256, v1::SHA384, v1::SHA512}) {
     EXPECT_EQ(static_cast<std::size_t>(EVP_MD_get_size(DigestMd(d))),
               DigestSize(d));
   }

@@ -14,9 +14,9 @@ namespace keyhold {
 template <typename T>
 struct SslDeleter;
 
-#define KH_SSL_DELETER(type, fn)           \
-  template <>                              \
-  struct SslDeleter<type> {                \
+#define KH_SSL_DELETER(type, fn)              \
+  template <>                                 \
+  struct SslDeleter<type> {                   \
     void operator()(type* p) const { fn(p); } \
   }
 

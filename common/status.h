@@ -89,11 +89,11 @@ inline Status DeadlineExceeded(std::string m) {
 }
 
 // Aborts, in release builds too: for invariants whose failure means a bug.
-#define KH_CHECK(cond)                                                 \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      ::keyhold::internal::CheckFailed(#cond, __FILE__, __LINE__);     \
-    }                                                                  \
+#define KH_CHECK(cond)                                             \
+  do {                                                             \
+    if (!(cond)) {                                                 \
+      ::keyhold::internal::CheckFailed(#cond, __FILE__, __LINE__); \
+    }                                                              \
   } while (0)
 
 namespace internal {
@@ -134,12 +134,12 @@ class [[nodiscard]] StatusOr {
   std::optional<T> value_;
 };
 
-#define KH_RETURN_IF_ERROR(expr)            \
-  do {                                      \
-    ::keyhold::Status kh_status_ = (expr);  \
-    if (!kh_status_.ok()) {                 \
-      return kh_status_;                    \
-    }                                       \
+#define KH_RETURN_IF_ERROR(expr)           \
+  do {                                     \
+    ::keyhold::Status kh_status_ = (expr); \
+    if (!kh_status_.ok()) {                \
+      return kh_status_;                   \
+    }                                      \
   } while (0)
 
 }  // namespace keyhold

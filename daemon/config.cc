@@ -1,9 +1,10 @@
 #include "daemon/config.h"
 
+#include <toml++/toml.h>
+
 #include <fstream>
 #include <set>
 #include <sstream>
-#include <toml++/toml.h>
 
 namespace keyhold::daemon {
 namespace {
@@ -64,11 +65,11 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
     return InvalidArgument(msg.str());
   }
   Config c;
-  KH_RETURN_IF_ERROR(CheckKeys(root,
-                               {"socket", "state_dir", "admins", "log_level",
-                                "default_backend", "worker_threads", "blocking_threads",
-                                "inline_crypto", "limits"},
-                               ""));
+  KH_RETURN_IF_ERROR(CheckKeys(
+      root,
+      {"socket", "state_dir", "admins", "log_level", "default_backend",
+       "worker_threads", "blocking_threads", "inline_crypto", "limits"},
+      ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
   KH_RETURN_IF_ERROR(ReadString(root, "log_level", &c.log_level));
@@ -101,8 +102,9 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
   static const std::set<std::string> kLevels = {"trace", "debug", "info",
                                                 "warn",  "error", "off"};
   if (!kLevels.contains(c.log_level)) {
-    return InvalidArgument("setting 'log_level' must be one of trace, debug, "
-                           "info, warn, error, off");
+    return InvalidArgument(
+        "setting 'log_level' must be one of trace, debug, "
+        "info, warn, error, off");
   }
   if (const toml::node* limits = root.get("limits")) {
     const toml::table* t = limits->as_table();

@@ -19,30 +19,34 @@ using R = v1::Request;
 // operation missing here does not exist, and its permission is enforced by
 // Dispatcher::Handle before the handler sees the request.
 constexpr std::array<OpEntry, 14> kOps = {{
-    {R::kHello, "hello", Permission::kAnyone, Execution::kInline, HandleHello, nullptr},
-    {R::kPing, "ping", Permission::kAnyone, Execution::kInline, HandlePing, nullptr},
-    {R::kGenerateKey, "generate-key", Permission::kOwnNamespace, Execution::kBlocking,
-     HandleGenerateKey, KH_KEY_OF(generate_key)},
-    {R::kImportKey, "import-key", Permission::kOwnNamespace, Execution::kBlocking, HandleImportKey,
-     KH_KEY_OF(import_key)},
-    {R::kGetPublicKey, "get-public-key", Permission::kKeyUse, Execution::kByBackend,
-     HandleGetPublicKey, KH_KEY_OF(get_public_key)},
-    {R::kListKeys, "list-keys", Permission::kAnyone, Execution::kBlocking, HandleListKeys, nullptr},
-    {R::kDestroyKey, "destroy-key", Permission::kKeyOwner, Execution::kBlocking, HandleDestroyKey,
-     KH_KEY_OF(destroy_key)},
-    {R::kSign, "sign", Permission::kKeyUse, Execution::kByBackend, HandleSign, KH_KEY_OF(sign)},
-    {R::kDecrypt, "decrypt", Permission::kKeyUse, Execution::kByBackend, HandleDecrypt,
-     KH_KEY_OF(decrypt)},
-    {R::kDerive, "derive", Permission::kKeyUse, Execution::kByBackend, HandleDerive,
-     KH_KEY_OF(derive)},
-    {R::kGrantUse, "grant-use", Permission::kKeyOwner, Execution::kBlocking, HandleGrantUse,
-     KH_KEY_OF(grant_use)},
-    {R::kRevokeUse, "revoke-use", Permission::kKeyOwner, Execution::kBlocking, HandleRevokeUse,
-     KH_KEY_OF(revoke_use)},
-    {R::kListClients, "list-clients", Permission::kAdmin, Execution::kBlocking, HandleListClients,
+    {R::kHello, "hello", Permission::kAnyone, Execution::kInline, HandleHello,
      nullptr},
-    {R::kDeleteClient, "delete-client", Permission::kAdmin, Execution::kBlocking, HandleDeleteClient,
+    {R::kPing, "ping", Permission::kAnyone, Execution::kInline, HandlePing,
      nullptr},
+    {R::kGenerateKey, "generate-key", Permission::kOwnNamespace,
+     Execution::kBlocking, HandleGenerateKey, KH_KEY_OF(generate_key)},
+    {R::kImportKey, "import-key", Permission::kOwnNamespace,
+     Execution::kBlocking, HandleImportKey, KH_KEY_OF(import_key)},
+    {R::kGetPublicKey, "get-public-key", Permission::kKeyUse,
+     Execution::kByBackend, HandleGetPublicKey, KH_KEY_OF(get_public_key)},
+    {R::kListKeys, "list-keys", Permission::kAnyone, Execution::kBlocking,
+     HandleListKeys, nullptr},
+    {R::kDestroyKey, "destroy-key", Permission::kKeyOwner, Execution::kBlocking,
+     HandleDestroyKey, KH_KEY_OF(destroy_key)},
+    {R::kSign, "sign", Permission::kKeyUse, Execution::kByBackend, HandleSign,
+     KH_KEY_OF(sign)},
+    {R::kDecrypt, "decrypt", Permission::kKeyUse, Execution::kByBackend,
+     HandleDecrypt, KH_KEY_OF(decrypt)},
+    {R::kDerive, "derive", Permission::kKeyUse, Execution::kByBackend,
+     HandleDerive, KH_KEY_OF(derive)},
+    {R::kGrantUse, "grant-use", Permission::kKeyOwner, Execution::kBlocking,
+     HandleGrantUse, KH_KEY_OF(grant_use)},
+    {R::kRevokeUse, "revoke-use", Permission::kKeyOwner, Execution::kBlocking,
+     HandleRevokeUse, KH_KEY_OF(revoke_use)},
+    {R::kListClients, "list-clients", Permission::kAdmin, Execution::kBlocking,
+     HandleListClients, nullptr},
+    {R::kDeleteClient, "delete-client", Permission::kAdmin,
+     Execution::kBlocking, HandleDeleteClient, nullptr},
 }};
 
 #undef KH_KEY_OF
@@ -79,7 +83,8 @@ Status Authorize(OpContext& ctx, const OpEntry& entry, const Principal& caller,
         return ref.status();
       }
       if (ref->owner != caller.uid) {
-        return PermissionDenied("keys can only be created in your own namespace");
+        return PermissionDenied(
+            "keys can only be created in your own namespace");
       }
       args->new_ref = std::move(*ref);
       return Status::Ok();
@@ -113,8 +118,8 @@ std::string_view OpName(v1::Request::OpCase op) {
   return e == nullptr ? "unknown" : e->name;
 }
 
-std::optional<v1::Response> Dispatcher::TryHandleInline(
-    const Principal& caller, v1::Request& request) {
+std::optional<v1::Response> Dispatcher::TryHandleInline(const Principal& caller,
+                                                        v1::Request& request) {
   const OpEntry* entry = Find(request.op_case());
   if (entry == nullptr || entry->execution == Execution::kInline) {
     return Handle(caller, request);
@@ -165,8 +170,9 @@ v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
     // Details of internal failures stay in the log; the client gets the
     // category.
     if (status.code() == Code::kInternal) {
-      spdlog::warn("op {} for uid {} pid {} failed: {}", OpName(request.op_case()),
-                   caller.uid, caller.pid, status.message());
+      spdlog::warn("op {} for uid {} pid {} failed: {}",
+                   OpName(request.op_case()), caller.uid, caller.pid,
+                   status.message());
     } else {
       spdlog::debug("op {} for uid {} pid {}: {}", OpName(request.op_case()),
                     caller.uid, caller.pid, status.ToString());

@@ -62,10 +62,9 @@ Status PrepareStateDir(const std::string& dir) {
                              std::to_string(geteuid()));
   }
   if ((st.st_mode & 0077) != 0) {
-    return keyhold::Internal("state directory " + dir +
-                             " is accessible to other users (mode " +
-                             std::to_string(st.st_mode & 0777) +
-                             " octal-decimal); chmod 700 it");
+    return keyhold::Internal(
+        "state directory " + dir + " is accessible to other users (mode " +
+        std::to_string(st.st_mode & 0777) + " octal-decimal); chmod 700 it");
   }
   return Status::Ok();
 }
@@ -78,9 +77,11 @@ int Run(int argc, char** argv) {
   std::string log_level;
   app.add_option("--config", config_path,
                  std::string("TOML config file (default: ") +
-                     kDefaultConfigPath + " if it exists, else built-in "
+                     kDefaultConfigPath +
+                     " if it exists, else built-in "
                      "defaults)");
-  app.add_option("--socket", socket_path, "Unix socket path (overrides config)");
+  app.add_option("--socket", socket_path,
+                 "Unix socket path (overrides config)");
   app.add_option("--state-dir", state_dir,
                  "directory for the key store and master key (overrides "
                  "config)");
@@ -171,8 +172,9 @@ int Run(int argc, char** argv) {
       return;
     }
     if (sig == SIGHUP) {
-      spdlog::info("SIGHUP: configuration reload is not supported yet; "
-                   "ignoring");
+      spdlog::info(
+          "SIGHUP: configuration reload is not supported yet; "
+          "ignoring");
       signals.async_wait(on_signal);
       return;
     }

@@ -9,9 +9,9 @@
 #include <algorithm>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/strand.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 #include <cerrno>
 #include <chrono>
@@ -132,9 +132,9 @@ class Session : public std::enable_shared_from_this<Session> {
   void Pump() {
     while (MayTakeRequests() && rlen_ >= kFrameHeaderBytes) {
       const uint8_t* data = rbuf_.data(SecretAccess::kToken);
-      auto length = DecodeFrameHeader(
-          std::span<const uint8_t>(data, kFrameHeaderBytes),
-          limits_.max_frame_bytes);
+      auto length =
+          DecodeFrameHeader(std::span<const uint8_t>(data, kFrameHeaderBytes),
+                            limits_.max_frame_bytes);
       if (!length.ok()) {
         spdlog::info("uid {} pid {}: {}; closing", principal_.uid,
                      principal_.pid, length.status().message());
@@ -227,8 +227,8 @@ class Session : public std::enable_shared_from_this<Session> {
         SendError(request->id(), st);
         return;
       }
-      spdlog::info("uid {} pid {}: {}; closing", principal_.uid,
-                   principal_.pid, st.message());
+      spdlog::info("uid {} pid {}: {}; closing", principal_.uid, principal_.pid,
+                   st.message());
       SendError(0, st);
       close_after_write_ = true;
       return;
@@ -471,54 +471,54 @@ void Server::Accept() {
   }
   // Each connection gets its own strand: its handlers never run
   // concurrently, while different connections run on different I/O threads.
-  acceptor_->async_accept(asio::make_strand(io_), [this](
-                                                      const boost::system::
-                                                          error_code& ec,
-                                                      Socket socket) {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (stopped_ || ec == asio::error::operation_aborted) {
-      return;
-    }
-    if (ec) {
-      // Out of descriptors or similar: back off briefly instead of spinning.
-      spdlog::warn("accept failed: {}", ec.message());
-      auto timer = std::make_shared<asio::steady_timer>(io_);
-      timer->expires_after(std::chrono::milliseconds(100));
-      timer->async_wait([this, timer](const boost::system::error_code&) {
-        std::lock_guard<std::mutex> relock(mu_);
+  acceptor_->async_accept(
+      asio::make_strand(io_),
+      [this](const boost::system::error_code& ec, Socket socket) {
+        std::unique_lock<std::mutex> lock(mu_);
+        if (stopped_ || ec == asio::error::operation_aborted) {
+          return;
+        }
+        if (ec) {
+          // Out of descriptors or similar: back off briefly instead of
+          // spinning.
+          spdlog::warn("accept failed: {}", ec.message());
+          auto timer = std::make_shared<asio::steady_timer>(io_);
+          timer->expires_after(std::chrono::milliseconds(100));
+          timer->async_wait([this, timer](const boost::system::error_code&) {
+            std::lock_guard<std::mutex> relock(mu_);
+            Accept();
+          });
+          return;
+        }
+        if (sessions_.size() >= limits_.max_connections) {
+          spdlog::warn("connection refused: {} connections open (limit)",
+                       sessions_.size());
+          boost::system::error_code ignored;
+          socket.close(ignored);
+          Accept();
+          return;
+        }
+        auto cred = GetPeerCred(socket.native_handle(), /*with_groups=*/true);
+        if (!cred.ok()) {
+          spdlog::warn("connection refused: {}", cred.status().message());
+          Accept();
+          return;
+        }
+        Principal who;
+        who.uid = cred->uid;
+        who.gid = cred->gid;
+        who.groups.assign(cred->groups.begin(), cred->groups.end());
+        who.pid = cred->pid;
+        who.is_admin = std::find(admin_uids_.begin(), admin_uids_.end(),
+                                 cred->uid) != admin_uids_.end();
+        auto session = std::make_shared<Session>(
+            *this, std::move(socket), workers_, dispatcher_, clients_, limits_,
+            std::move(who));
+        sessions_.insert(session);
         Accept();
+        lock.unlock();
+        asio::dispatch(session->executor(), [session] { session->Start(); });
       });
-      return;
-    }
-    if (sessions_.size() >= limits_.max_connections) {
-      spdlog::warn("connection refused: {} connections open (limit)",
-                   sessions_.size());
-      boost::system::error_code ignored;
-      socket.close(ignored);
-      Accept();
-      return;
-    }
-    auto cred = GetPeerCred(socket.native_handle(), /*with_groups=*/true);
-    if (!cred.ok()) {
-      spdlog::warn("connection refused: {}", cred.status().message());
-      Accept();
-      return;
-    }
-    Principal who;
-    who.uid = cred->uid;
-    who.gid = cred->gid;
-    who.groups.assign(cred->groups.begin(), cred->groups.end());
-    who.pid = cred->pid;
-    who.is_admin = std::find(admin_uids_.begin(), admin_uids_.end(),
-                             cred->uid) != admin_uids_.end();
-    auto session = std::make_shared<Session>(*this, std::move(socket), workers_,
-                                             dispatcher_, clients_, limits_,
-                                             std::move(who));
-    sessions_.insert(session);
-    Accept();
-    lock.unlock();
-    asio::dispatch(session->executor(), [session] { session->Start(); });
-  });
 }
 
 void Server::Forget(Session* session) {

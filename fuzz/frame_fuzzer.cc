@@ -39,8 +39,8 @@ void CheckRequest(const keyhold::v1::Request& req) {
   }
   keyhold::v1::Request again;
   const auto* p = reinterpret_cast<const uint8_t*>(frame->data());
-  if (!keyhold::DecodeRequest(std::span<const uint8_t>(p + 4, frame->size() - 4),
-                              &again)
+  if (!keyhold::DecodeRequest(
+           std::span<const uint8_t>(p + 4, frame->size() - 4), &again)
            .ok() ||
       again.SerializeAsString() != req.SerializeAsString()) {
     __builtin_trap();
@@ -78,7 +78,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   // The whole input as one body, too.
   keyhold::v1::Request whole;
-  if (keyhold::DecodeRequest(std::span<const uint8_t>(data, size), &whole).ok()) {
+  if (keyhold::DecodeRequest(std::span<const uint8_t>(data, size), &whole)
+          .ok()) {
     CheckRequest(whole);
   }
   return 0;

@@ -1,20 +1,18 @@
 // Bad input against a real keyholdd: every case gets a clear status or a
 // closed connection, the daemon keeps serving others, and stored keys are
 // untouched.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
-#include <set>
-
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-
 #include <filesystem>
+#include <set>
 #include <thread>
 
 #include "common/frame.h"
@@ -58,16 +56,17 @@ class BadInputTest : public ::testing::Test {
     auto sig = Sign("keep");
     ASSERT_TRUE(sig.ok()) << sig.status().ToString();
     const auto* p = reinterpret_cast<const uint8_t*>(public_key_.data());
-    EVP_PKEY* pkey = d2i_PUBKEY(nullptr, &p, static_cast<long>(public_key_.size()));
+    EVP_PKEY* pkey =
+        d2i_PUBKEY(nullptr, &p, static_cast<long>(public_key_.size()));
     ASSERT_NE(pkey, nullptr);
     EVP_PKEY_CTX* ctx = EVP_PKEY_CTX_new(pkey, nullptr);
     ASSERT_EQ(EVP_PKEY_verify_init(ctx), 1);
     const std::string digest(32, '\x11');
-    EXPECT_EQ(EVP_PKEY_verify(ctx, reinterpret_cast<const uint8_t*>(sig->data()),
-                              sig->size(),
-                              reinterpret_cast<const uint8_t*>(digest.data()),
-                              digest.size()),
-              1);
+    EXPECT_EQ(
+        EVP_PKEY_verify(
+            ctx, reinterpret_cast<const uint8_t*>(sig->data()), sig->size(),
+            reinterpret_cast<const uint8_t*>(digest.data()), digest.size()),
+        1);
     EVP_PKEY_CTX_free(ctx);
     EVP_PKEY_free(pkey);
   }
@@ -302,25 +301,26 @@ TEST_F(BadInputTest, WrongKeyTypeMissingKeyInvalidNamesDuplicates) {
               Code::kInvalidArgument)
         << bad;
   }
-  EXPECT_EQ(client_->GenerateKey(client::MakeKeyRef(std::string(65, 'a')),
-                                 v1::EC_P256)
-                .status()
-                .code(),
-            Code::kInvalidArgument);
-  EXPECT_EQ(client_
-                ->GenerateKey(client::MakeKeyRef("t"),
-                              static_cast<v1::KeyType>(42))
-                .status()
-                .code(),
-            Code::kUnsupported);
+  EXPECT_EQ(
+      client_
+          ->GenerateKey(client::MakeKeyRef(std::string(65, 'a')), v1::EC_P256)
+          .status()
+          .code(),
+      Code::kInvalidArgument);
+  EXPECT_EQ(
+      client_
+          ->GenerateKey(client::MakeKeyRef("t"), static_cast<v1::KeyType>(42))
+          .status()
+          .code(),
+      Code::kUnsupported);
   SecretBytes junk(std::vector<uint8_t>{1, 2, 3});
   EXPECT_EQ(client_->ImportKey(client::MakeKeyRef("imp"), junk).status().code(),
             Code::kInvalidArgument);
-  EXPECT_EQ(client_->Derive(client::MakeKeyRef("keep"),
-                            std::vector<uint8_t>{4, 1, 2})
-                .status()
-                .code(),
-            Code::kInvalidArgument);
+  EXPECT_EQ(
+      client_->Derive(client::MakeKeyRef("keep"), std::vector<uint8_t>{4, 1, 2})
+          .status()
+          .code(),
+      Code::kInvalidArgument);
   ExpectHealthy();
 }
 

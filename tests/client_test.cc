@@ -1,7 +1,7 @@
 // The client library against a real keyholdd: concurrency, fork, daemon
 // restart, a dead daemon and an impostor socket.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>

@@ -63,8 +63,8 @@ TEST(DurabilityTest, AcknowledgedCreatesSurviveKill9) {
       auto pub = c.GetPublicKey(client::MakeKeyRef(k.name()));
       EXPECT_TRUE(pub.ok()) << k.name();
     }
-    std::cout << "round " << round << ": " << acked.size()
-              << " acknowledged, " << present.size() << " present\n";
+    std::cout << "round " << round << ": " << acked.size() << " acknowledged, "
+              << present.size() << " present\n";
   }
 }
 

@@ -74,9 +74,9 @@ class Backend {
 
   // data is the digest (RSA, ECDSA) or the message (Ed25519). The caller has
   // already checked that the key's type and usage allow the operation.
-  virtual StatusOr<std::vector<uint8_t>> Sign(const KeyHandle& key,
-                                              const SignParams& params,
-                                              std::span<const uint8_t> data) = 0;
+  virtual StatusOr<std::vector<uint8_t>> Sign(
+      const KeyHandle& key, const SignParams& params,
+      std::span<const uint8_t> data) = 0;
   virtual StatusOr<SecretBytes> Decrypt(
       const KeyHandle& key, const DecryptParams& params,
       std::span<const uint8_t> ciphertext) = 0;

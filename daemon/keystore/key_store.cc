@@ -574,9 +574,9 @@ Status KeyStore::Delete(const KeyRef& ref, uint64_t id) {
   Uncache(ref);
   Transaction txn(db_);
   KH_RETURN_IF_ERROR(txn.Begin());
-  StatusOr<Stmt> stmt = Prepare(
-      db_,
-      "DELETE FROM keys WHERE owner = ?1 AND name = ?2 AND (?3 = 0 OR id = ?3)");
+  StatusOr<Stmt> stmt = Prepare(db_,
+                                "DELETE FROM keys WHERE owner = ?1 AND name = "
+                                "?2 AND (?3 = 0 OR id = ?3)");
   if (!stmt.ok()) {
     return stmt.status();
   }

@@ -92,7 +92,8 @@ Status HandleSign(OpContext& ctx, const OpArgs& args, v1::Request& request,
   KH_RETURN_IF_ERROR(ValidateSign(key, op));
   auto backend = BackendFor(ctx, key.backend);
   if (!backend.ok()) {
-    return BackendUnavailable("backend '" + key.backend + "' is not configured");
+    return BackendUnavailable("backend '" + key.backend +
+                              "' is not configured");
   }
   backend::SignParams params;
   params.algorithm = op.algorithm();
@@ -123,7 +124,8 @@ Status HandleDecrypt(OpContext& ctx, const OpArgs& args, v1::Request& request,
   }
   auto backend = BackendFor(ctx, key.backend);
   if (!backend.ok()) {
-    return BackendUnavailable("backend '" + key.backend + "' is not configured");
+    return BackendUnavailable("backend '" + key.backend +
+                              "' is not configured");
   }
   backend::DecryptParams params;
   params.algorithm = op.algorithm();
@@ -150,7 +152,8 @@ Status HandleDerive(OpContext& ctx, const OpArgs& args, v1::Request& request,
   }
   auto backend = BackendFor(ctx, key.backend);
   if (!backend.ok()) {
-    return BackendUnavailable("backend '" + key.backend + "' is not configured");
+    return BackendUnavailable("backend '" + key.backend +
+                              "' is not configured");
   }
   auto secret = (*backend)->Derive(HandleFor(key), Bytes(op.peer_public_key()));
   if (!secret.ok()) {

@@ -138,8 +138,8 @@ Status HandleGenerateKey(OpContext& ctx, const OpArgs& args,
                      out->mutable_info(), out->mutable_public_key());
 }
 
-Status HandleImportKey(OpContext& ctx, const OpArgs& args,
-                       v1::Request& request, v1::Response* response) {
+Status HandleImportKey(OpContext& ctx, const OpArgs& args, v1::Request& request,
+                       v1::Response* response) {
   auto* op = request.mutable_import_key();
   // Take the key out of the protobuf buffer at once and wipe the buffer.
   SecretBytes private_key = SecretBytes::TakeFrom(*op->mutable_private_key());

@@ -1,6 +1,7 @@
 #include "tests/harness/daemon_process.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -15,8 +16,6 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
-
-#include <gtest/gtest.h>
 
 #include "common/frame.h"
 
@@ -57,7 +56,8 @@ DaemonProcess::~DaemonProcess() {
 bool DaemonProcess::Start() {
   const pid_t pid = fork();
   if (pid == 0) {
-    const int log = open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    const int log =
+        open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     if (log >= 0) {
       dup2(log, 2);
       dup2(log, 1);
