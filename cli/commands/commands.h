@@ -11,7 +11,7 @@ namespace keyhold::cli {
 
 // ping
 void AddPingCommand(CLI::App& app, Action* action);
-// key create|import|list|public|delete|grant|revoke
+// key create|import|list|public|ref|delete|grant|revoke
 void AddKeyCommands(CLI::App& app, Action* action);
 // sign, decrypt, derive
 void AddCryptoCommands(CLI::App& app, Action* action);

@@ -1,4 +1,4 @@
-// keyhold key create|import|list|public|delete|grant|revoke
+// keyhold key create|import|list|public|ref|delete|grant|revoke
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
@@ -255,6 +255,66 @@ int RunPublic(Context& ctx, const PublicOptions& o) {
   return Print(std::string_view(data, static_cast<std::size_t>(len)));
 }
 
+// --- key ref ---
+//
+// A key reference file: PEM block "KEYHOLD KEY REFERENCE" around
+// DER SEQUENCE { UTF8String uri, SubjectPublicKeyInfo }. The URI always names
+// the owner by uid, so the file means the same key to every user it is
+// shared with. The OpenSSL provider's decoder reads it (ossl-provider/).
+
+struct RefOptions {
+  std::string keyref;
+};
+
+void AppendDerLength(std::string& out, std::size_t len) {
+  if (len < 0x80) {
+    out.push_back(static_cast<char>(len));
+    return;
+  }
+  std::string bytes;
+  for (std::size_t v = len; v != 0; v >>= 8) {
+    bytes.insert(bytes.begin(), static_cast<char>(v & 0xff));
+  }
+  out.push_back(static_cast<char>(0x80 | bytes.size()));
+  out += bytes;
+}
+
+int RunRef(Context& ctx, const RefOptions& o) {
+  const std::string what = "key ref " + Quote(o.keyref);
+  auto ref = ResolveKeyRef(o.keyref);
+  if (!ref.ok()) {
+    return Fail(what, ref.status());
+  }
+  auto r = ctx.client().GetPublicKey(*ref);
+  if (!r.ok()) {
+    return Fail(what, r.status());
+  }
+  const std::string uri = "keyhold:" + std::to_string(r->info().owner()) + "/" +
+                          r->info().name();
+  std::string body;
+  body.push_back(0x0c);  // UTF8String
+  AppendDerLength(body, uri.size());
+  body += uri;
+  body += r->public_key();
+  std::string der;
+  der.push_back(0x30);  // SEQUENCE
+  AppendDerLength(der, body.size());
+  der += body;
+  SslPtr<BIO> bio(BIO_new(BIO_s_mem()));
+  if (!bio ||
+      PEM_write_bio(bio.get(), "KEYHOLD KEY REFERENCE", "",
+                    reinterpret_cast<const unsigned char*>(der.data()),
+                    static_cast<long>(der.size())) <= 0) {
+    return Fail(what, Internal("cannot PEM-encode the key reference"));
+  }
+  char* data = nullptr;
+  const long len = BIO_get_mem_data(bio.get(), &data);
+  if (len <= 0 || data == nullptr) {
+    return Fail(what, Internal("cannot PEM-encode the key reference"));
+  }
+  return Print(std::string_view(data, static_cast<std::size_t>(len)));
+}
+
 // --- key delete ---
 
 struct DeleteOptions {
@@ -378,6 +438,13 @@ void AddKeyCommands(CLI::App& app, Action* action) {
     auto o = std::make_shared<PublicOptions>();
     sub->add_option("KEYREF", o->keyref, "NAME or OWNER/NAME")->required();
     SetAction(sub, action, [o](Context& ctx) { return RunPublic(ctx, *o); });
+  }
+  {
+    auto* sub = key->add_subcommand(
+        "ref", "Print a key reference file for the OpenSSL provider (no secret)");
+    auto o = std::make_shared<RefOptions>();
+    sub->add_option("KEYREF", o->keyref, "NAME or OWNER/NAME")->required();
+    SetAction(sub, action, [o](Context& ctx) { return RunRef(ctx, *o); });
   }
   {
     auto* sub = key->add_subcommand("delete", "Delete one of your keys");

@@ -1,0 +1,147 @@
+#!/bin/bash
+# nginx 1.22 and curl, unmodified, with keys held by keyholdd through the
+# OpenSSL provider: the server key belongs to root and is granted to
+# www-data, nginx's master (root) reads a key reference file and its workers
+# (www-data) sign; curl authenticates with a client key reference file.
+source "$(dirname "$0")/../lib.sh"
+: "${KEYHOLD_PROVIDER:?path to keyhold.so}"
+KEYHOLD_PROVIDER="$(realpath "$KEYHOLD_PROVIDER")"
+
+if ! command -v nginx >/dev/null || ! command -v curl >/dev/null || ! id www-data >/dev/null 2>&1 ||
+    [ "$(id -u)" -ne 0 ]; then
+  echo "SKIP: needs root, nginx, curl and the www-data user"
+  exit 0
+fi
+
+W="$KH_DIR/work"
+mkdir -p "$W"
+CNF="$KH_DIR/openssl-keyhold.cnf"
+sed "s|^# module = .*|module = $KEYHOLD_PROVIDER|" \
+  "$(dirname "$0")/../../conf/openssl-keyhold.cnf" >"$CNF"
+chmod 644 "$CNF"
+plain() { env -u OPENSSL_CONF -u OPENSSL_MODULES openssl "$@"; }
+
+NGINX_PID=""
+stop_nginx() {
+  if [ -n "$NGINX_PID" ]; then
+    kill "$NGINX_PID" 2>/dev/null || true
+    wait "$NGINX_PID" 2>/dev/null || true
+    NGINX_PID=""
+  fi
+}
+trap 'stop_nginx; kh_cleanup' EXIT
+
+kh_start
+check "create the server key" "$KEYHOLD" key create web --type ec-p256
+check "grant it to www-data" "$KEYHOLD" key grant web --user www-data
+check "create the rsa server key" "$KEYHOLD" key create web-rsa --type rsa-2048
+check "grant it to www-data" "$KEYHOLD" key grant web-rsa --user www-data
+check "create the client key" "$KEYHOLD" key create client --type ec-p256
+"$KEYHOLD" key ref web >"$W/web.ref.pem"
+"$KEYHOLD" key ref web-rsa >"$W/web-rsa.ref.pem"
+"$KEYHOLD" key ref client >"$W/client.ref.pem"
+check "server certificate" env OPENSSL_CONF="$CNF" openssl req -new -x509 -key "$W/web.ref.pem" \
+  -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 -days 1 -out "$W/web.crt"
+check "rsa server certificate" env OPENSSL_CONF="$CNF" openssl req -new -x509 \
+  -key "$W/web-rsa.ref.pem" -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1 -days 1 \
+  -out "$W/web-rsa.crt"
+check "client certificate" env OPENSSL_CONF="$CNF" openssl req -new -x509 \
+  -key "$W/client.ref.pem" -subj /CN=client -days 1 -out "$W/client.crt"
+
+P1=$((20000 + RANDOM % 20000))
+P2=$((P1 + 1))
+P3=$((P1 + 2))
+mkdir -p "$KH_DIR/nginx/logs"
+cat >"$KH_DIR/nginx/nginx.conf" <<CONF
+user www-data;
+worker_processes 2;
+daemon off;
+pid $KH_DIR/nginx/nginx.pid;
+error_log $KH_DIR/nginx/logs/error.log warn;
+env OPENSSL_CONF;
+env KEYHOLD_SOCKET;
+events { worker_connections 64; }
+http {
+  access_log $KH_DIR/nginx/logs/access.log;
+  client_body_temp_path $KH_DIR/nginx/body;
+  proxy_temp_path $KH_DIR/nginx/proxy;
+  fastcgi_temp_path $KH_DIR/nginx/fastcgi;
+  uwsgi_temp_path $KH_DIR/nginx/uwsgi;
+  scgi_temp_path $KH_DIR/nginx/scgi;
+  ssl_session_cache off;
+  ssl_session_tickets off;
+  server {
+    listen 127.0.0.1:$P1 ssl;
+    ssl_certificate $W/web.crt;
+    ssl_certificate_key $W/web.ref.pem;
+    location / { return 200 "ok\n"; }
+  }
+  server {
+    listen 127.0.0.1:$P2 ssl;
+    ssl_certificate $W/web-rsa.crt;
+    ssl_certificate_key $W/web-rsa.ref.pem;
+    location / { return 200 "ok\n"; }
+  }
+  server {
+    listen 127.0.0.1:$P3 ssl;
+    ssl_certificate $W/web.crt;
+    ssl_certificate_key $W/web.ref.pem;
+    ssl_verify_client on;
+    ssl_client_certificate $W/client.crt;
+    location / { return 200 "client \$ssl_client_s_dn\n"; }
+  }
+}
+CONF
+
+OPENSSL_CONF="$CNF" nginx -p "$KH_DIR/nginx" -c "$KH_DIR/nginx/nginx.conf" \
+  2>>"$KH_DIR/nginx/logs/error.log" &
+NGINX_PID=$!
+up() { curl -s -o /dev/null --cacert "$W/web.crt" "https://127.0.0.1:$P1/"; }
+for _ in $(seq 1 100); do up && break; sleep 0.05; done
+check "nginx workers run as www-data" sh -c "ps -o user= --ppid $NGINX_PID | grep -q www-data"
+
+# Plain curl (no provider): every request is a full handshake signed by a
+# worker running as www-data.
+many() {  # many PORT CERT COUNT: all responses 200
+  local port="$1" cert="$2" count="$3" codes
+  codes=$(for _ in $(seq 1 "$count"); do
+    env -u OPENSSL_CONF curl -s -o /dev/null -w '%{http_code}\n' --cacert "$cert" \
+      "https://127.0.0.1:$port/"
+  done | sort | uniq -c)
+  echo "$codes"
+  [ "$(echo "$codes" | awk '{print $2}')" = "200" ]
+}
+check "200 HTTPS requests (ec-p256, TLS 1.3) all 200" many "$P1" "$W/web.crt" 200
+check "100 HTTPS requests (rsa-2048) all 200" many "$P2" "$W/web-rsa.crt" 100
+check "TLS 1.2 requests all 200" sh -c "for i in \$(seq 1 20); do
+    env -u OPENSSL_CONF curl -sf --tls-max 1.2 --cacert '$W/web.crt' https://127.0.0.1:$P1/ >/dev/null || exit 1
+  done"
+
+# curl mutual TLS with a key reference file (curl loads the provider).
+check "curl --cert --key client.ref.pem authenticates" sh -c \
+  "OPENSSL_CONF='$CNF' curl -sf --cacert '$W/web.crt' --cert '$W/client.crt' \
+     --key '$W/client.ref.pem' https://127.0.0.1:$P3/ | grep -q 'client CN=client'"
+check "without the client key the server refuses" sh -c \
+  "! env -u OPENSSL_CONF curl -sf --cacert '$W/web.crt' https://127.0.0.1:$P3/ >/dev/null"
+
+# Reload under load.
+(for _ in $(seq 1 60); do
+   env -u OPENSSL_CONF curl -s -o /dev/null -w '%{http_code}\n' --cacert "$W/web.crt" \
+     "https://127.0.0.1:$P1/"
+ done >"$W/load.codes") &
+LOAD=$!
+sleep 0.3
+check "nginx -s reload" env OPENSSL_CONF="$CNF" nginx -p "$KH_DIR/nginx" -c "$KH_DIR/nginx/nginx.conf" -s reload
+wait "$LOAD"
+check "every request during the reload got 200" sh -c "[ \"\$(sort -u '$W/load.codes')\" = 200 ]"
+
+# Daemon restart: nginx keeps serving without a restart of its own.
+kh_stop
+kh_start
+check "requests after a daemon restart all 200" many "$P1" "$W/web.crt" 20
+
+check "nginx logged at least 400 requests answered 200" sh -c \
+  "[ \$(grep -c '\" 200 ' '$KH_DIR/nginx/logs/access.log') -ge 400 ]"
+check "no errors in nginx's log" sh -c "! grep -E '\\[(error|crit|alert|emerg)\\]' '$KH_DIR/nginx/logs/error.log'"
+stop_nginx
+kh_summary
