@@ -15,6 +15,7 @@
 #include <memory>
 #include <string>
 
+#include "common/key_types.h"
 #include "ossl-provider/provider.h"
 #include "ossl-provider/util.h"
 
@@ -139,7 +140,7 @@ int DoSign(SigCtx* c, unsigned char* sig, size_t* siglen, size_t sigsize,
     case Kind::kEcdsa: {
       req.set_algorithm(v1::ECDSA);
       v1::Digest d = c->md.set() ? c->md.wire : DigestForLength(tbslen);
-      if (d == v1::DIGEST_NONE || DigestLength(d) != tbslen) {
+      if (d == v1::DIGEST_NONE || DigestSize(d) != tbslen) {
         RaiseError(kReasonBadArgument,
                    "keyhold: " + c->key->uri + ": input is not a digest of the expected size");
         return 0;
@@ -165,7 +166,7 @@ int DoSign(SigCtx* c, unsigned char* sig, size_t* siglen, size_t sigsize,
         RaiseError(kReasonUnsupported, "keyhold: unsupported RSA padding mode");
         return 0;
       }
-      if (req.digest() != v1::DIGEST_NONE && DigestLength(req.digest()) != tbslen) {
+      if (req.digest() != v1::DIGEST_NONE && DigestSize(req.digest()) != tbslen) {
         RaiseError(kReasonBadArgument,
                    "keyhold: " + c->key->uri + ": input is not a digest of the expected size");
         return 0;

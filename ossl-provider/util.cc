@@ -66,22 +66,6 @@ v1::Digest DigestForLength(std::size_t len) {
   }
 }
 
-std::size_t DigestLength(v1::Digest d) {
-  switch (d) {
-    case v1::SHA1:
-      return 20;
-    case v1::SHA224:
-      return 28;
-    case v1::SHA256:
-      return 32;
-    case v1::SHA384:
-      return 48;
-    case v1::SHA512:
-      return 64;
-    default:
-      return 0;
-  }
-}
 
 bool ParsePadMode(const OSSL_PARAM* p, int* pad) {
   if (p->data_type == OSSL_PARAM_INTEGER) return OSSL_PARAM_get_int(p, pad) == 1;

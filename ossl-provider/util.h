@@ -24,7 +24,6 @@ struct Md {
 
 // DIGEST_NONE if no supported digest has that length.
 v1::Digest DigestForLength(std::size_t len);
-std::size_t DigestLength(v1::Digest d);
 
 // OSSL_*_PARAM_PAD_MODE as an int or a name ("pkcs1", "pss", "oaep", ...).
 bool ParsePadMode(const OSSL_PARAM* p, int* pad);
