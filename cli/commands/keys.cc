@@ -16,6 +16,16 @@
 namespace keyhold::cli {
 namespace {
 
+// Prints a memory BIO's contents (a PEM block) to stdout.
+int PrintBio(std::string_view what, BIO* bio, const char* encode_error) {
+  char* data = nullptr;
+  const long len = BIO_get_mem_data(bio, &data);
+  if (len <= 0 || data == nullptr) {
+    return Fail(what, Internal(encode_error));
+  }
+  return Print(std::string_view(data, static_cast<std::size_t>(len)));
+}
+
 std::vector<std::string> KeyTypeNames() {
   std::vector<std::string> out;
   for (v1::KeyType t : AllKeyTypes()) {
@@ -247,12 +257,7 @@ int RunPublic(Context& ctx, const PublicOptions& o) {
   if (!bio || PEM_write_bio_PUBKEY(bio.get(), pkey.get()) != 1) {
     return Fail(what, Internal("cannot PEM-encode the public key"));
   }
-  char* data = nullptr;
-  const long len = BIO_get_mem_data(bio.get(), &data);
-  if (len <= 0 || data == nullptr) {
-    return Fail(what, Internal("cannot PEM-encode the public key"));
-  }
-  return Print(std::string_view(data, static_cast<std::size_t>(len)));
+  return PrintBio(what, bio.get(), "cannot PEM-encode the public key");
 }
 
 // --- key ref ---
@@ -307,12 +312,7 @@ int RunRef(Context& ctx, const RefOptions& o) {
                     static_cast<long>(der.size())) <= 0) {
     return Fail(what, Internal("cannot PEM-encode the key reference"));
   }
-  char* data = nullptr;
-  const long len = BIO_get_mem_data(bio.get(), &data);
-  if (len <= 0 || data == nullptr) {
-    return Fail(what, Internal("cannot PEM-encode the key reference"));
-  }
-  return Print(std::string_view(data, static_cast<std::size_t>(len)));
+  return PrintBio(what, bio.get(), "cannot PEM-encode the key reference");
 }
 
 // --- key delete ---

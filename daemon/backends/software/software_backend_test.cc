@@ -46,23 +46,6 @@ Bytes Digest(const EVP_MD* md, std::string_view msg) {
   return out;
 }
 
-const EVP_MD* Md(v1::Digest d) {
-  switch (d) {
-    case v1::SHA1:
-      return EVP_sha1();
-    case v1::SHA224:
-      return EVP_sha224();
-    case v1::SHA256:
-      return EVP_sha256();
-    case v1::SHA384:
-      return EVP_sha384();
-    case v1::SHA512:
-      return EVP_sha512();
-    default:
-      return nullptr;
-  }
-}
-
 Bytes ToBytes(const SecretBytes& s) {
   auto span = s.Expose(SecretAccess::kToken);
   return Bytes(span.begin(), span.end());
@@ -355,11 +338,11 @@ class SoftwareBackendTest : public ::testing::Test {
       for (v1::Digest d :
            {v1::SHA1, v1::SHA224, v1::SHA256, v1::SHA384, v1::SHA512}) {
         SCOPED_TRACE(std::string(DigestName(d)));
-        const Bytes digest = Digest(Md(d), msg);
+        const Bytes digest = Digest(DigestMd(d), msg);
         const Bytes sig = MustSign(h, {v1::RSA_PKCS1, d}, digest);
         EXPECT_EQ(sig.size(),
                   static_cast<std::size_t>(EVP_PKEY_get_size(pub.get())));
-        EXPECT_TRUE(VerifyPkey(pub.get(), RSA_PKCS1_PADDING, Md(d), nullptr, 0,
+        EXPECT_TRUE(VerifyPkey(pub.get(), RSA_PKCS1_PADDING, DigestMd(d), nullptr, 0,
                                digest, sig));
       }
       // DIGEST_NONE: the caller supplies DigestInfo || hash.
@@ -402,23 +385,23 @@ class SoftwareBackendTest : public ::testing::Test {
         SCOPED_TRACE(std::string(DigestName(c.digest)) + " salt " +
                      std::to_string(c.salt) + " mgf1 " +
                      std::string(DigestName(c.mgf1)));
-        const Bytes digest = Digest(Md(c.digest), msg);
+        const Bytes digest = Digest(DigestMd(c.digest), msg);
         SignParams p{v1::RSA_PSS, c.digest, c.salt, c.mgf1};
         const Bytes pss = MustSign(h, p, digest);
         const EVP_MD* mgf1 =
-            c.mgf1 == v1::DIGEST_NONE ? Md(c.digest) : Md(c.mgf1);
-        EXPECT_TRUE(VerifyPkey(pub.get(), RSA_PKCS1_PSS_PADDING, Md(c.digest),
+            c.mgf1 == v1::DIGEST_NONE ? DigestMd(c.digest) : DigestMd(c.mgf1);
+        EXPECT_TRUE(VerifyPkey(pub.get(), RSA_PKCS1_PSS_PADDING, DigestMd(c.digest),
                                mgf1, c.verify_salt, digest, pss));
         // A verifier with the wrong MGF1 digest must not accept it.
         const EVP_MD* other =
             mgf1 == EVP_sha224() ? EVP_sha384() : EVP_sha224();
-        EXPECT_FALSE(VerifyPkey(pub.get(), RSA_PKCS1_PSS_PADDING, Md(c.digest),
+        EXPECT_FALSE(VerifyPkey(pub.get(), RSA_PKCS1_PSS_PADDING, DigestMd(c.digest),
                                 other, RSA_PSS_SALTLEN_AUTO, digest, pss));
       }
     } else if (IsEc(key.type)) {
       for (v1::Digest d : {v1::SHA256, v1::SHA384, v1::SHA512}) {
         SCOPED_TRACE(std::string(DigestName(d)));
-        const Bytes digest = Digest(Md(d), msg);
+        const Bytes digest = Digest(DigestMd(d), msg);
         Bytes sig = MustSign(h, {v1::ECDSA, d}, digest);
         EXPECT_EQ(sig[0], 0x30);  // DER ECDSA-Sig-Value
         EXPECT_TRUE(VerifyPkey(pub.get(), 0, nullptr, nullptr, 0, digest, sig));
@@ -427,7 +410,7 @@ class SoftwareBackendTest : public ::testing::Test {
         EXPECT_TRUE(VerifyPkey(pub.get(), 0, nullptr, nullptr, 0, digest, sig));
         // And with EVP_DigestVerify over the message.
         SslPtr<EVP_MD_CTX> mctx(EVP_MD_CTX_new());
-        ASSERT_EQ(EVP_DigestVerifyInit(mctx.get(), nullptr, Md(d), nullptr,
+        ASSERT_EQ(EVP_DigestVerifyInit(mctx.get(), nullptr, DigestMd(d), nullptr,
                                        pub.get()),
                   1);
         EXPECT_EQ(
