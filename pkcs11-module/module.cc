@@ -42,6 +42,8 @@
 // below therefore never calls StatusOr::value(); it uses operator*.
 #include <p11-kit/pkcs11.h>
 
+#include "pkcs11-module/interface3.h"
+
 #ifndef CKK_EC_MONTGOMERY
 #define CKK_EC_MONTGOMERY (0x41UL)
 #endif
@@ -2044,69 +2046,36 @@ CK_RV GetFunctionListImpl(CK_FUNCTION_LIST_PTR_PTR out) {
   return CKR_OK;
 }
 
-// PKCS#11 3.0 discovery (CK_INTERFACE; p11-kit's 2.40 header lacks it). The
-// one interface is "PKCS 11" with the 2.40 function list, which 3.0
-// applications accept as version 2.40.
-struct Interface {
-  CK_UTF8CHAR* name;
-  CK_VOID_PTR function_list;
-  CK_FLAGS flags;
-};
-char kInterfaceName[] = "PKCS 11";
-
-Interface* TheInterface() {
-  static Interface iface{reinterpret_cast<CK_UTF8CHAR*>(kInterfaceName),
-                         Functions(), 0};
-  return &iface;
-}
-
-CK_RV GetInterfaceListImpl(Interface* list, CK_ULONG_PTR n) {
-  if (n == nullptr) {
-    return CKR_ARGUMENTS_BAD;
-  }
-  if (list == nullptr) {
-    *n = 1;
-    return CKR_OK;
-  }
-  if (*n < 1) {
-    *n = 1;
-    return CKR_BUFFER_TOO_SMALL;
-  }
-  list[0] = *TheInterface();
-  *n = 1;
-  return CKR_OK;
-}
-
-CK_RV GetInterfaceImpl(CK_UTF8CHAR* name, CK_VERSION* version, Interface** out,
-                       CK_FLAGS flags) {
-  if (out == nullptr) {
-    return CKR_ARGUMENTS_BAD;
-  }
-  if ((name != nullptr &&
-       std::strcmp(reinterpret_cast<const char*>(name), kInterfaceName) != 0) ||
-      (version != nullptr && (version->major != 2 || version->minor != 40)) ||
-      (flags & ~TheInterface()->flags) != 0) {
-    return CKR_ARGUMENTS_BAD;
-  }
-  *out = TheInterface();
-  return CKR_OK;
-}
-
 }  // namespace
+
+// For the 3.0 interface (interface3.h, interface3.cc).
+
+CK_FUNCTION_LIST* FunctionList240() { return Functions(); }
+
+CK_RV SessionCancel(CK_SESSION_HANDLE h, CK_FLAGS flags) {
+  return Guard([&]() -> CK_RV {
+    KH_SESSION_OR_RETURN(st, h, sess);
+    std::lock_guard<std::mutex> slock(sess->mu);
+    if ((flags & CKF_SIGN) != 0) {
+      sess->sign.reset();
+    }
+    if ((flags & CKF_DECRYPT) != 0) {
+      sess->decrypt.reset();
+    }
+    if ((flags & CKF_DIGEST) != 0) {
+      sess->digest.reset();
+    }
+    if ((flags & kFindObjects) != 0) {
+      sess->find_active = false;
+      sess->found.clear();
+    }
+    return CKR_OK;
+  });
+}
+
 }  // namespace keyhold::pkcs11
 
 extern "C" __attribute__((visibility("default"))) CK_RV C_GetFunctionList(
     CK_FUNCTION_LIST_PTR_PTR out) {
   return keyhold::pkcs11::GetFunctionListImpl(out);
-}
-
-extern "C" __attribute__((visibility("default"))) CK_RV C_GetInterfaceList(
-    keyhold::pkcs11::Interface* list, CK_ULONG_PTR n) {
-  return keyhold::pkcs11::GetInterfaceListImpl(list, n);
-}
-
-extern "C" __attribute__((visibility("default"))) CK_RV C_GetInterface(
-    CK_UTF8CHAR* name, CK_VERSION* version, keyhold::pkcs11::Interface** out,
-    CK_FLAGS flags) {
-  return keyhold::pkcs11::GetInterfaceImpl(name, version, out, flags);
 }

@@ -12,7 +12,7 @@ packages=(
   util-linux python3
 )
 if [ "${1:-}" = "--test" ]; then
-  packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
+  packages+=(libgtest-dev libgmock-dev libcmocka-dev libbenchmark-dev clang libclang-rt-14-dev
     curl nginx-light p11-kit libp11-kit-dev opensc gnutls-bin libnss3-tools
     openssh-client openssh-server)
 fi
