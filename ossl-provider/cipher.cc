@@ -26,6 +26,9 @@ struct CipherCtx {
   Md oaep;
   Md mgf1;
   std::string label;
+  // TLS 1.2 RSA key transport (RSA_PKCS1_WITH_TLS_PADDING, set by libssl).
+  unsigned int tls_client_version = 0;
+  unsigned int tls_negotiated_version = 0;
 };
 
 void* CipherNew(void* provctx) {
@@ -56,6 +59,8 @@ void* CipherDup(void* ctx) {
     c->oaep = src->oaep;
     c->mgf1 = src->mgf1;
     c->label = src->label;
+    c->tls_client_version = src->tls_client_version;
+    c->tls_negotiated_version = src->tls_negotiated_version;
     return c.release();
   })
 }
@@ -68,7 +73,8 @@ int CipherSetParams(void* ctx, const OSSL_PARAM params[]) {
     if (p != nullptr) {
       int pad = 0;
       if (!ParsePadMode(p, &pad) ||
-          (pad != RSA_PKCS1_PADDING && pad != RSA_PKCS1_OAEP_PADDING)) {
+          (pad != RSA_PKCS1_PADDING && pad != RSA_PKCS1_OAEP_PADDING &&
+           pad != RSA_PKCS1_WITH_TLS_PADDING)) {
         RaiseError(kReasonUnsupported, "keyhold: unsupported RSA padding mode");
         return 0;
       }
@@ -97,6 +103,10 @@ int CipherSetParams(void* ctx, const OSSL_PARAM params[]) {
       if (!OSSL_PARAM_get_octet_string_ptr(p, &data, &len)) return 0;
       c->label.assign(static_cast<const char*>(data), len);
     }
+    p = OSSL_PARAM_locate_const(params, OSSL_ASYM_CIPHER_PARAM_TLS_CLIENT_VERSION);
+    if (p != nullptr && !OSSL_PARAM_get_uint(p, &c->tls_client_version)) return 0;
+    p = OSSL_PARAM_locate_const(params, OSSL_ASYM_CIPHER_PARAM_TLS_NEGOTIATED_VERSION);
+    if (p != nullptr && !OSSL_PARAM_get_uint(p, &c->tls_negotiated_version)) return 0;
     return 1;
   })
 }
@@ -130,6 +140,8 @@ int CipherDecryptInit(void* ctx, void* provkey, const OSSL_PARAM params[]) {
     c->oaep = Md();
     c->mgf1 = Md();
     c->label.clear();
+    c->tls_client_version = 0;
+    c->tls_negotiated_version = 0;
     return CipherSetParams(c, params);
   })
 }
@@ -150,6 +162,12 @@ int CipherDecrypt(void* ctx, unsigned char* out, size_t* outlen, size_t outsize,
       req.set_oaep_digest(c->oaep.set() ? c->oaep.wire : v1::SHA1);
       req.set_oaep_mgf1_digest(c->mgf1.set() ? c->mgf1.wire : req.oaep_digest());
       req.set_oaep_label(c->label);
+    } else if (c->pad == RSA_PKCS1_WITH_TLS_PADDING) {
+      // The daemon checks padding and version in constant time and answers
+      // random bytes on a mismatch: no Bleichenbacher oracle.
+      req.set_algorithm(v1::RSA_TLS_PREMASTER);
+      req.set_tls_client_version(c->tls_client_version);
+      req.set_tls_negotiated_version(c->tls_negotiated_version);
     } else {
       req.set_algorithm(v1::RSA_PKCS1_V15);
     }
@@ -177,6 +195,8 @@ const OSSL_PARAM kCipherSettable[] = {
     OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_MGF1_DIGEST, nullptr, 0),
     OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_MGF1_DIGEST_PROPS, nullptr, 0),
     OSSL_PARAM_octet_string(OSSL_ASYM_CIPHER_PARAM_OAEP_LABEL, nullptr, 0),
+    OSSL_PARAM_uint(OSSL_ASYM_CIPHER_PARAM_TLS_CLIENT_VERSION, nullptr),
+    OSSL_PARAM_uint(OSSL_ASYM_CIPHER_PARAM_TLS_NEGOTIATED_VERSION, nullptr),
     OSSL_PARAM_END};
 const OSSL_PARAM kCipherGettable[] = {
     OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_PAD_MODE, nullptr, 0),

@@ -250,9 +250,65 @@ int SigDigestSign(void* ctx, unsigned char* sig, size_t* siglen, size_t sigsize,
 }
 
 // DER AlgorithmIdentifier of the signature this context makes.
+// A hash AlgorithmIdentifier as RFC 4055 wants it inside RSASSA-PSS-params:
+// absent parameters for SHA-2 (RFC 5754 allows both; OpenSSL writes NULL),
+// so follow OpenSSL: NULL.
+X509_ALGOR* HashAlgor(const EVP_MD* md) {
+  X509_ALGOR* a = X509_ALGOR_new();
+  if (a != nullptr) X509_ALGOR_set_md(a, md);
+  return a;
+}
+
+// RSASSA-PSS-params (RFC 4055) for the context's digest, MGF1 digest and salt
+// length, resolved to a number as a signature's AlgorithmIdentifier needs.
+ASN1_STRING* PssParams(const SigCtx* c) {
+  const EVP_MD* md = c->md.md.get();
+  const EVP_MD* mgf1 = c->mgf1.set() ? c->mgf1.md.get() : md;
+  const int hlen = EVP_MD_get_size(md);
+  const int bits = c->key && c->key->pub != nullptr ? EVP_PKEY_get_bits(c->key->pub) : 0;
+  const int em_len = (bits - 1 + 7) / 8;
+  int salt = c->saltlen;
+  if (salt == RSA_PSS_SALTLEN_DIGEST) {
+    salt = hlen;
+  } else if (salt == RSA_PSS_SALTLEN_MAX || salt == RSA_PSS_SALTLEN_AUTO) {
+    salt = em_len - hlen - 2;
+  }
+  if (bits <= 0 || hlen <= 0 || salt < 0 || salt > em_len - hlen - 2) return nullptr;
+
+  ASN1_STRING* out = nullptr;
+  RSA_PSS_PARAMS* pss = RSA_PSS_PARAMS_new();
+  X509_ALGOR* mgf1_hash = HashAlgor(mgf1);
+  if (pss != nullptr && mgf1_hash != nullptr) {
+    // Defaults (SHA-1, MGF1-SHA-1, salt 20) are left out, as DER requires.
+    bool ok = true;
+    if (EVP_MD_get_type(md) != NID_sha1) {
+      pss->hashAlgorithm = HashAlgor(md);
+      ok = pss->hashAlgorithm != nullptr;
+    }
+    if (ok && EVP_MD_get_type(mgf1) != NID_sha1) {
+      ASN1_STRING* mgf1_params = nullptr;
+      pss->maskGenAlgorithm = X509_ALGOR_new();
+      ok = pss->maskGenAlgorithm != nullptr &&
+           ASN1_item_pack(mgf1_hash, ASN1_ITEM_rptr(X509_ALGOR), &mgf1_params) != nullptr &&
+           X509_ALGOR_set0(pss->maskGenAlgorithm, OBJ_nid2obj(NID_mgf1), V_ASN1_SEQUENCE,
+                           mgf1_params) == 1;
+      if (!ok) ASN1_STRING_free(mgf1_params);
+    }
+    if (ok && salt != 20) {
+      pss->saltLength = ASN1_INTEGER_new();
+      ok = pss->saltLength != nullptr && ASN1_INTEGER_set(pss->saltLength, salt) == 1;
+    }
+    if (ok) ASN1_item_pack(pss, ASN1_ITEM_rptr(RSA_PSS_PARAMS), &out);
+  }
+  X509_ALGOR_free(mgf1_hash);
+  RSA_PSS_PARAMS_free(pss);
+  return out;
+}
+
 std::string AlgorithmId(const SigCtx* c) {
   int sig_nid = NID_undef;
   int ptype = V_ASN1_UNDEF;
+  void* pval = nullptr;
   switch (c->kind) {
     case Kind::kEd25519:
       sig_nid = NID_ED25519;
@@ -265,6 +321,14 @@ std::string AlgorithmId(const SigCtx* c) {
       }
       break;
     case Kind::kRsa:
+      if (c->pad == RSA_PKCS1_PSS_PADDING && c->md.set()) {
+        ASN1_STRING* params = PssParams(c);
+        if (params == nullptr) return "";
+        sig_nid = NID_rsassaPss;
+        ptype = V_ASN1_SEQUENCE;
+        pval = params;
+        break;
+      }
       if (c->pad != RSA_PKCS1_PADDING || !c->md.set() ||
           !OBJ_find_sigid_by_algs(&sig_nid, EVP_MD_get_type(c->md.md.get()),
                                   NID_rsaEncryption)) {
@@ -274,9 +338,14 @@ std::string AlgorithmId(const SigCtx* c) {
       break;
   }
   X509_ALGOR* a = X509_ALGOR_new();
-  if (a == nullptr) return "";
+  if (a == nullptr) {
+    ASN1_STRING_free(static_cast<ASN1_STRING*>(pval));
+    return "";
+  }
   std::string out;
-  if (X509_ALGOR_set0(a, OBJ_nid2obj(sig_nid), ptype, nullptr) == 1) {
+  if (X509_ALGOR_set0(a, OBJ_nid2obj(sig_nid), ptype, pval) != 1) {
+    ASN1_STRING_free(static_cast<ASN1_STRING*>(pval));
+  } else {
     unsigned char* der = nullptr;
     const int len = i2d_X509_ALGOR(a, &der);
     if (len > 0) {

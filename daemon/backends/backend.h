@@ -48,6 +48,8 @@ struct DecryptParams {
   v1::Digest oaep_digest = v1::DIGEST_NONE;       // NONE: SHA-1
   v1::Digest oaep_mgf1_digest = v1::DIGEST_NONE;  // NONE: same as oaep_digest
   std::string oaep_label;
+  uint32_t tls_client_version = 0;      // RSA_TLS_PREMASTER only
+  uint32_t tls_negotiated_version = 0;  // RSA_TLS_PREMASTER; 0: not accepted
 };
 
 class Backend {

@@ -113,7 +113,8 @@ Status HandleDecrypt(OpContext& ctx, const OpArgs& args, v1::Request& request,
   const KeyRecord& key = *args.key;
   const auto& op = request.decrypt();
   KH_RETURN_IF_ERROR(CheckUsage(key, v1::USAGE_DECRYPT, "decrypt"));
-  if (op.algorithm() != v1::RSA_OAEP && op.algorithm() != v1::RSA_PKCS1_V15) {
+  if (op.algorithm() != v1::RSA_OAEP && op.algorithm() != v1::RSA_PKCS1_V15 &&
+      op.algorithm() != v1::RSA_TLS_PREMASTER) {
     return Unsupported("unknown decryption algorithm");
   }
   if (!KnownDigest(op.oaep_digest()) || !KnownDigest(op.oaep_mgf1_digest())) {
@@ -132,6 +133,8 @@ Status HandleDecrypt(OpContext& ctx, const OpArgs& args, v1::Request& request,
   params.oaep_digest = op.oaep_digest();
   params.oaep_mgf1_digest = op.oaep_mgf1_digest();
   params.oaep_label = op.oaep_label();
+  params.tls_client_version = op.tls_client_version();
+  params.tls_negotiated_version = op.tls_negotiated_version();
   auto plain =
       (*backend)->Decrypt(HandleFor(key), params, Bytes(op.ciphertext()));
   if (!plain.ok()) {

@@ -718,6 +718,56 @@ StatusOr<std::vector<uint8_t>> SignEd25519(EVP_PKEY* pkey, const SignParams& p,
   return sig;
 }
 
+// TLS 1.2 RSA key transport. The default provider's TLS padding mode checks
+// the PKCS#1 v1.5 padding and the premaster's version in constant time and
+// returns 48 random bytes when either is wrong, so this answers every
+// well-sized ciphertext with 48 bytes and the same status: the TLS handshake
+// then fails at Finished, as RFC 5246 7.4.7.1 requires, and the caller
+// learns nothing about the padding.
+StatusOr<SecretBytes> DecryptTlsPremaster(EVP_PKEY* pkey, const DecryptParams& p,
+                                          std::span<const uint8_t> ciphertext) {
+  constexpr std::size_t kPremasterSize = 48;
+  if (p.tls_client_version < 0x0300 || p.tls_client_version > 0x03ff ||
+      (p.tls_negotiated_version != 0 &&
+       (p.tls_negotiated_version < 0x0300 ||
+        p.tls_negotiated_version > 0x03ff))) {
+    return InvalidArgument("TLS premaster decryption needs a TLS version");
+  }
+  if (ciphertext.size() != static_cast<std::size_t>(EVP_PKEY_get_size(pkey))) {
+    return InvalidArgument("a TLS premaster ciphertext is exactly the key size");
+  }
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey, nullptr));
+  if (ctx == nullptr || EVP_PKEY_decrypt_init(ctx.get()) != 1 ||
+      EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_WITH_TLS_PADDING) !=
+          1) {
+    return SslError(Code::kInternal, "cannot set up TLS premaster decryption");
+  }
+  unsigned int client_version = p.tls_client_version;
+  unsigned int negotiated_version = p.tls_negotiated_version;
+  OSSL_PARAM params[3];
+  OSSL_PARAM* q = params;
+  *q++ = OSSL_PARAM_construct_uint(OSSL_ASYM_CIPHER_PARAM_TLS_CLIENT_VERSION,
+                                   &client_version);
+  if (negotiated_version != 0) {
+    *q++ = OSSL_PARAM_construct_uint(
+        OSSL_ASYM_CIPHER_PARAM_TLS_NEGOTIATED_VERSION, &negotiated_version);
+  }
+  *q = OSSL_PARAM_construct_end();
+  if (EVP_PKEY_CTX_set_params(ctx.get(), params) != 1) {
+    return SslError(Code::kInternal, "cannot set TLS versions");
+  }
+  SecretBytes out(kPremasterSize);
+  std::size_t out_len = out.size();
+  if (EVP_PKEY_decrypt(ctx.get(), out.data(SecretAccess::kToken), &out_len,
+                       ciphertext.data(), ciphertext.size()) != 1 ||
+      out_len != kPremasterSize) {
+    // Only a ciphertext not below the modulus gets here: public knowledge.
+    return SslError(Code::kInvalidArgument, "decryption failed",
+                    /*with_detail=*/false);
+  }
+  return out;
+}
+
 StatusOr<SecretBytes> DecryptRsa(EVP_PKEY* pkey, const DecryptParams& p,
                                  std::span<const uint8_t> ciphertext) {
   const std::size_t key_bytes =
@@ -753,10 +803,14 @@ StatusOr<SecretBytes> DecryptRsa(EVP_PKEY* pkey, const DecryptParams& p,
     if (p.oaep_label.size() > static_cast<std::size_t>(INT_MAX)) {
       return InvalidArgument("OAEP label too long");
     }
-  } else if (p.algorithm != v1::RSA_PKCS1_V15) {
+  } else if (p.algorithm != v1::RSA_PKCS1_V15 &&
+             p.algorithm != v1::RSA_TLS_PREMASTER) {
     return InvalidArgument("unknown decrypt algorithm");
   } else if (!p.oaep_label.empty()) {
     return InvalidArgument("a label is only valid with RSA-OAEP");
+  }
+  if (p.algorithm == v1::RSA_TLS_PREMASTER) {
+    return DecryptTlsPremaster(pkey, p, ciphertext);
   }
 
   SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey, nullptr));

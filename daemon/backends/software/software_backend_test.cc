@@ -851,6 +851,84 @@ TEST_F(SoftwareBackendTest, RsaDecryptRoundTrips) {
   EXPECT_EQ(bad.status().code(), Code::kInvalidArgument);
 }
 
+// TLS 1.2 RSA key transport: a good premaster comes back; a bad padding, a
+// wrong version or a plain PKCS#1 message of the wrong length all come back
+// as 48 bytes with the same status (random, so no two alike): no oracle.
+TEST_F(SoftwareBackendTest, TlsPremasterDecryptIsNoPaddingOracle) {
+  const auto ref = Ref("rsa");
+  const CreatedKey key = Generate(v1::RSA_2048, ref);
+  const KeyHandle h = Handle(key, ref);
+  SslPtr<EVP_PKEY> pub = ParseSpki(key.public_key);
+  std::string premaster(48, '\0');
+  premaster[0] = 0x03;
+  premaster[1] = 0x03;
+  for (std::size_t i = 2; i < premaster.size(); ++i) {
+    premaster[i] = static_cast<char>(i * 7);
+  }
+  DecryptParams p = Decrypt(v1::RSA_TLS_PREMASTER);
+  p.tls_client_version = 0x0303;
+
+  const Bytes ct =
+      RsaEncrypt(pub.get(), RSA_PKCS1_PADDING, nullptr, nullptr, "", premaster);
+  auto good = backend_->Decrypt(h, p, ct);
+  ASSERT_TRUE(good.ok()) << good.status().ToString();
+  EXPECT_EQ(ToString(*good), premaster);
+
+  std::string old_version = premaster;
+  old_version[1] = 0x01;
+  Bytes flipped = ct;
+  flipped[10] ^= 0x40;
+  const Bytes inputs[] = {
+      RsaEncrypt(pub.get(), RSA_PKCS1_PADDING, nullptr, nullptr, "",
+                 old_version),
+      RsaEncrypt(pub.get(), RSA_PKCS1_PADDING, nullptr, nullptr, "",
+                 premaster.substr(0, 47)),
+      RsaEncrypt(pub.get(), RSA_PKCS1_OAEP_PADDING, EVP_sha1(), EVP_sha1(), "",
+                 premaster),
+      flipped,
+  };
+  for (const Bytes& in : inputs) {
+    auto first = backend_->Decrypt(h, p, in);
+    auto second = backend_->Decrypt(h, p, in);
+    ASSERT_TRUE(first.ok()) << first.status().ToString();
+    ASSERT_TRUE(second.ok()) << second.status().ToString();
+    EXPECT_EQ(first->size(), 48u);
+    EXPECT_NE(ToString(*first), premaster);
+    EXPECT_NE(ToString(*first), ToString(*second));
+    EXPECT_EQ(ERR_peek_error(), 0u);
+  }
+
+  // The negotiated version is accepted in the premaster only when given.
+  p.tls_client_version = 0x0303;
+  const Bytes ct_old = inputs[0];
+  p.tls_negotiated_version = 0x0301;
+  auto rollback = backend_->Decrypt(h, p, ct_old);
+  ASSERT_TRUE(rollback.ok());
+  EXPECT_EQ(ToString(*rollback), old_version);
+
+  // Public facts give a plain error: no version, a wrong ciphertext size, a
+  // label, a key that is not RSA.
+  DecryptParams no_version = Decrypt(v1::RSA_TLS_PREMASTER);
+  auto bad = backend_->Decrypt(h, no_version, ct);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), Code::kInvalidArgument);
+  p.tls_negotiated_version = 0;
+  bad = backend_->Decrypt(h, p, Bytes(ct.begin(), ct.end() - 1));
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), Code::kInvalidArgument);
+  DecryptParams with_label = p;
+  with_label.oaep_label = "x";
+  bad = backend_->Decrypt(h, with_label, ct);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), Code::kInvalidArgument);
+  const auto ec_ref = Ref("ec");
+  const CreatedKey ec = Generate(v1::EC_P256, ec_ref);
+  bad = backend_->Decrypt(Handle(ec, ec_ref), p, ct);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(ERR_peek_error(), 0u);
+}
+
 // --------------------------------------------------------------------------
 // Derive
 
