@@ -13,8 +13,8 @@ packages=(
 )
 if [ "${1:-}" = "--test" ]; then
   packages+=(libgtest-dev libgmock-dev libcmocka-dev libbenchmark-dev clang libclang-rt-14-dev
-    curl nginx-light p11-kit libp11-kit-dev opensc gnutls-bin libnss3-tools
-    openssh-client openssh-server)
+    curl nginx-light p11-kit p11-kit-modules libp11-kit-dev opensc gnutls-bin libnss3-tools
+    openssh-client openssh-server softhsm2)
 fi
 
 missing=()
