@@ -103,10 +103,14 @@ int CipherSetParams(void* ctx, const OSSL_PARAM params[]) {
       if (!OSSL_PARAM_get_octet_string_ptr(p, &data, &len)) return 0;
       c->label.assign(static_cast<const char*>(data), len);
     }
-    p = OSSL_PARAM_locate_const(params, OSSL_ASYM_CIPHER_PARAM_TLS_CLIENT_VERSION);
-    if (p != nullptr && !OSSL_PARAM_get_uint(p, &c->tls_client_version)) return 0;
-    p = OSSL_PARAM_locate_const(params, OSSL_ASYM_CIPHER_PARAM_TLS_NEGOTIATED_VERSION);
-    if (p != nullptr && !OSSL_PARAM_get_uint(p, &c->tls_negotiated_version)) return 0;
+    p = OSSL_PARAM_locate_const(params,
+                                OSSL_ASYM_CIPHER_PARAM_TLS_CLIENT_VERSION);
+    if (p != nullptr && !OSSL_PARAM_get_uint(p, &c->tls_client_version))
+      return 0;
+    p = OSSL_PARAM_locate_const(params,
+                                OSSL_ASYM_CIPHER_PARAM_TLS_NEGOTIATED_VERSION);
+    if (p != nullptr && !OSSL_PARAM_get_uint(p, &c->tls_negotiated_version))
+      return 0;
     return 1;
   })
 }
@@ -191,9 +195,11 @@ int CipherDecrypt(void* ctx, unsigned char* out, size_t* outlen, size_t outsize,
 const OSSL_PARAM kCipherSettable[] = {
     OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_PAD_MODE, nullptr, 0),
     OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_OAEP_DIGEST, nullptr, 0),
-    OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_OAEP_DIGEST_PROPS, nullptr, 0),
+    OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_OAEP_DIGEST_PROPS, nullptr,
+                           0),
     OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_MGF1_DIGEST, nullptr, 0),
-    OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_MGF1_DIGEST_PROPS, nullptr, 0),
+    OSSL_PARAM_utf8_string(OSSL_ASYM_CIPHER_PARAM_MGF1_DIGEST_PROPS, nullptr,
+                           0),
     OSSL_PARAM_octet_string(OSSL_ASYM_CIPHER_PARAM_OAEP_LABEL, nullptr, 0),
     OSSL_PARAM_uint(OSSL_ASYM_CIPHER_PARAM_TLS_CLIENT_VERSION, nullptr),
     OSSL_PARAM_uint(OSSL_ASYM_CIPHER_PARAM_TLS_NEGOTIATED_VERSION, nullptr),

@@ -249,7 +249,6 @@ int SigDigestSign(void* ctx, unsigned char* sig, size_t* siglen, size_t sigsize,
   })
 }
 
-// DER AlgorithmIdentifier of the signature this context makes.
 // A hash AlgorithmIdentifier as RFC 4055 wants it inside RSASSA-PSS-params:
 // absent parameters for SHA-2 (RFC 5754 allows both; OpenSSL writes NULL),
 // so follow OpenSSL: NULL.
@@ -265,7 +264,8 @@ ASN1_STRING* PssParams(const SigCtx* c) {
   const EVP_MD* md = c->md.md.get();
   const EVP_MD* mgf1 = c->mgf1.set() ? c->mgf1.md.get() : md;
   const int hlen = EVP_MD_get_size(md);
-  const int bits = c->key && c->key->pub != nullptr ? EVP_PKEY_get_bits(c->key->pub) : 0;
+  const int bits =
+      c->key && c->key->pub != nullptr ? EVP_PKEY_get_bits(c->key->pub) : 0;
   const int em_len = (bits - 1 + 7) / 8;
   int salt = c->saltlen;
   if (salt == RSA_PSS_SALTLEN_DIGEST) {
@@ -273,7 +273,8 @@ ASN1_STRING* PssParams(const SigCtx* c) {
   } else if (salt == RSA_PSS_SALTLEN_MAX || salt == RSA_PSS_SALTLEN_AUTO) {
     salt = em_len - hlen - 2;
   }
-  if (bits <= 0 || hlen <= 0 || salt < 0 || salt > em_len - hlen - 2) return nullptr;
+  if (bits <= 0 || hlen <= 0 || salt < 0 || salt > em_len - hlen - 2)
+    return nullptr;
 
   ASN1_STRING* out = nullptr;
   RSA_PSS_PARAMS* pss = RSA_PSS_PARAMS_new();
@@ -289,14 +290,16 @@ ASN1_STRING* PssParams(const SigCtx* c) {
       ASN1_STRING* mgf1_params = nullptr;
       pss->maskGenAlgorithm = X509_ALGOR_new();
       ok = pss->maskGenAlgorithm != nullptr &&
-           ASN1_item_pack(mgf1_hash, ASN1_ITEM_rptr(X509_ALGOR), &mgf1_params) != nullptr &&
-           X509_ALGOR_set0(pss->maskGenAlgorithm, OBJ_nid2obj(NID_mgf1), V_ASN1_SEQUENCE,
-                           mgf1_params) == 1;
+           ASN1_item_pack(mgf1_hash, ASN1_ITEM_rptr(X509_ALGOR),
+                          &mgf1_params) != nullptr &&
+           X509_ALGOR_set0(pss->maskGenAlgorithm, OBJ_nid2obj(NID_mgf1),
+                           V_ASN1_SEQUENCE, mgf1_params) == 1;
       if (!ok) ASN1_STRING_free(mgf1_params);
     }
     if (ok && salt != 20) {
       pss->saltLength = ASN1_INTEGER_new();
-      ok = pss->saltLength != nullptr && ASN1_INTEGER_set(pss->saltLength, salt) == 1;
+      ok = pss->saltLength != nullptr &&
+           ASN1_INTEGER_set(pss->saltLength, salt) == 1;
     }
     if (ok) ASN1_item_pack(pss, ASN1_ITEM_rptr(RSA_PSS_PARAMS), &out);
   }
@@ -305,6 +308,7 @@ ASN1_STRING* PssParams(const SigCtx* c) {
   return out;
 }
 
+// DER AlgorithmIdentifier of the signature this context makes.
 std::string AlgorithmId(const SigCtx* c) {
   int sig_nid = NID_undef;
   int ptype = V_ASN1_UNDEF;

@@ -724,17 +724,18 @@ StatusOr<std::vector<uint8_t>> SignEd25519(EVP_PKEY* pkey, const SignParams& p,
 // well-sized ciphertext with 48 bytes and the same status: the TLS handshake
 // then fails at Finished, as RFC 5246 7.4.7.1 requires, and the caller
 // learns nothing about the padding.
-StatusOr<SecretBytes> DecryptTlsPremaster(EVP_PKEY* pkey, const DecryptParams& p,
+StatusOr<SecretBytes> DecryptTlsPremaster(EVP_PKEY* pkey,
+                                          const DecryptParams& p,
                                           std::span<const uint8_t> ciphertext) {
   constexpr std::size_t kPremasterSize = 48;
   if (p.tls_client_version < 0x0300 || p.tls_client_version > 0x03ff ||
-      (p.tls_negotiated_version != 0 &&
-       (p.tls_negotiated_version < 0x0300 ||
-        p.tls_negotiated_version > 0x03ff))) {
+      (p.tls_negotiated_version != 0 && (p.tls_negotiated_version < 0x0300 ||
+                                         p.tls_negotiated_version > 0x03ff))) {
     return InvalidArgument("TLS premaster decryption needs a TLS version");
   }
   if (ciphertext.size() != static_cast<std::size_t>(EVP_PKEY_get_size(pkey))) {
-    return InvalidArgument("a TLS premaster ciphertext is exactly the key size");
+    return InvalidArgument(
+        "a TLS premaster ciphertext is exactly the key size");
   }
   SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey, nullptr));
   if (ctx == nullptr || EVP_PKEY_decrypt_init(ctx.get()) != 1 ||
