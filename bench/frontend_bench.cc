@@ -12,6 +12,14 @@
 //   pkcs11      C_SignInit + C_Sign through libkeyhold-pkcs11.so (dlopen,
 //               one session per thread), CKM_ECDSA_SHA256 / CKM_EDDSA /
 //               CKM_SHA256_RSA_PKCS.
+// and, with --frontends p11kit, the nearest existing design against the
+// PKCS#11 module (not against in-process):
+//   p11kit      C_SignInit + C_Sign through p11-kit-client.so to a
+//               `p11-kit server` serving a SoftHSM2 token (bench/p11_compare.sh
+//               starts it), versus the same calls through libkeyhold-pkcs11.so,
+//               CKM_ECDSA over a SHA-256 digest (SoftHSM2 2.6 has no
+//               CKM_ECDSA_SHA256) / CKM_EDDSA / CKM_SHA256_RSA_PKCS on both.
+//               The key is imported into the token with C_CreateObject.
 // The key is generated here with OpenSSL and imported into keyholdd with the
 // client library (PKCS#8 PEM), so all sides sign with identical key material.
 //
@@ -24,6 +32,7 @@
 // The output is Markdown, like sign_bench's.
 #include <dlfcn.h>
 #include <openssl/bn.h>
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/ec.h>
 #include <openssl/evp.h>
@@ -33,6 +42,7 @@
 #include <openssl/x509.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -40,6 +50,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench/bench_common.h"
@@ -69,10 +80,17 @@ using keyhold::SslPtr;
 // ---------------------------------------------------------------------------
 // Options
 
-enum class Frontend { kProvider, kPkcs11 };
+enum class Frontend { kProvider, kPkcs11, kP11Kit };
 
 const char* FrontendName(Frontend f) {
-  return f == Frontend::kProvider ? "provider" : "pkcs11";
+  switch (f) {
+    case Frontend::kProvider:
+      return "provider";
+    case Frontend::kPkcs11:
+      return "pkcs11";
+    default:
+      return "p11kit";
+  }
 }
 
 struct BenchOptions : CommonOptions {
@@ -86,6 +104,8 @@ struct BenchOptions : CommonOptions {
 #else
   std::string pkcs11_path;
 #endif
+  std::string p11kit_path;  // p11-kit-client.so; empty: no p11kit side
+  std::string p11kit_pin = "1234";
   std::vector<Frontend> frontends = DefaultFrontends();
 
   static std::vector<Frontend> DefaultFrontends() {
@@ -111,10 +131,15 @@ void PrintUsage(const char* argv0) {
       "                   the one built with this benchmark)\n"
       "  --threads LIST   client thread counts (default 1,2)\n"
       "  --types LIST     key types (default ec-p256,ed25519,rsa-2048)\n"
-      "  --frontends LIST provider,pkcs11 (default: all that were built)\n"
+      "  --frontends LIST provider,pkcs11,p11kit (default: provider,pkcs11,\n"
+      "                   those that were built)\n"
       "  --provider PATH  keyhold.so (default: the one built with this bench)\n"
       "  --pkcs11 PATH    libkeyhold-pkcs11.so (default: the one built with\n"
       "                   this bench)\n"
+      "  --p11kit PATH    p11-kit-client.so; $P11_KIT_SERVER_ADDRESS must\n"
+      "                   name a running `p11-kit server` (see\n"
+      "                   bench/p11_compare.sh); needed for p11kit\n"
+      "  --p11kit-pin PIN user PIN of the served token (default 1234)\n"
       "  --help\n",
       argv0);
 }
@@ -132,6 +157,13 @@ bool ParseArgs(int argc, char** argv, BenchOptions* o) {
           (arg == "--provider" ? o->provider_path : o->pkcs11_path) = value;
           return 1;
         }
+        if (arg == "--p11kit" || arg == "--p11kit-pin") {
+          if (!get_value(&value)) {
+            return 0;
+          }
+          (arg == "--p11kit" ? o->p11kit_path : o->p11kit_pin) = value;
+          return 1;
+        }
         if (arg == "--frontends") {
           if (!get_value(&value)) {
             return 0;
@@ -142,11 +174,14 @@ bool ParseArgs(int argc, char** argv, BenchOptions* o) {
               o->frontends.push_back(Frontend::kProvider);
             } else if (f == "pkcs11" && !o->pkcs11_path.empty()) {
               o->frontends.push_back(Frontend::kPkcs11);
+            } else if (f == "p11kit" && !o->pkcs11_path.empty() &&
+                       !o->p11kit_path.empty()) {
+              o->frontends.push_back(Frontend::kP11Kit);
             } else {
               std::fprintf(stderr,
                            "frontend_bench: unknown or not built front-end: "
-                           "%s (provider, pkcs11; give --provider/--pkcs11 "
-                           "first)\n",
+                           "%s (provider, pkcs11, p11kit; give --provider/"
+                           "--pkcs11/--p11kit first)\n",
                            f.c_str());
               return 0;
             }
@@ -331,7 +366,8 @@ std::string CkrName(CK_RV rv) {
   return buf;
 }
 
-// libkeyhold-pkcs11.so, dlopen()ed as a PKCS#11 application does. It is
+// A PKCS#11 module (libkeyhold-pkcs11.so or p11-kit-client.so), dlopen()ed
+// as a PKCS#11 application does, on its first slot with a token. It is
 // finalized at the end but never dlclose()d (see tests/pkcs11).
 class Pkcs11Env {
  public:
@@ -347,7 +383,9 @@ class Pkcs11Env {
     }
   }
 
-  void Load(const std::string& module_path) {
+  // pin: logs the setup session in as CKU_USER (which logs in every session
+  // of this application) unless empty.
+  void Load(const std::string& module_path, const std::string& pin) {
     lib_ = dlopen(module_path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (lib_ == nullptr) {
       Fail(std::string("dlopen: ") + dlerror());
@@ -378,6 +416,99 @@ class Pkcs11Env {
     if (setup_session_ == CK_INVALID_HANDLE) {
       Fail("C_OpenSession failed");
     }
+    if (!pin.empty()) {
+      std::string p = pin;
+      const CK_RV rv = f_->C_Login(setup_session_, CKU_USER,
+                                   reinterpret_cast<CK_UTF8CHAR_PTR>(p.data()),
+                                   static_cast<CK_ULONG>(p.size()));
+      if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+        Fail("C_Login: " + CkrName(rv));
+      }
+    }
+  }
+
+  // Imports `pkey`'s private key as a session object (CKA_TOKEN false,
+  // CKA_PRIVATE, CKA_SENSITIVE, CKA_SIGN) labelled `label`; it lives as
+  // long as the setup session. Returns its handle.
+  CK_OBJECT_HANDLE ImportPrivateKey(const std::string& label, v1::KeyType type,
+                                    EVP_PKEY* pkey) const {
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_BBOOL yes = CK_TRUE;
+    CK_BBOOL no = CK_FALSE;
+    CK_KEY_TYPE key_type = CKK_EC;
+    std::string l = label;
+    std::vector<CK_ATTRIBUTE> t = {
+        {CKA_CLASS, &cls, sizeof cls},
+        {CKA_KEY_TYPE, &key_type, sizeof key_type},
+        {CKA_TOKEN, &no, sizeof no},
+        {CKA_PRIVATE, &yes, sizeof yes},
+        {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_SIGN, &yes, sizeof yes},
+        {CKA_LABEL, l.data(), static_cast<CK_ULONG>(l.size())}};
+    // Owns the attribute values until C_CreateObject returns.
+    std::vector<std::vector<uint8_t>> values;
+    auto add = [&](CK_ATTRIBUTE_TYPE a, std::vector<uint8_t> v) {
+      values.push_back(std::move(v));
+      t.push_back({a, values.back().data(),
+                   static_cast<CK_ULONG>(values.back().size())});
+    };
+    values.reserve(8);
+    auto bn = [&](const char* name) {
+      BIGNUM* b = nullptr;
+      if (EVP_PKEY_get_bn_param(pkey, name, &b) != 1) {
+        Fail(std::string("EVP_PKEY_get_bn_param ") + name + ": " +
+             OpenSslErrors());
+      }
+      std::vector<uint8_t> out(static_cast<std::size_t>(BN_num_bytes(b)));
+      BN_bn2bin(b, out.data());
+      BN_clear_free(b);
+      return out;
+    };
+    switch (type) {
+      case v1::EC_P256: {
+        // DER OID 1.2.840.10045.3.1.7 (prime256v1).
+        add(CKA_EC_PARAMS,
+            {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07});
+        std::vector<uint8_t> d = bn(OSSL_PKEY_PARAM_PRIV_KEY);
+        d.insert(d.begin(), 32 - std::min<std::size_t>(32, d.size()), 0);
+        add(CKA_VALUE, std::move(d));
+        break;
+      }
+      case v1::ED25519: {
+        key_type = CKK_EC_EDWARDS;
+        // DER OID 1.3.101.112 (Ed25519), as SoftHSM2 2.6 expects it.
+        add(CKA_EC_PARAMS, {0x06, 0x03, 0x2b, 0x65, 0x70});
+        std::vector<uint8_t> raw(32);
+        std::size_t n = raw.size();
+        if (EVP_PKEY_get_raw_private_key(pkey, raw.data(), &n) != 1 ||
+            n != 32) {
+          Fail("EVP_PKEY_get_raw_private_key: " + OpenSslErrors());
+        }
+        add(CKA_VALUE, std::move(raw));
+        break;
+      }
+      default:
+        key_type = CKK_RSA;
+        add(CKA_MODULUS, bn(OSSL_PKEY_PARAM_RSA_N));
+        add(CKA_PUBLIC_EXPONENT, bn(OSSL_PKEY_PARAM_RSA_E));
+        add(CKA_PRIVATE_EXPONENT, bn(OSSL_PKEY_PARAM_RSA_D));
+        add(CKA_PRIME_1, bn(OSSL_PKEY_PARAM_RSA_FACTOR1));
+        add(CKA_PRIME_2, bn(OSSL_PKEY_PARAM_RSA_FACTOR2));
+        add(CKA_EXPONENT_1, bn(OSSL_PKEY_PARAM_RSA_EXPONENT1));
+        add(CKA_EXPONENT_2, bn(OSSL_PKEY_PARAM_RSA_EXPONENT2));
+        add(CKA_COEFFICIENT, bn(OSSL_PKEY_PARAM_RSA_COEFFICIENT1));
+        break;
+    }
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    const CK_RV rv = f_->C_CreateObject(setup_session_, t.data(),
+                                        static_cast<CK_ULONG>(t.size()), &h);
+    for (auto& v : values) {
+      OPENSSL_cleanse(v.data(), v.size());
+    }
+    if (rv != CKR_OK) {
+      Fail("C_CreateObject (" + label + "): " + CkrName(rv));
+    }
+    return h;
   }
 
   // CK_INVALID_HANDLE on failure (with *error set if error is non-null).
@@ -422,10 +553,13 @@ class Pkcs11Env {
   CK_SESSION_HANDLE setup_session_ = CK_INVALID_HANDLE;
 };
 
-CK_MECHANISM_TYPE Pkcs11Mechanism(v1::KeyType type) {
+// over_digest: ECDSA as CKM_ECDSA over a SHA-256 digest (the p11kit
+// comparison; SoftHSM2 2.6 has no CKM_ECDSA_SHA256), else CKM_ECDSA_SHA256
+// over the message.
+CK_MECHANISM_TYPE Pkcs11Mechanism(v1::KeyType type, bool over_digest) {
   switch (type) {
     case v1::EC_P256:
-      return CKM_ECDSA_SHA256;
+      return over_digest ? CKM_ECDSA : CKM_ECDSA_SHA256;
     case v1::ED25519:
       return CKM_EDDSA;
     default:
@@ -435,7 +569,9 @@ CK_MECHANISM_TYPE Pkcs11Mechanism(v1::KeyType type) {
 #else
 class Pkcs11Env {
  public:
-  void Load(const std::string&) { Fail("built without the PKCS#11 module"); }
+  void Load(const std::string&, const std::string&) {
+    Fail("built without the PKCS#11 module");
+  }
 };
 #endif
 
@@ -446,6 +582,8 @@ struct BenchKey {
   SslPtr<EVP_PKEY> local;         // plain EVP_PKEY (in-process side)
   SslPtr<EVP_PKEY> provider_key;  // the same key through keyhold.so
   unsigned long pkcs11_key = 0;   // CK_OBJECT_HANDLE of the private key
+  unsigned long p11kit_key = 0;   // the same key in the p11-kit-served token
+  bool p11kit_signs = true;       // false: p11-kit refuses the mechanism
 };
 
 // ---------------------------------------------------------------------------
@@ -483,12 +621,20 @@ class EvpSigner final : public Signer {
 };
 
 #ifdef KEYHOLD_PKCS11_PATH
-// C_SignInit + C_Sign in this worker's own session (opened before timing).
+// C_SignInit + C_Sign in this worker's own session (opened before timing)
+// with `mechanism` on `input` (the message, or its SHA-256 digest for
+// CKM_ECDSA).
 class Pkcs11Signer final : public Signer {
  public:
-  Pkcs11Signer(const Pkcs11Env& env, const BenchKey& key,
-               std::span<const uint8_t> msg)
-      : f_(env.f()), key_(key), msg_(msg.begin(), msg.end()) {
+  Pkcs11Signer(const char* side, const Pkcs11Env& env, const BenchKey& key,
+               CK_OBJECT_HANDLE handle, CK_MECHANISM_TYPE mechanism,
+               std::span<const uint8_t> input)
+      : side_(side),
+        f_(env.f()),
+        key_(key),
+        handle_(handle),
+        mechanism_(mechanism),
+        msg_(input.begin(), input.end()) {
     session_ = env.OpenSession(&open_error_);
   }
   ~Pkcs11Signer() override {
@@ -498,11 +644,11 @@ class Pkcs11Signer final : public Signer {
   }
   bool Sign(std::string* error) override {
     if (session_ == CK_INVALID_HANDLE) {
-      *error = "pkcs11: " + open_error_;
+      *error = std::string(side_) + ": " + open_error_;
       return false;
     }
-    CK_MECHANISM m{Pkcs11Mechanism(key_.type), nullptr, 0};
-    CK_RV rv = f_->C_SignInit(session_, &m, key_.pkcs11_key);
+    CK_MECHANISM m{mechanism_, nullptr, 0};
+    CK_RV rv = f_->C_SignInit(session_, &m, handle_);
     if (rv == CKR_OK) {
       sig_len_ = static_cast<CK_ULONG>(sig_.size());
       rv = f_->C_Sign(session_, msg_.data(), static_cast<CK_ULONG>(msg_.size()),
@@ -510,8 +656,8 @@ class Pkcs11Signer final : public Signer {
     }
     if (rv != CKR_OK || sig_len_ == 0) {
       sig_len_ = 0;
-      *error =
-          "pkcs11 " + key_.type_name + " C_SignInit/C_Sign: " + CkrName(rv);
+      *error = std::string(side_) + " " + key_.type_name +
+               " C_SignInit/C_Sign: " + CkrName(rv);
       return false;
     }
     return true;
@@ -522,8 +668,11 @@ class Pkcs11Signer final : public Signer {
   bool RawEcdsa() const override { return true; }
 
  private:
+  const char* side_;
   CK_FUNCTION_LIST_PTR f_;
   const BenchKey& key_;
+  CK_OBJECT_HANDLE handle_;
+  CK_MECHANISM_TYPE mechanism_;
   std::vector<uint8_t> msg_;  // C_Sign takes a non-const pointer
   std::vector<uint8_t> sig_ = std::vector<uint8_t>(1024);
   CK_ULONG sig_len_ = 0;
@@ -532,26 +681,71 @@ class Pkcs11Signer final : public Signer {
 };
 #endif
 
-enum class Side { kInProcess, kFrontend };
+// Who signs. Each front-end's table compares two sides (SidesOf).
+enum class Side {
+  kInProcess,         // EVP_DigestSign, plain key
+  kProvider,          // EVP_DigestSign, key through keyhold.so
+  kPkcs11,            // libkeyhold-pkcs11.so, CKM_ECDSA_SHA256 for ECDSA
+  kPkcs11OverDigest,  // libkeyhold-pkcs11.so, CKM_ECDSA over the digest
+  kP11Kit,            // p11-kit-client.so, CKM_ECDSA over the digest
+};
+
+const char* SideName(Side side) {
+  switch (side) {
+    case Side::kInProcess:
+      return "in-process";
+    case Side::kProvider:
+      return "provider";
+    case Side::kPkcs11:
+      return "pkcs11";
+    case Side::kPkcs11OverDigest:
+      return "keyhold pkcs11";
+    default:
+      return "p11-kit server";
+  }
+}
+
+// The two sides of a front-end's table: {first column, second column}.
+std::pair<Side, Side> SidesOf(Frontend f) {
+  switch (f) {
+    case Frontend::kProvider:
+      return {Side::kInProcess, Side::kProvider};
+    case Frontend::kPkcs11:
+      return {Side::kInProcess, Side::kPkcs11};
+    default:
+      return {Side::kPkcs11OverDigest, Side::kP11Kit};
+  }
+}
 
 struct Context {
   ProviderEnv* provider = nullptr;
   Pkcs11Env* pkcs11 = nullptr;
+  Pkcs11Env* p11kit = nullptr;
   std::span<const uint8_t> msg;
+  std::span<const uint8_t> digest;  // SHA-256 of msg
 };
 
-std::unique_ptr<Signer> MakeSigner(const Context& ctx, Frontend frontend,
-                                   Side side, const BenchKey& key) {
-  if (side == Side::kInProcess) {
-    return std::make_unique<EvpSigner>("in-process", nullptr, key.local.get(),
-                                       key, ctx.msg);
-  }
-  if (frontend == Frontend::kProvider) {
-    return std::make_unique<EvpSigner>("provider", ctx.provider->libctx(),
-                                       key.provider_key.get(), key, ctx.msg);
+std::unique_ptr<Signer> MakeSigner(const Context& ctx, Side side,
+                                   const BenchKey& key) {
+  switch (side) {
+    case Side::kInProcess:
+      return std::make_unique<EvpSigner>("in-process", nullptr, key.local.get(),
+                                         key, ctx.msg);
+    case Side::kProvider:
+      return std::make_unique<EvpSigner>("provider", ctx.provider->libctx(),
+                                         key.provider_key.get(), key, ctx.msg);
+    default:
+      break;
   }
 #ifdef KEYHOLD_PKCS11_PATH
-  return std::make_unique<Pkcs11Signer>(*ctx.pkcs11, key, ctx.msg);
+  const bool over_digest = side != Side::kPkcs11;
+  const std::span<const uint8_t> input =
+      over_digest && key.type == v1::EC_P256 ? ctx.digest : ctx.msg;
+  const bool p11kit = side == Side::kP11Kit;
+  return std::make_unique<Pkcs11Signer>(
+      SideName(side), p11kit ? *ctx.p11kit : *ctx.pkcs11, key,
+      p11kit ? key.p11kit_key : key.pkcs11_key,
+      Pkcs11Mechanism(key.type, over_digest), input);
 #else
   Fail("built without the PKCS#11 module");
 #endif
@@ -560,20 +754,18 @@ std::unique_ptr<Signer> MakeSigner(const Context& ctx, Frontend frontend,
 // Runs `threads` workers on one side for `duration`. With record, adds ops,
 // elapsed time and latencies to *m and verifies each worker's last
 // signature. Returns false on failure (details in *failure).
-bool RunSegment(const Context& ctx, Frontend frontend, const BenchKey& key,
-                Side side, unsigned threads, double duration, bool record,
-                Measurement* m, Failure* failure) {
+bool RunSegment(const Context& ctx, const BenchKey& key, Side side,
+                unsigned threads, double duration, bool record, Measurement* m,
+                Failure* failure) {
   std::vector<std::unique_ptr<Signer>> signers;
   for (unsigned t = 0; t < threads; ++t) {
-    signers.push_back(MakeSigner(ctx, frontend, side, key));
+    signers.push_back(MakeSigner(ctx, side, key));
   }
   return RunSigners(signers, duration, record, m, failure, [&](std::size_t t) {
+    // An ECDSA signature over SHA-256(msg) verifies as a signature of msg.
     if (!Verify(key.local.get(), key.type, ctx.msg, signers[t]->LastSignature(),
                 signers[t]->RawEcdsa())) {
-      failure->Set(std::string(side == Side::kInProcess
-                                   ? "in-process"
-                                   : FrontendName(frontend)) +
-                   " " + key.type_name +
+      failure->Set(std::string(SideName(side)) + " " + key.type_name +
                    " signature from a timed segment does not verify");
       return false;
     }
@@ -606,18 +798,38 @@ void SetUpKey(keyhold::client::Client& client, v1::KeyType type,
   ImportLocalKey(client, key->name, type, key->local.get(), created);
 }
 
-// One signature through the front-end, verified with the local public key.
+// One signature by each side of the front-end's table, verified with the
+// local public key.
 void CheckFrontend(const Context& ctx, Frontend frontend, const BenchKey& key) {
-  auto signer = MakeSigner(ctx, frontend, Side::kFrontend, key);
-  std::string error;
-  if (!signer->Sign(&error)) {
-    Fail(error);
+  const auto [a, b] = SidesOf(frontend);
+  for (Side side : {a, b}) {
+    auto signer = MakeSigner(ctx, side, key);
+    std::string error;
+    if (!signer->Sign(&error)) {
+      Fail(error);
+    }
+    if (!Verify(key.local.get(), key.type, ctx.msg, signer->LastSignature(),
+                signer->RawEcdsa())) {
+      Fail(std::string(SideName(side)) + " " + key.type_name +
+           " signature does not verify against the public key");
+    }
   }
-  if (!Verify(key.local.get(), key.type, ctx.msg, signer->LastSignature(),
-              signer->RawEcdsa())) {
-    Fail(std::string(FrontendName(frontend)) + " " + key.type_name +
-         " signature does not verify against the public key");
+}
+
+// The p11kit table: keyhold's PKCS#11 module against p11-kit-client.so.
+void PrintP11KitTable(const std::vector<Row>& rows) {
+  std::printf(
+      "| key type | threads | keyhold pkcs11 ops/s | p11-kit server ops/s | "
+      "ratio (keyhold/p11-kit) | keyhold p50/p99 µs | p11-kit p50/p99 µs |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+  for (const Row& r : rows) {
+    std::printf(
+        "| %s | %u | %.0f | %.0f | %.2f× | %.1f / %.1f | %.1f / %.1f |\n",
+        r.type_name.c_str(), r.threads, r.ops_in, r.ops_other,
+        r.ops_in / r.ops_other, r.p50_in, r.p99_in, r.p50_other, r.p99_other);
   }
+  std::printf("\n");
+  std::fflush(stdout);
 }
 
 int Run(int argc, char** argv) {
@@ -632,6 +844,13 @@ int Run(int argc, char** argv) {
   InstallSignalHandlers();
   PrintHeader("keyhold front-end benchmark", argc, argv, KH_BENCH_BUILD_TYPE);
   for (Frontend f : opt.frontends) {
+    if (f == Frontend::kP11Kit) {
+      const char* address = std::getenv("P11_KIT_SERVER_ADDRESS");
+      std::printf("- p11kit: `%s` with P11_KIT_SERVER_ADDRESS=%s\n",
+                  opt.p11kit_path.c_str(),
+                  address != nullptr ? address : "(unset)");
+      continue;
+    }
     std::printf("- %s: `%s`\n", FrontendName(f),
                 (f == Frontend::kProvider ? opt.provider_path : opt.pkcs11_path)
                     .c_str());
@@ -645,6 +864,8 @@ int Run(int argc, char** argv) {
   // before the environments go).
   std::unique_ptr<ProviderEnv> provider;
   std::unique_ptr<Pkcs11Env> pkcs11;
+  std::unique_ptr<Pkcs11Env> p11kit;
+  std::vector<std::string> p11kit_notes;
   std::vector<std::unique_ptr<BenchKey>> keys;
   int rc = 0;
   std::string error;
@@ -661,16 +882,27 @@ int Run(int argc, char** argv) {
         "- method: per configuration %.2f s measured per side, in two "
         "halves in ABBA order, %.2f s warm-up before each change of side; "
         "latencies over all threads; every side signs the same 64-byte "
-        "message (SHA-256 inside the signature operation; Ed25519 pure)\n\n",
-        opt.seconds, opt.warmup_seconds);
+        "message (SHA-256 inside the signature operation; Ed25519 pure%s)\n\n",
+        opt.seconds, opt.warmup_seconds,
+        std::find(opt.frontends.begin(), opt.frontends.end(),
+                  Frontend::kP11Kit) != opt.frontends.end()
+            ? "; except in the p11kit table, where ECDSA is CKM_ECDSA over "
+              "the message's SHA-256 digest on both sides"
+            : "");
     std::fflush(stdout);
 
     std::vector<uint8_t> message(64);
     if (RAND_bytes(message.data(), 64) != 1) {
       Fail("RAND_bytes failed");
     }
+    std::vector<uint8_t> digest(32);
+    if (EVP_Digest(message.data(), message.size(), digest.data(), nullptr,
+                   EVP_sha256(), nullptr) != 1) {
+      Fail("EVP_Digest failed");
+    }
     Context ctx;
     ctx.msg = message;
+    ctx.digest = digest;
 
     const std::string prefix = UniquePrefix("frontend-bench");
     for (v1::KeyType type : opt.types) {
@@ -687,9 +919,11 @@ int Run(int argc, char** argv) {
         for (auto& key : keys) {
           key->provider_key = provider->LoadKey("keyhold:" + key->name);
         }
-      } else {
+      }
+      if ((f == Frontend::kPkcs11 || f == Frontend::kP11Kit) &&
+          pkcs11 == nullptr) {
         pkcs11 = std::make_unique<Pkcs11Env>();
-        pkcs11->Load(opt.pkcs11_path);
+        pkcs11->Load(opt.pkcs11_path, "");
         ctx.pkcs11 = pkcs11.get();
 #ifdef KEYHOLD_PKCS11_PATH
         for (auto& key : keys) {
@@ -697,21 +931,54 @@ int Run(int argc, char** argv) {
         }
 #endif
       }
+      if (f == Frontend::kP11Kit) {
+        p11kit = std::make_unique<Pkcs11Env>();
+        p11kit->Load(opt.p11kit_path, opt.p11kit_pin);
+        ctx.p11kit = p11kit.get();
+#ifdef KEYHOLD_PKCS11_PATH
+        for (auto& key : keys) {
+          key->p11kit_key =
+              p11kit->ImportPrivateKey(key->name, key->type, key->local.get());
+          // p11-kit 0.24's RPC only carries mechanisms on its allow-list;
+          // CKM_EDDSA is not on it, so the client refuses the call.
+          auto probe = MakeSigner(ctx, Side::kP11Kit, *key);
+          std::string probe_error;
+          if (!probe->Sign(&probe_error) &&
+              probe_error.ends_with(CkrName(CKR_MECHANISM_INVALID))) {
+            key->p11kit_signs = false;
+            p11kit_notes.push_back(
+                key->type_name + ": p11-kit-client.so refuses its mechanism (" +
+                probe_error + "), so it is not measured");
+            std::fprintf(stderr,
+                         "frontend_bench: p11kit %s: not measured: %s\n",
+                         key->type_name.c_str(), probe_error.c_str());
+          }
+        }
+#endif
+      }
       for (auto& key : keys) {
+        if (f == Frontend::kP11Kit && !key->p11kit_signs) {
+          continue;
+        }
         CheckFrontend(ctx, f, *key);
         std::fprintf(stderr,
                      "frontend_bench: %s %s: imported key matches, %s and "
-                     "in-process signatures verify\n",
-                     FrontendName(f), key->type_name.c_str(), FrontendName(f));
+                     "%s signatures verify\n",
+                     FrontendName(f), key->type_name.c_str(),
+                     SideName(SidesOf(f).first), SideName(SidesOf(f).second));
       }
     }
 
     Failure failure;
     for (Frontend f : opt.frontends) {
       const char* fe = FrontendName(f);
+      const auto [side_a, side_b] = SidesOf(f);
       std::vector<Row> rows;
       std::size_t config_index = 0;
       for (const auto& key : keys) {
+        if (f == Frontend::kP11Kit && !key->p11kit_signs) {
+          continue;
+        }
         for (unsigned threads : opt.threads) {
           Measurement m_in;
           Measurement m_fe;
@@ -719,8 +986,7 @@ int Run(int argc, char** argv) {
               config_index++, opt.seconds, opt.warmup_seconds,
               [&](bool in_process, double duration, bool record,
                   Measurement* m) {
-                if (!RunSegment(ctx, f, *key,
-                                in_process ? Side::kInProcess : Side::kFrontend,
+                if (!RunSegment(ctx, *key, in_process ? side_a : side_b,
                                 threads, duration, record, m, &failure)) {
                   Fail(failure.message);
                 }
@@ -729,13 +995,27 @@ int Run(int argc, char** argv) {
           Row row = MakeRow(key->type_name, threads, &m_in, &m_fe);
           std::fprintf(stderr,
                        "frontend_bench: %s %s x%u done (%s first): "
-                       "in-process %llu ops, %s %llu ops\n",
+                       "%s %llu ops, %s %llu ops\n",
                        fe, row.type_name.c_str(), threads,
-                       in_first ? "in-process" : fe,
-                       static_cast<unsigned long long>(m_in.ops), fe,
+                       SideName(in_first ? side_a : side_b), SideName(side_a),
+                       static_cast<unsigned long long>(m_in.ops),
+                       SideName(side_b),
                        static_cast<unsigned long long>(m_fe.ops));
           rows.push_back(std::move(row));
         }
+      }
+      if (f == Frontend::kP11Kit) {
+        std::printf(
+            "### PKCS#11: libkeyhold-pkcs11.so vs SoftHSM2 through p11-kit "
+            "server (p11-kit-client.so): C_SignInit + C_Sign\n\n");
+        PrintP11KitTable(rows);
+        for (const std::string& note : p11kit_notes) {
+          std::printf("- %s\n", note.c_str());
+        }
+        if (!p11kit_notes.empty()) {
+          std::printf("\n");
+        }
+        continue;
       }
       std::printf("### %s\n\n",
                   f == Frontend::kProvider
@@ -755,6 +1035,7 @@ int Run(int argc, char** argv) {
   }
   provider.reset();
   pkcs11.reset();
+  p11kit.reset();
   return Finish("frontend_bench", rc, error, opt, created, &client, &daemon);
 }
 
