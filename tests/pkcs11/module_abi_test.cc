@@ -172,7 +172,8 @@ int GroupTeardown(void** /*state*/) {
   if (g->daemon.Running()) {
     const int status = g->daemon.Stop();
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-      std::fprintf(stderr, "keyholdd exited with status %d\n", status);
+      std::fprintf(stderr, "keyholdd exited with status %d; log:\n%s\n", status,
+                   g->daemon.log().c_str());
       ++g_teardown_failures;
     }
   }
