@@ -207,13 +207,25 @@ ticks() {  # ticks PID...: utime + stime of the processes (all threads)
   echo "$sum"
 }
 
-declare -A HS FAIL WALL NG KH CLI RESUMED PROTO ERR
+# Cross-check with nanosecond resolution: the scheduler's run time of every
+# live thread (/proc/PID/task/*/schedstat, first field). Threads that exit
+# during a segment would be missed; nginx workers are single-threaded and
+# keyholdd's threads live as long as it does.
+sched_ns() {  # sched_ns PID...
+  local p
+  for p in "$@"; do cat /proc/"$p"/task/*/schedstat; done |
+    awk '{ s += $1 } END { printf "%.0f", s }'
+}
+
+declare -A HS FAIL WALL NG KH CLI RESUMED PROTO ERR SCHED
 run_load() {  # run_load CONFIG SECONDS: one segment, added to the totals
-  local c="$1" s="$2" type="${1#*-}" n0 k0 n1 k1 out
+  local c="$1" s="$2" type="${1#*-}" n0 k0 n1 k1 s0 s1 out
   n0="$(ticks "$NGINX_PID" "${WORKERS[@]}")"
   k0="$(ticks "$KH_PID")"
+  s0="$(sched_ns "$NGINX_PID" "${WORKERS[@]}" "$KH_PID")"
   out="$("$LOAD" --port "${PORT_OF[$c]}" --seconds "$s" --threads "$THREADS" \
     --tls "$TLS" --cafile "$T/keys/$type.crt")" || die "load generator failed: $out"
+  s1="$(sched_ns "$NGINX_PID" "${WORKERS[@]}" "$KH_PID")"
   n1="$(ticks "$NGINX_PID" "${WORKERS[@]}")"
   k1="$(ticks "$KH_PID")"
   val() { echo "$out" | sed -n "s/.*\\b$1=\\([^ ]*\\).*/\\1/p"; }
@@ -224,6 +236,7 @@ run_load() {  # run_load CONFIG SECONDS: one segment, added to the totals
   CLI[$c]="$(calc "${CLI[$c]:-0} + $(val client_cpu_s)")"
   NG[$c]=$(( ${NG[$c]:-0} + n1 - n0 ))
   KH[$c]=$(( ${KH[$c]:-0} + k1 - k0 ))
+  SCHED[$c]=$(( ${SCHED[$c]:-0} + s1 - s0 ))
   PROTO[$c]="$(val protocol)"
   if [ "$(val failures)" != 0 ] && [ -z "${ERR[$c]:-}" ]; then
     ERR[$c]="$(echo "$out" | sed -n 's/.*first_error="\(.*\)"/\1/p')"
@@ -247,7 +260,7 @@ done
   echo "- OpenSSL: $(openssl version)"
   echo "- keyholdd: \`$KEYHOLDD --socket <tmp>/run/keyhold.sock --state-dir <tmp>/state --log-level warn\` (pid $KH_PID), software backend; keys generated as PEM files and imported, so both configurations of a type use the same key and certificate"
   echo "- load: \`tls_handshake_load --threads $THREADS --tls $TLS\` on the same 2 cores: a fresh connection and full handshake per request (no session offered, no tickets), server certificate verified, then \`GET /\` with \`Connection: close\`"
-  echo "- method: each configuration runs ${SECONDS_PER} s in two halves, ec-p256 in the order file, keyhold, keyhold, file and rsa-2048 keyhold, file, file, keyhold, after a ${WARMUP} s warm-up of each; server CPU = utime + stime (/proc/PID/stat, ${CLK_TCK} Hz ticks) of the nginx master and workers and of keyholdd over the measured segments"
+  echo "- method: each configuration runs ${SECONDS_PER} s in two halves, ec-p256 in the order file, keyhold, keyhold, file and rsa-2048 keyhold, file, file, keyhold, after a ${WARMUP} s warm-up of each; server CPU = utime + stime (/proc/PID/stat, ${CLK_TCK} Hz ticks) of the nginx master and workers and of keyholdd over the measured segments; cross-checked with the run time of all their threads from /proc/PID/task/*/schedstat (ns)"
   echo
 } >"$T/header.md"
 cat "$T/header.md"
@@ -278,8 +291,8 @@ us_per() {  # us_per TICKS HANDSHAKES
   if [ "$2" -eq 0 ]; then echo "-"; else
     calc "$1 * 1000000 / $CLK_TCK / $2" %.0f; fi
 }
-echo "| config | protocol | handshakes | failures | handshakes/s | nginx µs/hs | keyholdd µs/hs | server µs/hs | ratio keyhold/file (server µs/hs) | load generator µs/hs |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| config | protocol | handshakes | failures | handshakes/s | nginx µs/hs | keyholdd µs/hs | server µs/hs | ratio keyhold/file (server µs/hs) | server µs/hs, schedstat | ratio, schedstat | load generator µs/hs |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 declare -A TOTAL_US
 failed=0
 for type in ec-p256 rsa-2048; do
@@ -293,11 +306,17 @@ for type in ec-p256 rsa-2048; do
         [ "${TOTAL_US[file-$type]}" != "-" ] && [ "$total" != "-" ]; then
       ratio="$(calc "(${NG[$c]} + ${KH[$c]}) / $h / ((${NG[file-$type]} + ${KH[file-$type]}) / ${HS[file-$type]})" %.2f)×"
     fi
+    sched="-"
+    sratio=""
+    if [ "$h" -gt 0 ]; then sched="$(calc "${SCHED[$c]} / 1000 / $h" %.0f)"; fi
+    if [[ "$c" == keyhold-* ]] && [ "${HS[file-$type]:-0}" -gt 0 ] && [ "$h" -gt 0 ]; then
+      sratio="$(calc "${SCHED[$c]} / $h / (${SCHED[file-$type]} / ${HS[file-$type]})" %.2f)×"
+    fi
     cli="-"
     if [ "$h" -gt 0 ]; then cli="$(calc "${CLI[$c]} * 1000000 / $h" %.0f)"; fi
-    printf '| %s | %s | %d | %d | %.0f | %s | %s | %s | %s | %s |\n' "$c" "${PROTO[$c]}" "$h" \
-      "${FAIL[$c]}" "$(calc "$h / ${WALL[$c]}")" "$(us_per "${NG[$c]}" "$h")" \
-      "$(us_per "${KH[$c]}" "$h")" "$total" "$ratio" "$cli"
+    printf '| %s | %s | %d | %d | %.0f | %s | %s | %s | %s | %s | %s | %s |\n' "$c" "${PROTO[$c]}" \
+      "$h" "${FAIL[$c]}" "$(calc "$h / ${WALL[$c]}")" "$(us_per "${NG[$c]}" "$h")" \
+      "$(us_per "${KH[$c]}" "$h")" "$total" "$ratio" "$sched" "$sratio" "$cli"
     if [ "${FAIL[$c]}" -ne 0 ]; then
       failed=1
       echo "nginx_bench: $c: ${FAIL[$c]} failures, first: ${ERR[$c]:-}" >&2
