@@ -41,6 +41,7 @@ int Main(int argc, char** argv) {
   Action action;
   AddPingCommand(app, &action);
   AddKeyCommands(app, &action);
+  AddCertCommands(app, &action);
   AddCryptoCommands(app, &action);
   AddAdminCommands(app, &action);
 

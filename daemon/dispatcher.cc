@@ -18,7 +18,7 @@ using R = v1::Request;
 // Every operation the daemon accepts. Reviewers audit this table: an
 // operation missing here does not exist, and its permission is enforced by
 // Dispatcher::Handle before the handler sees the request.
-constexpr std::array<OpEntry, 14> kOps = {{
+constexpr std::array<OpEntry, 15> kOps = {{
     {R::kHello, "hello", Permission::kAnyone, Execution::kInline, HandleHello,
      nullptr},
     {R::kPing, "ping", Permission::kAnyone, Execution::kInline, HandlePing,
@@ -43,6 +43,8 @@ constexpr std::array<OpEntry, 14> kOps = {{
      HandleGrantUse, KH_KEY_OF(grant_use)},
     {R::kRevokeUse, "revoke-use", Permission::kKeyOwner, Execution::kBlocking,
      HandleRevokeUse, KH_KEY_OF(revoke_use)},
+    {R::kSetCertificate, "set-certificate", Permission::kKeyOwner,
+     Execution::kBlocking, HandleSetCertificate, KH_KEY_OF(set_certificate)},
     {R::kListClients, "list-clients", Permission::kAdmin, Execution::kBlocking,
      HandleListClients, nullptr},
     {R::kDeleteClient, "delete-client", Permission::kAdmin,

@@ -114,6 +114,34 @@ fails "duplicate name" "already exists" "$KEYHOLD" key create k-ec-p256 --type e
 fails "bad name" "invalid argument" "$KEYHOLD" key create "bad/name/x" --type ec-p256
 fails "bad type" "" "$KEYHOLD" key create t --type rsa-1024
 fails "missing key" "not found" "$KEYHOLD" sign nope --in "$W/msg" --out "$W/sig"
+# Certificates beside keys: stored, replaced, shown, refused when they do not
+# belong to the key, removed with the key.
+openssl req -new -x509 -newkey EC -pkeyopt ec_paramgen_curve:P-384 -nodes -keyout "$W/c384.key" \
+  -subj /CN=c384 -days 1 -out "$W/c384.pem" 2>/dev/null
+check "import the key of a certificate" "$KEYHOLD" key import k-cert --in "$W/c384.key"
+check "cert import (PEM)" "$KEYHOLD" cert import k-cert --in "$W/c384.pem"
+check "cert show prints the certificate" "$KEYHOLD" cert show k-cert
+check "cert show gives back the same certificate" cmp "$KH_DIR/out" "$W/c384.pem"
+openssl x509 -in "$W/c384.pem" -outform DER -out "$W/c384.der"
+check "cert import (DER) replaces it" "$KEYHOLD" cert import k-cert --in "$W/c384.der"
+check "key list --json says it has a certificate" sh -c \
+  "'$KEYHOLD' key list --json | python3 -c \"import json,sys; d={k['name']: k for k in json.load(sys.stdin)}; assert d['k-cert']['certificate'] and not d['k-ec-p256']['certificate']\""
+fails "a certificate for another key is refused" "not for this key" \
+  "$KEYHOLD" cert import k-ec-p384 --in "$W/c384.pem"
+fails "a non-certificate is refused" "not a PEM or DER X.509 certificate" \
+  "$KEYHOLD" cert import k-cert --in "$W/msg"
+fails "a certificate for a missing key" "not found" "$KEYHOLD" cert import nope --in "$W/c384.pem"
+check "cert delete" "$KEYHOLD" cert delete k-cert
+fails "cert show after delete" "no certificate" "$KEYHOLD" cert show k-cert
+fails "cert delete twice" "no certificate" "$KEYHOLD" cert delete k-cert
+check "the key stays after its certificate is removed" "$KEYHOLD" key public k-cert
+check "cert import again" "$KEYHOLD" cert import k-cert --in "$W/c384.pem"
+check "delete the key" "$KEYHOLD" key delete k-cert
+check "re-import the key under the same name" "$KEYHOLD" key import k-cert --in "$W/c384.key"
+fails "the new key starts without the old certificate" "no certificate" \
+  "$KEYHOLD" cert show k-cert
+check "clean up k-cert" "$KEYHOLD" key delete k-cert
+
 check "delete" "$KEYHOLD" key delete k-ec-p384
 fails "deleted key is gone" "not found" "$KEYHOLD" key public k-ec-p384
 fails "delete twice" "not found" "$KEYHOLD" key delete k-ec-p384

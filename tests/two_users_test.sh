@@ -50,9 +50,25 @@ check "B lists the shared key" as_b "$KEYHOLD" key list --json
 check "shared key shows A as owner" python3 -c \
   "import json; d=json.load(open('$KH_DIR/out')); assert any(k['owner']==$A and k['name']=='secret' for k in d), d"
 fails "grantee cannot delete" "permission denied" as_b "$KEYHOLD" key delete "$A/secret"
+# A certificate for A's key (a test CA issues it for A's public key): A
+# stores it, B sees it through the grant but can neither replace nor remove it.
+openssl req -new -x509 -newkey EC -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/ca.key" \
+  -subj /CN=ca -days 1 -out "$W/ca.pem" 2>/dev/null
+openssl req -new -key "$W/ca.key" -subj /CN=a -out "$W/a.csr"
+openssl x509 -req -in "$W/a.csr" -CA "$W/ca.pem" -CAkey "$W/ca.key" -CAcreateserial \
+  -force_pubkey "$W/secret.pub" -days 1 -out "$W/secret.crt" 2>/dev/null
+chmod 644 "$W/secret.crt"
+check "A stores a certificate beside the key" as_a "$KEYHOLD" cert import secret --in "$W/secret.crt"
+check "B sees A's certificate" as_b "$KEYHOLD" cert show "$A/secret"
+check "it is A's certificate" cmp "$KH_DIR/out" "$W/secret.crt"
+fails "grantee cannot replace the certificate" "permission denied" \
+  as_b "$KEYHOLD" cert import "$A/secret" --in "$W/secret.crt"
+fails "grantee cannot remove the certificate" "permission denied" \
+  as_b "$KEYHOLD" cert delete "$A/secret"
 fails "grantee cannot re-share" "permission denied" as_b "$KEYHOLD" key grant "$A/secret" --user 64103
 check "revoke B" as_a "$KEYHOLD" key revoke secret --user $B
 fails "revoked B cannot sign" "not found" as_b "$KEYHOLD" sign "$A/secret" --in "$W/msg" --out "$W/sig.b"
+fails "revoked B cannot see the certificate" "not found" as_b "$KEYHOLD" cert show "$A/secret"
 fails "revoking twice" "not found" as_a "$KEYHOLD" key revoke secret --user $B
 
 # Grant to a group: only B in that group may use it.

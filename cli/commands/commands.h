@@ -13,6 +13,8 @@ namespace keyhold::cli {
 void AddPingCommand(CLI::App& app, Action* action);
 // key create|import|list|public|ref|delete|grant|revoke
 void AddKeyCommands(CLI::App& app, Action* action);
+// cert import|show|delete
+void AddCertCommands(CLI::App& app, Action* action);
 // sign, decrypt, derive
 void AddCryptoCommands(CLI::App& app, Action* action);
 // admin clients|delete-client

@@ -194,6 +194,8 @@ std::string KeyJson(const v1::KeyInfo& info, NameCache& names) {
   out += ",\"fingerprint\":" +
          JsonString(FingerprintFromHash(info.public_key_sha256()));
   out += ",\"grants\":[" + Join(grants, ",") + "]";
+  out += std::string(",\"certificate\":") +
+         (info.certificate().empty() ? "false" : "true");
   out += "}";
   return out;
 }

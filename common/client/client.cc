@@ -556,6 +556,18 @@ Status Client::DestroyKey(const v1::KeyRef& key) {
   return r.ok() ? Status::Ok() : r.status();
 }
 
+StatusOr<v1::KeyInfo> Client::SetCertificate(const v1::KeyRef& key,
+                                             const std::string& der) {
+  v1::Request req;
+  *req.mutable_set_certificate()->mutable_key() = key;
+  req.mutable_set_certificate()->set_certificate(der);
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return r->set_certificate().info();
+}
+
 StatusOr<std::string> Client::Sign(const v1::SignRequest& request) {
   v1::Request req;
   *req.mutable_sign() = request;

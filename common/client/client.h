@@ -75,6 +75,9 @@ class Client {
   StatusOr<v1::GetPublicKeyResponse> GetPublicKey(const v1::KeyRef& key);
   StatusOr<v1::ListKeysResponse> ListKeys(bool include_shared);
   Status DestroyKey(const v1::KeyRef& key);
+  // Stores DER X.509 `der` beside the key (empty: removes it).
+  StatusOr<v1::KeyInfo> SetCertificate(const v1::KeyRef& key,
+                                       const std::string& der);
   StatusOr<std::string> Sign(const v1::SignRequest& request);
   StatusOr<SecretBytes> Decrypt(const v1::DecryptRequest& request);
   StatusOr<SecretBytes> Derive(const v1::KeyRef& key,

@@ -20,7 +20,7 @@ namespace keyhold::daemon {
 namespace {
 
 // Bump together with a new step in Migrate().
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 
 constexpr int kOpenFlags =
     SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
@@ -48,8 +48,16 @@ constexpr std::string_view kSchemaV1[] = {
     "CREATE INDEX grants_by_grantee ON grants(kind, grantee)",
 };
 
+// v2: a certificate beside a key (public data; goes with the key).
+constexpr std::string_view kSchemaV2[] = {
+    "CREATE TABLE certificates ("
+    " key_id INTEGER PRIMARY KEY REFERENCES keys(id) ON DELETE CASCADE,"
+    " der BLOB NOT NULL)",
+};
+
 constexpr char kKeyColumns[] =
-    "id, owner, name, backend, type, usage, public_key, blob, created";
+    "id, owner, name, backend, type, usage, public_key, blob, created,"
+    " (SELECT der FROM certificates WHERE key_id = keys.id)";
 
 struct StmtDeleter {
   void operator()(sqlite3_stmt* stmt) const { sqlite3_finalize(stmt); }
@@ -191,6 +199,7 @@ Status ReadKeyRow(sqlite3_stmt* stmt, KeyRecord& out) {
   out.public_key = ColumnBlob(stmt, 6);
   out.blob = ColumnBlob(stmt, 7);
   out.created_unix = static_cast<int64_t>(sqlite3_column_int64(stmt, 8));
+  out.certificate = ColumnBlob(stmt, 9);
   return Status::Ok();
 }
 
@@ -416,7 +425,12 @@ Status Migrate(sqlite3* db) {
       KH_RETURN_IF_ERROR(Exec(db, sql));
     }
   }
-  // Future versions: if (*version < 2) { ... }
+  if (*version < 2) {
+    for (std::string_view sql : kSchemaV2) {
+      KH_RETURN_IF_ERROR(Exec(db, sql));
+    }
+  }
+  // Future versions: if (*version < 3) { ... }
   KH_RETURN_IF_ERROR(
       Exec(db, "PRAGMA user_version = " + std::to_string(kSchemaVersion)));
   return txn.Commit();
@@ -609,7 +623,8 @@ StatusOr<std::vector<KeyRecord>> KeyStore::ListSharedWith(
   StatusOr<Stmt> stmt =
       Prepare(db_,
               "SELECT k.id, k.owner, k.name, k.backend, k.type, k.usage,"
-              " k.public_key, k.blob, k.created"
+              " k.public_key, k.blob, k.created,"
+              " (SELECT der FROM certificates c WHERE c.key_id = k.id)"
               " FROM grants g JOIN keys k ON k.id = g.key_id"
               " WHERE g.kind = ?1 AND g.grantee = ?2 AND k.owner <> ?3");
   if (!stmt.ok()) {
@@ -692,6 +707,41 @@ Status KeyStore::RemoveGrant(const KeyRef& ref, GrantEntry grant) {
   }
   if (sqlite3_changes(db_) == 0) {
     return NotFound("no such grant");
+  }
+  return txn.Commit();
+}
+
+Status KeyStore::SetCertificate(const KeyRef& ref,
+                                const std::vector<uint8_t>& der) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Uncache(ref);
+  Transaction txn(db_);
+  KH_RETURN_IF_ERROR(txn.Begin());
+  StatusOr<int64_t> id = KeyId(db_, ref);
+  if (!id.ok()) {
+    return id.status();
+  }
+  if (*id == 0) {
+    return NotFound(std::string(kKeyNotFound));
+  }
+  StatusOr<Stmt> stmt =
+      der.empty() ? Prepare(db_, "DELETE FROM certificates WHERE key_id = ?1")
+                  : Prepare(db_,
+                            "INSERT OR REPLACE INTO certificates (key_id, der) "
+                            "VALUES (?1, ?2)");
+  if (!stmt.ok()) {
+    return stmt.status();
+  }
+  BindInt(stmt->get(), 1, *id);
+  if (!der.empty()) {
+    BindBlob(stmt->get(), 2, der);
+  }
+  const int rc = sqlite3_step(stmt->get());
+  if (rc != SQLITE_DONE) {
+    return SqliteError(db_, rc);
+  }
+  if (der.empty() && sqlite3_changes(db_) == 0) {
+    return NotFound("the key has no certificate");
   }
   return txn.Commit();
 }

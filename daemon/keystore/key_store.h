@@ -49,6 +49,7 @@ struct KeyRecord {
   std::vector<uint8_t> blob;        // backend-opaque
   int64_t created_unix = 0;
   std::vector<GrantEntry> grants;
+  std::vector<uint8_t> certificate;  // DER X.509; empty if none
 };
 
 enum class Right : uint8_t {
@@ -92,6 +93,11 @@ class KeyStore {
   // kNotFound.
   Status AddGrant(const KeyRef& ref, GrantEntry grant);
   Status RemoveGrant(const KeyRef& ref, GrantEntry grant);
+
+  // Stores (replaces) the certificate kept beside a key; an empty one
+  // removes it (kNotFound if there was none). The caller checked that it is
+  // a certificate for this key.
+  Status SetCertificate(const KeyRef& ref, const std::vector<uint8_t>& der);
 
   // uid -> number of keys owned.
   StatusOr<std::map<uint32_t, uint32_t>> CountByOwner();

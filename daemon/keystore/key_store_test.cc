@@ -547,6 +547,89 @@ TEST_F(KeyStoreTest, NewerSchemaIsRefused) {
   EXPECT_NE(store.status().message().find("99"), std::string::npos);
 }
 
+TEST_F(KeyStoreTest, CertificateLivesBesideItsKey) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  Insert(*store, 1000, "tls", {{Kind::kUser, 2000}});
+  const KeyRef ref{1000, "tls"};
+  const std::vector<uint8_t> cert = {0x30, 0x82, 0x01, 0x02, 0x03};
+  const std::vector<uint8_t> renewed = {0x30, 0x82, 0x09, 0x09};
+
+  // Removing a certificate that is not there, or one of a missing key.
+  EXPECT_EQ(store->SetCertificate(ref, {}).code(), Code::kNotFound);
+  EXPECT_EQ(store->SetCertificate(KeyRef{1000, "none"}, cert).code(),
+            Code::kNotFound);
+
+  ASSERT_TRUE(store->SetCertificate(ref, cert).ok());
+  auto owner_view = store->Authorize(User(1000), ref, Right::kUse);
+  ASSERT_TRUE(owner_view.ok());
+  EXPECT_EQ((*owner_view)->certificate, cert);  // the cache was refreshed
+  ASSERT_TRUE(store->SetCertificate(ref, renewed).ok());
+  auto owned = store->ListOwned(1000);
+  ASSERT_TRUE(owned.ok());
+  ASSERT_EQ(owned->size(), 1u);
+  EXPECT_EQ(owned->front().certificate, renewed);
+  auto shared = store->ListSharedWith(User(2000));
+  ASSERT_TRUE(shared.ok());
+  ASSERT_EQ(shared->size(), 1u);
+  EXPECT_EQ(shared->front().certificate, renewed);
+
+  // Survives a reopen; goes away with its key, so a new key of the same
+  // name starts without one.
+  store.reset();
+  store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  auto reopened = store->Authorize(User(1000), ref, Right::kUse);
+  ASSERT_TRUE(reopened.ok());
+  EXPECT_EQ((*reopened)->certificate, renewed);
+  ASSERT_TRUE(store->Delete(ref).ok());
+  Insert(*store, 1000, "tls");
+  auto fresh = store->Authorize(User(1000), ref, Right::kUse);
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_TRUE((*fresh)->certificate.empty());
+
+  ASSERT_TRUE(store->SetCertificate(ref, cert).ok());
+  ASSERT_TRUE(store->SetCertificate(ref, {}).ok());
+  auto removed = store->Authorize(User(1000), ref, Right::kUse);
+  ASSERT_TRUE(removed.ok());
+  EXPECT_TRUE((*removed)->certificate.empty());
+}
+
+// A store written by a version-1 daemon (no certificates table) opens,
+// keeps its keys and gains certificates.
+TEST_F(KeyStoreTest, MigratesVersionOneStore) {
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path_.c_str(), &db), SQLITE_OK);
+    const char* v1_schema =
+        "CREATE TABLE keys (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " owner INTEGER NOT NULL, name TEXT NOT NULL, backend TEXT NOT NULL,"
+        " type INTEGER NOT NULL, usage INTEGER NOT NULL,"
+        " public_key BLOB NOT NULL, blob BLOB NOT NULL,"
+        " created INTEGER NOT NULL, UNIQUE(owner, name));"
+        "CREATE TABLE grants (key_id INTEGER NOT NULL REFERENCES keys(id)"
+        " ON DELETE CASCADE, kind INTEGER NOT NULL, grantee INTEGER NOT NULL,"
+        " PRIMARY KEY(key_id, kind, grantee));"
+        "CREATE INDEX grants_by_grantee ON grants(kind, grantee);"
+        "INSERT INTO keys (owner, name, backend, type, usage, public_key,"
+        " blob, created) VALUES (1000, 'old', 'software', 1, 1, x'3059',"
+        " x'dead', 1);"
+        "PRAGMA user_version = 1;";
+    ASSERT_EQ(sqlite3_exec(db, v1_schema, nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(db);
+  }
+  ::chmod(path_.c_str(), 0600);
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  const KeyRef ref{1000, "old"};
+  auto old = store->Authorize(User(1000), ref, Right::kUse);
+  ASSERT_TRUE(old.ok()) << old.status().ToString();
+  EXPECT_EQ((*old)->blob, (std::vector<uint8_t>{0xde, 0xad}));
+  EXPECT_TRUE((*old)->certificate.empty());
+  ASSERT_TRUE(store->SetCertificate(ref, {0x30, 0x00}).ok());
+}
+
 TEST_F(KeyStoreTest, ConcurrentAuthorizeAndInsert) {
   auto store = OpenStore();
   ASSERT_NE(store, nullptr);

@@ -36,6 +36,7 @@ void FillKeyInfo(const KeyRecord& record, bool include_grants,
   SHA256(record.public_key.data(), record.public_key.size(), digest);
   info->set_public_key_sha256(reinterpret_cast<const char*>(digest),
                               sizeof(digest));
+  info->set_certificate(record.certificate.data(), record.certificate.size());
   if (include_grants) {
     for (const GrantEntry& g : record.grants) {
       v1::Grant* out = info->add_grants();

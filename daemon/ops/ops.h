@@ -52,6 +52,9 @@ Status HandleGetPublicKey(OpContext&, const OpArgs&, v1::Request&,
 Status HandleListKeys(OpContext&, const OpArgs&, v1::Request&, v1::Response*);
 Status HandleDestroyKey(OpContext&, const OpArgs&, v1::Request&,
                         v1::Response*);
+// cert_ops.cc
+Status HandleSetCertificate(OpContext&, const OpArgs&, v1::Request&,
+                            v1::Response*);
 // crypto_ops.cc
 Status HandleSign(OpContext&, const OpArgs&, v1::Request&, v1::Response*);
 Status HandleDecrypt(OpContext&, const OpArgs&, v1::Request&, v1::Response*);
