@@ -15,6 +15,7 @@
 #include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <openssl/sha.h>
 #include <openssl/x509.h>
 #include <pthread.h>
 #include <pwd.h>
@@ -179,15 +180,33 @@ struct KeyObject {
   CK_KEY_TYPE key_type = 0;
   std::size_t sig_len = 0;      // RSA modulus bytes; ECDSA r||s; Ed25519 64
   std::size_t field_bytes = 0;  // EC: bytes of one coordinate
+  std::string certificate;      // DER X.509 kept beside the key; may be empty
   CK_OBJECT_HANDLE priv_handle = 0;
-  CK_OBJECT_HANDLE pub_handle = 0;
+  CK_OBJECT_HANDLE pub_handle = 0;   // priv_handle + 1
+  CK_OBJECT_HANDLE cert_handle = 0;  // priv_handle + 2, if certificate
   AttrMap priv_attrs;
   AttrMap pub_attrs;
+  AttrMap cert_attrs;
 
   bool can(v1::Usage u) const {
     return (usage & static_cast<uint32_t>(u)) != 0;
   }
+  // The attributes of the object `h` (one of this key's handles).
+  const AttrMap& AttrsOf(CK_OBJECT_HANDLE h) const {
+    return h == priv_handle                         ? priv_attrs
+           : (cert_handle != 0 && h == cert_handle) ? cert_attrs
+                                                    : pub_attrs;
+  }
+  // Gives the key's objects their handles: base, base + 1, base + 2.
+  void SetHandles(CK_OBJECT_HANDLE base) {
+    priv_handle = base;
+    pub_handle = base + 1;
+    cert_handle = certificate.empty() ? 0 : base + 2;
+  }
 };
+
+// Handles per key: private, public, certificate.
+constexpr CK_OBJECT_HANDLE kHandlesPerKey = 3;
 
 Bytes CurveOid(v1::KeyType t) {
   switch (t) {
@@ -231,7 +250,51 @@ Bytes OctetParam(EVP_PKEY* pkey, const char* name) {
   return out;
 }
 
-// Builds both objects of a key from its KeyInfo and DER SPKI.
+template <typename T, int (*Encode)(const T*, unsigned char**)>
+Bytes Der(const T* v) {
+  unsigned char* der = nullptr;
+  const int len = v == nullptr ? -1 : Encode(v, &der);
+  if (len <= 0) {
+    return {};
+  }
+  Bytes out(der, der + len);
+  OPENSSL_free(der);
+  return out;
+}
+
+// The attributes of an X.509 certificate object (PKCS#11 2.40 4.6.3).
+StatusOr<AttrMap> CertificateAttrs(const std::string& der) {
+  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+  SslPtr<X509> cert(d2i_X509(nullptr, &p, static_cast<long>(der.size())));
+  if (cert == nullptr) {
+    return Internal("daemon returned an unreadable certificate");
+  }
+  AttrMap a;
+  a[CKA_CLASS] = UlongAttr(CKO_CERTIFICATE);
+  a[CKA_CERTIFICATE_TYPE] = UlongAttr(CKC_X_509);
+  a[CKA_PRIVATE] = BoolAttr(false);
+  a[CKA_TRUSTED] = BoolAttr(false);
+  a[CKA_CERTIFICATE_CATEGORY] = UlongAttr(1);  // token user: ours, with key
+  a[CKA_VALUE] = StrAttr(der);
+  a[CKA_SUBJECT] =
+      Der<X509_NAME, i2d_X509_NAME>(X509_get_subject_name(cert.get()));
+  a[CKA_ISSUER] =
+      Der<X509_NAME, i2d_X509_NAME>(X509_get_issuer_name(cert.get()));
+  a[CKA_SERIAL_NUMBER] =
+      Der<ASN1_INTEGER, i2d_ASN1_INTEGER>(X509_get0_serialNumber(cert.get()));
+  unsigned char sha1[SHA_DIGEST_LENGTH];
+  SHA1(reinterpret_cast<const unsigned char*>(der.data()), der.size(), sha1);
+  a[CKA_CHECK_VALUE] = Bytes(sha1, sha1 + 3);
+  a[CKA_URL] = Bytes{};
+  a[CKA_HASH_OF_SUBJECT_PUBLIC_KEY] = Bytes{};
+  a[CKA_HASH_OF_ISSUER_PUBLIC_KEY] = Bytes{};
+  a[CKA_JAVA_MIDP_SECURITY_DOMAIN] = UlongAttr(0);
+  a[CKA_NAME_HASH_ALGORITHM] = UlongAttr(CKM_SHA_1);
+  return a;
+}
+
+// Builds the objects of a key (private, public and, when the daemon keeps
+// one, certificate) from its KeyInfo and DER SPKI.
 StatusOr<std::shared_ptr<KeyObject>> BuildObject(const v1::KeyInfo& info,
                                                  const std::string& spki,
                                                  uint32_t self_uid) {
@@ -243,6 +306,7 @@ StatusOr<std::shared_ptr<KeyObject>> BuildObject(const v1::KeyInfo& info,
   obj->usage = info.usage();
   obj->public_key_sha256 = info.public_key_sha256();
   obj->spki = spki;
+  obj->certificate = info.certificate();
 
   const auto* p = reinterpret_cast<const unsigned char*>(spki.data());
   SslPtr<EVP_PKEY> pkey(
@@ -266,6 +330,14 @@ StatusOr<std::shared_ptr<KeyObject>> BuildObject(const v1::KeyInfo& info,
   common[CKA_LOCAL] = BoolAttr(false);
   common[CKA_KEY_GEN_MECHANISM] = UlongAttr(CK_UNAVAILABLE_INFORMATION);
   common[CKA_SUBJECT] = Bytes{};
+  if (!obj->certificate.empty()) {
+    auto cert = CertificateAttrs(obj->certificate);
+    if (!cert.ok()) {
+      return cert.status();
+    }
+    obj->cert_attrs = std::move(*cert);
+    common[CKA_SUBJECT] = obj->cert_attrs[CKA_SUBJECT];
+  }
   common[CKA_PUBLIC_KEY_INFO] = StrAttr(spki);
   common[CKA_DERIVE] = BoolAttr(obj->can(v1::USAGE_DERIVE));
 
@@ -316,6 +388,13 @@ StatusOr<std::shared_ptr<KeyObject>> BuildObject(const v1::KeyInfo& info,
   }
   common[CKA_KEY_TYPE] = UlongAttr(obj->key_type);
 
+  if (!obj->certificate.empty()) {
+    for (CK_ATTRIBUTE_TYPE t :
+         {CKA_LABEL, CKA_ID, CKA_TOKEN, CKA_MODIFIABLE, CKA_COPYABLE,
+          CKA_DESTROYABLE, CKA_START_DATE, CKA_END_DATE}) {
+      obj->cert_attrs[t] = common[t];
+    }
+  }
   obj->priv_attrs = common;
   obj->priv_attrs[CKA_CLASS] = UlongAttr(CKO_PRIVATE_KEY);
   obj->priv_attrs[CKA_PRIVATE] = BoolAttr(true);
@@ -554,7 +633,8 @@ CK_RV LoadObjects(State& st) {
     auto prev = previous.find(key);
     if (prev != previous.end() &&
         prev->second->public_key_sha256 == info.public_key_sha256() &&
-        prev->second->usage == info.usage()) {
+        prev->second->usage == info.usage() &&
+        prev->second->certificate == info.certificate()) {
       fresh.emplace_back(key, std::const_pointer_cast<KeyObject>(prev->second));
       continue;
     }
@@ -582,13 +662,15 @@ CK_RV LoadObjects(State& st) {
       auto it = st.handle_for.find(key);
       if (it == st.handle_for.end()) {
         it = st.handle_for.emplace(key, st.next_handle).first;
-        st.next_handle += 2;
+        st.next_handle += kHandlesPerKey;
       }
-      obj->priv_handle = it->second;
-      obj->pub_handle = it->second + 1;
+      obj->SetHandles(it->second);
     }
     st.objects[obj->priv_handle] = obj;
     st.objects[obj->pub_handle] = obj;
+    if (obj->cert_handle != 0) {
+      st.objects[obj->cert_handle] = obj;
+    }
   }
   st.loaded = true;
   return CKR_OK;
@@ -914,9 +996,8 @@ CK_RV GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE object,
     }
     secret = it->second;
   }
-  const AttrMap& attrs = secret != nullptr ? secret->attrs
-                         : is_private      ? obj->priv_attrs
-                                           : obj->pub_attrs;
+  const AttrMap& attrs =
+      secret != nullptr ? secret->attrs : obj->AttrsOf(object);
   CK_RV rv = CKR_OK;
   for (CK_ULONG i = 0; i < n; ++i) {
     CK_ATTRIBUTE& a = templ[i];
@@ -995,8 +1076,7 @@ CK_RV FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR templ, CK_ULONG n) {
   {
     std::lock_guard<std::mutex> lock(st->mu);
     for (const auto& [handle, obj] : st->objects) {
-      const bool priv = handle == obj->priv_handle;
-      if (Matches(priv ? obj->priv_attrs : obj->pub_attrs, want)) {
+      if (Matches(obj->AttrsOf(handle), want)) {
         sess->found.push_back(handle);
       }
     }
@@ -1523,12 +1603,14 @@ std::shared_ptr<const KeyObject> AddObject(State& st,
   auto it = st.handle_for.find(key);
   if (it == st.handle_for.end()) {
     it = st.handle_for.emplace(key, st.next_handle).first;
-    st.next_handle += 2;
+    st.next_handle += kHandlesPerKey;
   }
-  obj->priv_handle = it->second;
-  obj->pub_handle = it->second + 1;
+  obj->SetHandles(it->second);
   st.objects[obj->priv_handle] = obj;
   st.objects[obj->pub_handle] = obj;
+  if (obj->cert_handle != 0) {
+    st.objects[obj->cert_handle] = obj;
+  }
   return obj;
 }
 
@@ -1644,7 +1726,94 @@ CK_RV GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
   return CKR_OK;
 }
 
-// Destroying either object of a key deletes the key in the daemon.
+// C_CreateObject for X.509 certificates: the daemon keeps the certificate
+// beside the caller's own key whose public key it certifies (its CKA_ID is
+// that key's). Other object classes are not created this way: keys come from
+// C_GenerateKeyPair or `keyhold key import`.
+CK_RV CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR templ, CK_ULONG n,
+                   CK_OBJECT_HANDLE_PTR out) {
+  KH_SESSION_OR_RETURN(st, h, sess);
+  if ((templ == nullptr && n != 0) || out == nullptr) {
+    return CKR_ARGUMENTS_BAD;
+  }
+  if (!IsRwSession(*sess)) {
+    return CKR_SESSION_READ_ONLY;
+  }
+  std::optional<Bytes> cls = TemplateValue(templ, n, CKA_CLASS);
+  if (!cls) {
+    return CKR_TEMPLATE_INCOMPLETE;
+  }
+  if (*cls != UlongAttr(CKO_CERTIFICATE)) {
+    return CKR_TEMPLATE_INCONSISTENT;
+  }
+  std::optional<Bytes> type = TemplateValue(templ, n, CKA_CERTIFICATE_TYPE);
+  if (type && *type != UlongAttr(CKC_X_509)) {
+    return CKR_ATTRIBUTE_VALUE_INVALID;
+  }
+  std::optional<Bytes> token = TemplateValue(templ, n, CKA_TOKEN);
+  if (token && *token != BoolAttr(true)) {
+    return CKR_TEMPLATE_INCONSISTENT;  // session certificates: not kept
+  }
+  std::optional<Bytes> value = TemplateValue(templ, n, CKA_VALUE);
+  if (!value) {
+    return CKR_TEMPLATE_INCOMPLETE;
+  }
+  const auto* p = value->data();
+  SslPtr<X509> cert(d2i_X509(nullptr, &p, static_cast<long>(value->size())));
+  if (cert == nullptr || p != value->data() + value->size()) {
+    return CKR_ATTRIBUTE_VALUE_INVALID;
+  }
+  const Bytes spki =
+      Der<X509_PUBKEY, i2d_X509_PUBKEY>(X509_get_X509_PUBKEY(cert.get()));
+  Bytes id(SHA256_DIGEST_LENGTH);
+  SHA256(spki.data(), spki.size(), id.data());
+  std::optional<Bytes> want_id = TemplateValue(templ, n, CKA_ID);
+  if (want_id && *want_id != id) {
+    return CKR_TEMPLATE_INCONSISTENT;  // CKA_ID is always the key's
+  }
+  CK_RV rv = LoadObjects(*st);
+  if (rv != CKR_OK) {
+    return rv;
+  }
+  std::shared_ptr<const KeyObject> key;
+  {
+    std::lock_guard<std::mutex> lock(st->mu);
+    for (const auto& [handle, obj] : st->objects) {
+      if (!obj->ref.has_owner() &&
+          obj->public_key_sha256 == std::string(id.begin(), id.end())) {
+        key = obj;
+        break;
+      }
+    }
+  }
+  if (key == nullptr) {
+    return CKR_TEMPLATE_INCONSISTENT;  // none of the caller's own keys
+  }
+  auto r = st->client->SetCertificate(
+      key->ref, std::string(value->begin(), value->end()));
+  if (!r.ok()) {
+    return r.status().code() == Code::kInvalidArgument
+               ? CKR_ATTRIBUTE_VALUE_INVALID
+               : MapStatus(r.status(), Context::kOther);
+  }
+  rv = LoadObjects(*st);
+  if (rv != CKR_OK) {
+    return rv;
+  }
+  std::lock_guard<std::mutex> lock(st->mu);
+  for (const auto& [handle, obj] : st->objects) {
+    if (handle == obj->cert_handle && obj->ref.name() == key->ref.name() &&
+        !obj->ref.has_owner()) {
+      *out = handle;
+      return CKR_OK;
+    }
+  }
+  return CKR_FUNCTION_FAILED;  // deleted again in between
+}
+
+// Destroying the private or public object of a key deletes the key in the
+// daemon (and its certificate); destroying the certificate object removes
+// only the certificate.
 CK_RV DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE object) {
   KH_SESSION_OR_RETURN(st, h, sess);
   {
@@ -1664,6 +1833,16 @@ CK_RV DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE object) {
   if (obj->ref.has_owner()) {
     return CKR_ACTION_PROHIBITED;  // a shared key: use only, never delete
   }
+  if (obj->cert_handle != 0 && object == obj->cert_handle) {
+    // The certificate alone; the key stays.
+    auto r = st->client->SetCertificate(obj->ref, "");
+    if (!r.ok() && r.status().code() != Code::kNotFound) {
+      return MapStatus(r.status(), Context::kObject);
+    }
+    std::lock_guard<std::mutex> lock(st->mu);
+    st->objects.erase(obj->cert_handle);
+    return r.ok() ? CKR_OK : CKR_OBJECT_HANDLE_INVALID;
+  }
   Status s = st->client->DestroyKey(obj->ref);
   if (!s.ok() && s.code() != Code::kNotFound) {
     return MapStatus(s, Context::kObject);
@@ -1671,6 +1850,9 @@ CK_RV DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE object) {
   std::lock_guard<std::mutex> lock(st->mu);
   st->objects.erase(obj->priv_handle);
   st->objects.erase(obj->pub_handle);
+  if (obj->cert_handle != 0) {
+    st->objects.erase(obj->cert_handle);
+  }
   return s.ok() ? CKR_OK : CKR_OBJECT_HANDLE_INVALID;
 }
 
@@ -1985,7 +2167,7 @@ CK_FUNCTION_LIST* Functions() {
     l.C_SetOperationState = NotSupported;
     l.C_Login = Wrap<Login>::Call;
     l.C_Logout = Wrap<Logout>::Call;
-    l.C_CreateObject = NotSupported;
+    l.C_CreateObject = Wrap<CreateObject>::Call;
     l.C_CopyObject = NotSupported;
     l.C_DestroyObject = Wrap<DestroyObject>::Call;
     l.C_GetObjectSize = Wrap<GetObjectSize>::Call;

@@ -184,6 +184,48 @@ check "p11tool --list-privkeys" timeout 20 p11tool --provider "$M" --list-privke
   --set-pin 0000 "pkcs11:token=keyhold"
 check "p11tool lists 7 private keys" test "$(grep -c 'type=private' "$KH_DIR/out")" = 7
 
+# Certificates: C_CreateObject (pkcs11-tool --write-object) and `keyhold cert
+# import` store a certificate beside its key; every program sees it with the
+# key's CKA_ID and label; deleting it leaves the key.
+plain_ossl() { env -u OPENSSL_CONF -u OPENSSL_MODULES openssl "$@"; }
+plain_ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/ca.key" \
+  -out "$W/ca.pem" -subj "/CN=keyhold test CA" -days 2 2>/dev/null
+plain_ossl req -new -key "$W/ca.key" -subj /CN=csr -out "$W/any.csr"
+for t in ec-p256 rsa-2048; do
+  printf 'extendedKeyUsage=clientAuth\n' >"$W/ext"
+  plain_ossl x509 -req -in "$W/any.csr" -CA "$W/ca.pem" -CAkey "$W/ca.key" -CAcreateserial \
+    -force_pubkey "$W/k-$t.pub" -subj "/CN=client k-$t" -extfile "$W/ext" -days 1 \
+    -out "$W/k-$t.crt" 2>/dev/null
+  plain_ossl x509 -in "$W/k-$t.crt" -outform DER -out "$W/k-$t.der"
+done
+check "--write-object --type cert (C_CreateObject)" p11 --write-object "$W/k-ec-p256.der" \
+  --type cert --id "$(key_id k-ec-p256)" --label k-ec-p256
+check "keyhold cert show has the certificate written through PKCS#11" \
+  "$KEYHOLD" cert show k-ec-p256
+check "... the same one" cmp "$KH_DIR/out" "$W/k-ec-p256.crt"
+check "keyhold cert import (rsa-2048)" "$KEYHOLD" cert import k-rsa-2048 --in "$W/k-rsa-2048.crt"
+check "pkcs11-tool -O --type cert" p11 -O --type cert
+cp "$KH_DIR/out" "$W/certs"
+check "two certificate objects" test "$(grep -c '^Certificate Object' "$W/certs")" = 2
+check "the certificate has its key's CKA_ID" contains "$W/certs" "ID: *$(key_id k-ec-p256)"
+check "... and the key's label" contains "$W/certs" "label: *k-rsa-2048"
+check "--read-object gives back the DER" p11 --read-object --type cert --id "$(key_id k-rsa-2048)" \
+  -o "$W/read.der"
+check "... byte for byte" cmp "$W/read.der" "$W/k-rsa-2048.der"
+check "p11tool --list-all-certs" timeout 20 p11tool --provider "$M" --list-all-certs \
+  "pkcs11:token=keyhold"
+check "... shows both, typed cert" test "$(grep -c 'type=cert' "$KH_DIR/out")" = 2
+check "a certificate whose CKA_ID is not its key's is refused" sh -c \
+  "! p11 --write-object '$W/k-ec-p256.der' --type cert --id 0102 --label x 2>'$W/err'"
+check "a certificate for a key the caller does not own is refused" sh -c \
+  "! p11 --write-object '$W/ca.pem' --type cert --label ca 2>'$W/err'"
+check "--delete-object --type cert" p11 --delete-object --type cert --id "$(key_id k-rsa-2048)"
+check "the certificate is gone from the daemon" sh -c \
+  "! '$KEYHOLD' cert show k-rsa-2048 2>/dev/null"
+check "the key stays" "$KEYHOLD" key public k-rsa-2048
+check "keep the rsa-2048 certificate for NSS" "$KEYHOLD" cert import k-rsa-2048 \
+  --in "$W/k-rsa-2048.crt"
+
 # NSS: modutil registers the module; certutil sees the token and its keys.
 mkdir -p "$W/nssdb"
 check "certutil -N" certutil -N -d "sql:$W/nssdb" --empty-password
@@ -196,6 +238,35 @@ for t in rsa-2048 ec-p256 ed25519; do
   check "NSS lists k-$t" grep -q " k-$t\$" "$W/nss-keys"
 done
 check "certutil -L -h all" timeout 20 certutil -L -d "sql:$W/nssdb" -h all
+check "certutil -L -h all lists the token's certificates" sh -c \
+  "grep -q 'keyhold:k-ec-p256' '$KH_DIR/out' && grep -q 'keyhold:k-rsa-2048' '$KH_DIR/out'"
+
+# NSS TLS client authentication: tstclnt presents the token's certificate and
+# signs with the keyhold key; a plain openssl s_server requires and verifies it.
+plain_ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/srv.key" \
+  -out "$W/srv.pem" -subj /CN=localhost -addext subjectAltName=IP:127.0.0.1,DNS:localhost \
+  -days 1 2>/dev/null
+check "NSS trusts the test server's certificate" certutil -A -d "sql:$W/nssdb" -n srv -t "P,," \
+  -i "$W/srv.pem"
+port=$((20000 + RANDOM % 20000))
+for t in ec-p256 rsa-2048; do
+  for v in tls1.3 tls1.2; do
+    port=$((port + 1))
+    : >"$W/srv.log"
+    plain_ossl s_server -www -accept "127.0.0.1:$port" -cert "$W/srv.pem" -key "$W/srv.key" \
+      -Verify 1 -verify_return_error -CAfile "$W/ca.pem" >"$W/srv.log" 2>&1 < <(sleep 30) &
+    srv=$!
+    for _ in $(seq 1 100); do grep -q ACCEPT "$W/srv.log" && break; sleep 0.05; done
+    printf 'GET / HTTP/1.0\r\n\r\n' >"$W/req"
+    check "NSS tstclnt client auth with keyhold:k-$t ($v)" timeout 20 tstclnt -h 127.0.0.1 \
+      -p "$port" -d "sql:$W/nssdb" -n "keyhold:k-$t" -V "$v:$v" -A "$W/req"
+    sleep 0.2
+    check "... s_server verified the client certificate (k-$t, $v)" \
+      grep -q "CN = client k-$t" "$W/srv.log"
+    kill "$srv" 2>/dev/null || true
+    wait "$srv" 2>/dev/null || true
+  done
+done
 
 # A key another uid shared with us appears as OWNER/NAME and signs.
 if [ "$(id -u)" -eq 0 ]; then
