@@ -1,6 +1,8 @@
 #!/bin/bash
 # Runs every ```sh test block of docs/*.md, in order per file, against a real
-# keyholdd, so the how-tos cannot drift from the code.
+# keyholdd, so the how-tos cannot drift from the code. Blocks marked
+# ```sh test pkcs11 need the PKCS#11 module: they run with $MODULE set to the
+# built module when KEYHOLD_PKCS11 is given, and are skipped otherwise.
 source "$(dirname "$0")/lib.sh"
 docs_dir="$(cd "$(dirname "$0")/../docs" && pwd)"
 kh_start
@@ -15,16 +17,23 @@ for doc in "$docs_dir"/*.md; do
   python3 - "$doc" "$blocks" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
-for i, m in enumerate(re.finditer(r"```sh test\n(.*?)```", text, re.S)):
-    open(f"{sys.argv[2]}/{i:03d}.sh", "w").write(m.group(1))
+for i, m in enumerate(re.finditer(r"```sh test( pkcs11)?\n(.*?)```", text, re.S)):
+    suffix = ".pkcs11.sh" if m.group(1) else ".sh"
+    open(f"{sys.argv[2]}/{i:03d}{suffix}", "w").write(m.group(2))
 PY
   work="$KH_DIR/work-$(basename "$doc" .md)"
   mkdir -p "$work"
   chmod 777 "$work"
   for block in "$blocks"/*.sh; do
     [ -e "$block" ] || continue
+    module=""
+    if [[ "$block" == *.pkcs11.sh ]]; then
+      [ -n "${KEYHOLD_PKCS11:-}" ] || continue
+      module="$(realpath "$KEYHOLD_PKCS11")"
+    fi
     check "$(basename "$doc") block $(basename "$block" .sh)" \
-      env PATH="$bindir:$PATH" bash -euo pipefail -c "cd '$work' && source '$block'"
+      env PATH="$bindir:$PATH" MODULE="$module" \
+      bash -euo pipefail -c "cd '$work' && source '$block'"
   done
 done
 kh_summary
