@@ -51,6 +51,48 @@ Status ReadString(const toml::table& t, const char* key, std::string* out) {
   return Status::Ok();
 }
 
+// [[backend.pkcs11]] and [[backend.tpm]]: arrays of tables, each with a
+// unique name; everything else in a table is for that backend to parse.
+Status ReadBackends(const toml::node* node, std::vector<BackendSection>* out) {
+  const toml::table* backend = node->as_table();
+  if (backend == nullptr) {
+    return InvalidArgument(
+        "'backend' must hold [[backend.pkcs11]] or [[backend.tpm]] tables");
+  }
+  KH_RETURN_IF_ERROR(CheckKeys(*backend, {"pkcs11", "tpm"}, "backend."));
+  std::set<std::string> names = {"software"};
+  for (const char* kind : {"pkcs11", "tpm"}) {
+    const toml::node* list = backend->get(kind);
+    if (list == nullptr) {
+      continue;
+    }
+    const toml::array* arr = list->as_array();
+    if (arr == nullptr || !arr->is_array_of_tables()) {
+      return InvalidArgument(std::string("write [[backend.") + kind +
+                             "]] tables for '" + kind + "' backends");
+    }
+    for (const toml::node& entry : *arr) {
+      const toml::table& t = *entry.as_table();
+      BackendSection section;
+      section.kind = kind;
+      KH_RETURN_IF_ERROR(ReadString(t, "name", &section.name));
+      if (section.name.empty()) {
+        return InvalidArgument(std::string("every [[backend.") + kind +
+                               "]] needs a name");
+      }
+      if (!names.insert(section.name).second) {
+        return InvalidArgument("backend name '" + section.name +
+                               "' is used twice (or is 'software')");
+      }
+      std::ostringstream text;
+      text << t;
+      section.settings = text.str();
+      out->push_back(std::move(section));
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 StatusOr<Config> ParseConfig(const std::string& toml_text,
@@ -65,11 +107,12 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
     return InvalidArgument(msg.str());
   }
   Config c;
-  KH_RETURN_IF_ERROR(CheckKeys(
-      root,
-      {"socket", "state_dir", "admins", "log_level", "default_backend",
-       "worker_threads", "blocking_threads", "inline_crypto", "limits"},
-      ""));
+  KH_RETURN_IF_ERROR(
+      CheckKeys(root,
+                {"socket", "state_dir", "admins", "log_level",
+                 "default_backend", "worker_threads", "blocking_threads",
+                 "inline_crypto", "limits", "backend"},
+                ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
   KH_RETURN_IF_ERROR(ReadString(root, "log_level", &c.log_level));
@@ -129,6 +172,9 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
                                 86400 * 7));
     KH_RETURN_IF_ERROR(ReadUint(*t, "io_timeout_seconds", &l.io_timeout_seconds,
                                 "limits.", 1, 3600));
+  }
+  if (const toml::node* node = root.get("backend")) {
+    KH_RETURN_IF_ERROR(ReadBackends(node, &c.backends));
   }
   return c;
 }

@@ -23,6 +23,15 @@ struct Limits {
   uint32_t io_timeout_seconds = 10;
 };
 
+// One [[backend.KIND]] table of the config (KIND: pkcs11, tpm). The daemon
+// core checks only the name; the backend of that kind parses the rest of the
+// table (settings: the table re-serialized as TOML) and rejects unknown keys.
+struct BackendSection {
+  std::string kind;
+  std::string name;      // unique among all backends; never "software"
+  std::string settings;  // the whole table as TOML text, name included
+};
+
 struct Config {
   std::string socket_path = "/run/keyhold/keyhold.sock";
   std::string state_dir = "/var/lib/keyhold";
@@ -39,6 +48,8 @@ struct Config {
   // false: every key operation goes through the blocking pool.
   bool inline_crypto = true;
   Limits limits;
+  // Device backends besides the built-in "software" one, in file order.
+  std::vector<BackendSection> backends;
 };
 
 // Parses TOML text. Unknown keys are an error (a typo must not silently fall

@@ -57,6 +57,45 @@ TEST(ConfigTest, RejectsTyposAndBadValues) {
   EXPECT_NE(bad.status().message().find("file.toml:1"), std::string::npos);
 }
 
+TEST(ConfigTest, BackendSectionsKeepTheirSettingsForTheirBackend) {
+  auto c = ParseConfig(R"(
+default_backend = "hsm1"
+[[backend.pkcs11]]
+name = "hsm1"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+sessions = 4
+[[backend.tpm]]
+name = "tpm"
+[[backend.pkcs11]]
+name = "hsm2"
+)",
+                       "t");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  ASSERT_EQ(c->backends.size(), 3u);
+  EXPECT_EQ(c->backends[0].kind, "pkcs11");
+  EXPECT_EQ(c->backends[0].name, "hsm1");
+  EXPECT_EQ(c->backends[1].name, "hsm2");
+  EXPECT_EQ(c->backends[2].kind, "tpm");
+  EXPECT_EQ(c->default_backend, "hsm1");
+  // The settings text parses back to the same table.
+  auto again =
+      ParseConfig("[[backend.pkcs11]]\n" + c->backends[0].settings, "again");
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_NE(c->backends[0].settings.find("libsofthsm2.so"), std::string::npos);
+  EXPECT_NE(c->backends[0].settings.find("sessions = 4"), std::string::npos);
+
+  EXPECT_FALSE(ParseConfig("[[backend.hsm]]\nname = \"x\"", "t").ok());
+  EXPECT_FALSE(ParseConfig("[backend.pkcs11]\nname = \"x\"", "t").ok());
+  EXPECT_FALSE(ParseConfig("[[backend.pkcs11]]\nmodule = \"/m.so\"", "t").ok());
+  EXPECT_FALSE(
+      ParseConfig("[[backend.pkcs11]]\nname = \"software\"", "t").ok());
+  EXPECT_FALSE(ParseConfig("[[backend.pkcs11]]\nname = \"a\"\n"
+                           "[[backend.tpm]]\nname = \"a\"",
+                           "t")
+                   .ok());
+  EXPECT_FALSE(ParseConfig("backend = 1", "t").ok());
+}
+
 TEST(ConfigTest, MissingFile) {
   EXPECT_FALSE(LoadConfigFile("/nonexistent/keyholdd.toml").ok());
 }

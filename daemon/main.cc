@@ -14,6 +14,7 @@
 #include <boost/asio/thread_pool.hpp>
 #include <csignal>
 #include <filesystem>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -135,10 +136,34 @@ int Run(int argc, char** argv) {
     return 1;
   }
 
+  // Device backends from [[backend.KIND]] tables. Each kind's factory parses
+  // its own settings; a backend that cannot start stops the daemon with a
+  // clear message (a key store naming a missing backend is worse).
+  std::vector<std::unique_ptr<keyhold::backend::Backend>> devices;
+  for (const keyhold::daemon::BackendSection& section : config.backends) {
+    keyhold::StatusOr<std::unique_ptr<keyhold::backend::Backend>> made =
+        keyhold::Unavailable("backend kind '" + section.kind +
+                             "' is not available in this build");
+    if (section.kind == "pkcs11") {
+      // issue 5: made = ...pkcs11 backend factory...(section);
+    } else if (section.kind == "tpm") {
+      // issue 6: made = ...tpm backend factory...(section);
+    }
+    if (!made.ok()) {
+      spdlog::critical("backend '{}': {}", section.name,
+                       made.status().message());
+      return 1;
+    }
+    devices.push_back(std::move(*made));
+  }
+
   keyhold::daemon::ClientRegistry clients;
   keyhold::daemon::OpContext ctx;
   ctx.store = store->get();
   ctx.backends[std::string((*software)->Name())] = software->get();
+  for (const auto& device : devices) {
+    ctx.backends[std::string(device->Name())] = device.get();
+  }
   ctx.default_backend = config.default_backend;
   ctx.clients = &clients;
   ctx.limits = config.limits;
