@@ -13,8 +13,10 @@
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
 #include <openssl/ec.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <openssl/rsa.h>
 #include <openssl/sha.h>
 #include <openssl/x509.h>
 #include <pthread.h>
@@ -449,20 +451,20 @@ constexpr CK_FLAGS kEcFlags =
     CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
 
 const MechanismSpec kMechanisms[] = {
-    {CKM_RSA_PKCS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_DECRYPT},
-    {CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_HW | CKF_SIGN},
-    {CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_HW | CKF_SIGN},
-    {CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_HW | CKF_SIGN},
-    {CKM_RSA_PKCS_PSS, 2048, 4096, CKF_HW | CKF_SIGN},
-    {CKM_SHA256_RSA_PKCS_PSS, 2048, 4096, CKF_HW | CKF_SIGN},
-    {CKM_SHA384_RSA_PKCS_PSS, 2048, 4096, CKF_HW | CKF_SIGN},
-    {CKM_SHA512_RSA_PKCS_PSS, 2048, 4096, CKF_HW | CKF_SIGN},
+    {CKM_RSA_PKCS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_VERIFY | CKF_DECRYPT},
+    {CKM_SHA256_RSA_PKCS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_VERIFY},
+    {CKM_SHA384_RSA_PKCS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_VERIFY},
+    {CKM_SHA512_RSA_PKCS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_VERIFY},
+    {CKM_RSA_PKCS_PSS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_VERIFY},
+    {CKM_SHA256_RSA_PKCS_PSS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_VERIFY},
+    {CKM_SHA384_RSA_PKCS_PSS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_VERIFY},
+    {CKM_SHA512_RSA_PKCS_PSS, 2048, 4096, CKF_HW | CKF_SIGN | CKF_VERIFY},
     {CKM_RSA_PKCS_OAEP, 2048, 4096, CKF_HW | CKF_DECRYPT},
-    {CKM_ECDSA, 256, 521, CKF_HW | CKF_SIGN | kEcFlags},
-    {CKM_ECDSA_SHA256, 256, 521, CKF_HW | CKF_SIGN | kEcFlags},
-    {CKM_ECDSA_SHA384, 256, 521, CKF_HW | CKF_SIGN | kEcFlags},
-    {CKM_ECDSA_SHA512, 256, 521, CKF_HW | CKF_SIGN | kEcFlags},
-    {CKM_EDDSA, 255, 255, CKF_HW | CKF_SIGN | CKF_EC_NAMEDCURVE},
+    {CKM_ECDSA, 256, 521, CKF_HW | CKF_SIGN | CKF_VERIFY | kEcFlags},
+    {CKM_ECDSA_SHA256, 256, 521, CKF_HW | CKF_SIGN | CKF_VERIFY | kEcFlags},
+    {CKM_ECDSA_SHA384, 256, 521, CKF_HW | CKF_SIGN | CKF_VERIFY | kEcFlags},
+    {CKM_ECDSA_SHA512, 256, 521, CKF_HW | CKF_SIGN | CKF_VERIFY | kEcFlags},
+    {CKM_EDDSA, 255, 255, CKF_HW | CKF_SIGN | CKF_VERIFY | CKF_EC_NAMEDCURVE},
     {CKM_ECDH1_DERIVE, 255, 521, CKF_HW | CKF_DERIVE | kEcFlags},
     {CKM_SHA256, 0, 0, CKF_DIGEST},
     {CKM_SHA384, 0, 0, CKF_DIGEST},
@@ -534,6 +536,7 @@ struct Session {
   std::vector<CK_OBJECT_HANDLE> found;
   std::size_t found_pos = 0;
   std::optional<SignOp> sign;
+  std::optional<SignOp> verify;  // same parameters; checked in the process
   std::optional<DecryptOp> decrypt;
   SslPtr<EVP_MD_CTX> digest;  // C_DigestInit .. C_Digest/C_DigestFinal
 };
@@ -1170,19 +1173,37 @@ bool NoParameter(const CK_MECHANISM& m) {
   return m.pParameter == nullptr || m.ulParameterLen == 0;
 }
 
-CK_RV SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
-               CK_OBJECT_HANDLE key) {
-  KH_SESSION_OR_RETURN(st, h, sess);
-  if (mech == nullptr) {
-    return CKR_ARGUMENTS_BAD;
+// Verification is a public-key operation: the key's public or private
+// object names it, and the signature is checked here, with no round trip.
+CK_RV KeyForVerify(State& st, CK_OBJECT_HANDLE key,
+                   std::shared_ptr<const KeyObject>* out) {
+  bool is_private = false;
+  auto obj = FindObject(st, key, &is_private);
+  if (obj == nullptr) {
+    CK_RV rv = LoadObjects(st);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    obj = FindObject(st, key, &is_private);
   }
-  std::lock_guard<std::mutex> slock(sess->mu);
-  if (sess->sign.has_value()) {
-    return CKR_OPERATION_ACTIVE;
+  if (obj == nullptr || (obj->cert_handle != 0 && key == obj->cert_handle)) {
+    return CKR_KEY_HANDLE_INVALID;
   }
+  if (!obj->can(v1::USAGE_SIGN)) {
+    return CKR_KEY_FUNCTION_NOT_PERMITTED;
+  }
+  *out = std::move(obj);
+  return CKR_OK;
+}
+
+// Checks mechanism and parameters against the key and fills in op for a
+// sign (the request sent at C_Sign) or a verify (done in the process).
+CK_RV PrepareSignOp(State& st, CK_MECHANISM_PTR mech, CK_OBJECT_HANDLE key,
+                    bool verify, SignOp* out) {
   SignOp op;
   op.mechanism = mech->mechanism;
-  CK_RV rv = KeyForOperation(*st, key, v1::USAGE_SIGN, &op.key);
+  CK_RV rv = verify ? KeyForVerify(st, key, &op.key)
+                    : KeyForOperation(st, key, v1::USAGE_SIGN, &op.key);
   if (rv != CKR_OK) {
     return rv;
   }
@@ -1284,6 +1305,25 @@ CK_RV SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
       return CKR_HOST_MEMORY;
     }
   }
+  *out = std::move(op);
+  return CKR_OK;
+}
+
+CK_RV SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
+               CK_OBJECT_HANDLE key) {
+  KH_SESSION_OR_RETURN(st, h, sess);
+  if (mech == nullptr) {
+    return CKR_ARGUMENTS_BAD;
+  }
+  std::lock_guard<std::mutex> slock(sess->mu);
+  if (sess->sign.has_value()) {
+    return CKR_OPERATION_ACTIVE;
+  }
+  SignOp op;
+  CK_RV rv = PrepareSignOp(*st, mech, key, /*verify=*/false, &op);
+  if (rv != CKR_OK) {
+    return rv;
+  }
   sess->sign = std::move(op);
   return CKR_OK;
 }
@@ -1309,8 +1349,9 @@ std::optional<Bytes> EcdsaDerToRaw(const std::string& der, std::size_t field) {
 // Finishes a sign operation over `input` (the message for hashed mechanisms
 // whose hashing already happened in op.md, else the raw input). The caller
 // has checked the output buffer; the operation ends on return.
-CK_RV FinishSign(State& st, SignOp& op, const uint8_t* input, std::size_t len,
-                 CK_BYTE_PTR sig, CK_ULONG_PTR sig_len) {
+// Sets op.request's data: the digest of everything hashed (hashed
+// mechanisms), or the raw input after checking its length.
+CK_RV SetSignInput(SignOp& op, const uint8_t* input, std::size_t len) {
   v1::SignRequest& req = op.request;
   if (op.md != nullptr) {
     if (input != nullptr && len != 0 &&
@@ -1348,6 +1389,16 @@ CK_RV FinishSign(State& st, SignOp& op, const uint8_t* input, std::size_t len,
     }
     req.set_data(input, len);
   }
+  return CKR_OK;
+}
+
+CK_RV FinishSign(State& st, SignOp& op, const uint8_t* input, std::size_t len,
+                 CK_BYTE_PTR sig, CK_ULONG_PTR sig_len) {
+  CK_RV rv = SetSignInput(op, input, len);
+  if (rv != CKR_OK) {
+    return rv;
+  }
+  const v1::SignRequest& req = op.request;
   auto out = st.client->Sign(req);
   if (!out.ok()) {
     return MapStatus(out.status(), Context::kKey);
@@ -1458,6 +1509,191 @@ CK_RV SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG_PTR sig_len) {
   sess->sign.reset();
   Bytes input = std::move(op.buffer);
   return FinishSign(*st, op, input.data(), input.size(), sig, sig_len);
+}
+
+// ---------------------------------------------------------------------------
+// Verification, in the process with the key's public half (OpenSSL).
+
+// PKCS#11 ECDSA r || s -> DER ECDSA-Sig-Value.
+std::optional<Bytes> EcdsaRawToDer(const uint8_t* sig, std::size_t len) {
+  if (len == 0 || len % 2 != 0) {
+    return std::nullopt;
+  }
+  const int half = static_cast<int>(len / 2);
+  ECDSA_SIG* s = ECDSA_SIG_new();
+  BIGNUM* r = BN_bin2bn(sig, half, nullptr);
+  BIGNUM* ss = BN_bin2bn(sig + half, half, nullptr);
+  if (s == nullptr || r == nullptr || ss == nullptr ||
+      ECDSA_SIG_set0(s, r, ss) != 1) {
+    BN_free(r);
+    BN_free(ss);
+    ECDSA_SIG_free(s);
+    return std::nullopt;
+  }
+  unsigned char* der = nullptr;
+  const int der_len = i2d_ECDSA_SIG(s, &der);
+  ECDSA_SIG_free(s);
+  if (der_len <= 0) {
+    return std::nullopt;
+  }
+  Bytes out(der, der + der_len);
+  OPENSSL_free(der);
+  return out;
+}
+
+CK_RV FinishVerify(SignOp& op, const uint8_t* input, std::size_t len,
+                   const uint8_t* sig, std::size_t sig_len) {
+  CK_RV rv = SetSignInput(op, input, len);
+  if (rv != CKR_OK) {
+    return rv;
+  }
+  if (sig_len != op.key->sig_len) {
+    return CKR_SIGNATURE_LEN_RANGE;
+  }
+  const v1::SignRequest& req = op.request;
+  const auto* spki =
+      reinterpret_cast<const unsigned char*>(op.key->spki.data());
+  SslPtr<EVP_PKEY> pub(
+      d2i_PUBKEY(nullptr, &spki, static_cast<long>(op.key->spki.size())));
+  if (pub == nullptr) {
+    return CKR_FUNCTION_FAILED;
+  }
+  const auto* data = reinterpret_cast<const unsigned char*>(req.data().data());
+  const std::size_t data_len = req.data().size();
+  int ok = 0;
+  if (req.algorithm() == v1::ED25519_PURE) {
+    SslPtr<EVP_MD_CTX> ctx(EVP_MD_CTX_new());
+    ok = ctx != nullptr &&
+         EVP_DigestVerifyInit(ctx.get(), nullptr, nullptr, nullptr,
+                              pub.get()) == 1 &&
+         EVP_DigestVerify(ctx.get(), sig, sig_len, data, data_len) == 1;
+  } else {
+    SslPtr<EVP_PKEY_CTX> ctx(
+        EVP_PKEY_CTX_new_from_pkey(nullptr, pub.get(), nullptr));
+    if (ctx == nullptr || EVP_PKEY_verify_init(ctx.get()) != 1) {
+      return CKR_FUNCTION_FAILED;
+    }
+    Bytes der;
+    const uint8_t* check = sig;
+    std::size_t check_len = sig_len;
+    bool set = true;
+    switch (req.algorithm()) {
+      case v1::RSA_PKCS1:
+        set = EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_PADDING) == 1 &&
+              (req.digest() == v1::DIGEST_NONE ||
+               EVP_PKEY_CTX_set_signature_md(ctx.get(),
+                                             DigestMd(req.digest())) == 1);
+        break;
+      case v1::RSA_PSS:
+        set = EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_PSS_PADDING) ==
+                  1 &&
+              EVP_PKEY_CTX_set_signature_md(ctx.get(),
+                                            DigestMd(req.digest())) == 1 &&
+              EVP_PKEY_CTX_set_rsa_mgf1_md(
+                  ctx.get(), DigestMd(req.pss_mgf1_digest())) == 1 &&
+              EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx.get(),
+                                               req.pss_salt_length()) == 1;
+        break;
+      case v1::ECDSA: {
+        auto converted = EcdsaRawToDer(sig, sig_len);
+        if (!converted) {
+          return CKR_SIGNATURE_INVALID;
+        }
+        der = std::move(*converted);
+        check = der.data();
+        check_len = der.size();
+        break;
+      }
+      default:
+        return CKR_FUNCTION_FAILED;
+    }
+    if (!set) {
+      ERR_clear_error();
+      return CKR_MECHANISM_PARAM_INVALID;
+    }
+    ok = EVP_PKEY_verify(ctx.get(), check, check_len, data, data_len) == 1;
+  }
+  ERR_clear_error();
+  return ok ? CKR_OK : CKR_SIGNATURE_INVALID;
+}
+
+CK_RV VerifyInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
+                 CK_OBJECT_HANDLE key) {
+  KH_SESSION_OR_RETURN(st, h, sess);
+  if (mech == nullptr) {
+    return CKR_ARGUMENTS_BAD;
+  }
+  std::lock_guard<std::mutex> slock(sess->mu);
+  if (sess->verify.has_value()) {
+    return CKR_OPERATION_ACTIVE;
+  }
+  SignOp op;
+  CK_RV rv = PrepareSignOp(*st, mech, key, /*verify=*/true, &op);
+  if (rv != CKR_OK) {
+    return rv;
+  }
+  sess->verify = std::move(op);
+  return CKR_OK;
+}
+
+CK_RV Verify(CK_SESSION_HANDLE h, CK_BYTE_PTR data, CK_ULONG data_len,
+             CK_BYTE_PTR sig, CK_ULONG sig_len) {
+  KH_SESSION_OR_RETURN(st, h, sess);
+  std::lock_guard<std::mutex> slock(sess->mu);
+  if (!sess->verify.has_value()) {
+    return CKR_OPERATION_NOT_INITIALIZED;
+  }
+  SignOp op = std::move(*sess->verify);
+  sess->verify.reset();
+  if ((data == nullptr && data_len != 0) || sig == nullptr) {
+    return CKR_ARGUMENTS_BAD;
+  }
+  if (op.updated) {
+    return CKR_FUNCTION_FAILED;  // C_Verify after C_VerifyUpdate
+  }
+  return FinishVerify(op, data, data_len, sig, sig_len);
+}
+
+CK_RV VerifyUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR part, CK_ULONG part_len) {
+  KH_SESSION_OR_RETURN(st, h, sess);
+  std::lock_guard<std::mutex> slock(sess->mu);
+  if (!sess->verify.has_value()) {
+    return CKR_OPERATION_NOT_INITIALIZED;
+  }
+  if (part == nullptr && part_len != 0) {
+    sess->verify.reset();
+    return CKR_ARGUMENTS_BAD;
+  }
+  SignOp& op = *sess->verify;
+  op.updated = true;
+  if (op.md != nullptr) {
+    if (part_len != 0 && EVP_DigestUpdate(op.md.get(), part, part_len) != 1) {
+      sess->verify.reset();
+      return CKR_FUNCTION_FAILED;
+    }
+    return CKR_OK;
+  }
+  if (op.buffer.size() + part_len > kMaxBufferedInput) {
+    sess->verify.reset();
+    return CKR_DATA_LEN_RANGE;
+  }
+  op.buffer.insert(op.buffer.end(), part, part + part_len);
+  return CKR_OK;
+}
+
+CK_RV VerifyFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG sig_len) {
+  KH_SESSION_OR_RETURN(st, h, sess);
+  std::lock_guard<std::mutex> slock(sess->mu);
+  if (!sess->verify.has_value()) {
+    return CKR_OPERATION_NOT_INITIALIZED;
+  }
+  SignOp op = std::move(*sess->verify);
+  sess->verify.reset();
+  if (sig == nullptr) {
+    return CKR_ARGUMENTS_BAD;
+  }
+  Bytes input = std::move(op.buffer);
+  return FinishVerify(op, input.data(), input.size(), sig, sig_len);
 }
 
 // ---------------------------------------------------------------------------
@@ -2195,10 +2431,10 @@ CK_FUNCTION_LIST* Functions() {
     l.C_SignFinal = Wrap<SignFinal>::Call;
     l.C_SignRecoverInit = NotSupported;
     l.C_SignRecover = NotSupported;
-    l.C_VerifyInit = NotSupported;
-    l.C_Verify = NotSupported;
-    l.C_VerifyUpdate = NotSupported;
-    l.C_VerifyFinal = NotSupported;
+    l.C_VerifyInit = Wrap<VerifyInit>::Call;
+    l.C_Verify = Wrap<Verify>::Call;
+    l.C_VerifyUpdate = Wrap<VerifyUpdate>::Call;
+    l.C_VerifyFinal = Wrap<VerifyFinal>::Call;
     l.C_VerifyRecoverInit = NotSupported;
     l.C_VerifyRecover = NotSupported;
     l.C_DigestEncryptUpdate = NotSupported;
@@ -2240,6 +2476,9 @@ CK_RV SessionCancel(CK_SESSION_HANDLE h, CK_FLAGS flags) {
     std::lock_guard<std::mutex> slock(sess->mu);
     if ((flags & CKF_SIGN) != 0) {
       sess->sign.reset();
+    }
+    if ((flags & CKF_VERIFY) != 0) {
+      sess->verify.reset();
     }
     if ((flags & CKF_DECRYPT) != 0) {
       sess->decrypt.reset();

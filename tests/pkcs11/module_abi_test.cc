@@ -2,7 +2,8 @@
 // application loads it, against a real keyholdd (CMocka): exports and the
 // PKCS#11 3.0 interfaces, info/slot/token, sessions and login, find
 // templates, attribute reads by the spec's rules, error codes, signing (size
-// queries, multi-part, bad parameters), fork, many threads, and a daemon that
+// queries, multi-part, bad parameters) and verification, certificate objects
+// (C_CreateObject/C_DestroyObject), fork, many threads, and a daemon that
 // goes down and comes back.
 //
 // The group setup starts one daemon and dlopens the module once (it is never
@@ -1036,8 +1037,29 @@ void SignSizeQueriesMultiPartAndBadParameters(void** /*state*/) {
               ec_decrypt == CKR_KEY_FUNCTION_NOT_PERMITTED);
   ASSERT_RV(F()->C_DecryptInit(s, &aes, rsa), CKR_MECHANISM_INVALID);
   ASSERT_RV(F()->C_DecryptInit(s, nullptr, rsa), CKR_ARGUMENTS_BAD);
+  // Verification runs in the module with the key's public half, named by
+  // either object; a wrong signature is CKR_SIGNATURE_INVALID.
+  Bytes vsig(64);
+  CK_ULONG vlen = 64;
+  ASSERT_RV(F()->C_SignInit(s, &m, key), CKR_OK);
+  ASSERT_RV(F()->C_Sign(s, data.data(), 32, vsig.data(), &vlen), CKR_OK);
+  for (CK_OBJECT_HANDLE h : {key, key + 1}) {
+    ASSERT_RV(F()->C_VerifyInit(s, &m, h), CKR_OK);
+    ASSERT_RV(F()->C_Verify(s, data.data(), 32, vsig.data(), vlen), CKR_OK);
+  }
+  Bytes bad_sig = vsig;
+  bad_sig[5] ^= 0x01;
+  ASSERT_RV(F()->C_VerifyInit(s, &m, key + 1), CKR_OK);
+  ASSERT_RV(F()->C_Verify(s, data.data(), 32, bad_sig.data(), vlen),
+            CKR_SIGNATURE_INVALID);
+  ASSERT_RV(F()->C_VerifyInit(s, &m, key + 1), CKR_OK);
+  ASSERT_RV(F()->C_Verify(s, data.data(), 32, vsig.data(), 63),
+            CKR_SIGNATURE_LEN_RANGE);
+  ASSERT_RV(F()->C_Verify(s, data.data(), 32, vsig.data(), vlen),
+            CKR_OPERATION_NOT_INITIALIZED);
+  ASSERT_RV(F()->C_VerifyInit(s, &rsa_pkcs, key + 1),
+            CKR_KEY_TYPE_INCONSISTENT);
   // Operations the module does not offer.
-  ASSERT_RV(F()->C_VerifyInit(s, &m, key + 1), CKR_FUNCTION_NOT_SUPPORTED);
   ASSERT_RV(F()->C_EncryptInit(s, &rsa_pkcs, rsa + 1),
             CKR_FUNCTION_NOT_SUPPORTED);
 
@@ -1238,6 +1260,126 @@ void GenerateAndDestroy(void** /*state*/) {
   ASSERT_RV(F()->C_DestroyObject(rw, hpub), CKR_OBJECT_HANDLE_INVALID);
 }
 
+// A DER X.509 certificate for the public key `spki`, signed by a throwaway
+// key (the module and the daemon check whose key it certifies, not the CA).
+Bytes CertificateFor(const std::string& spki) {
+  const auto* p = reinterpret_cast<const unsigned char*>(spki.data());
+  SslPtr<EVP_PKEY> pub(d2i_PUBKEY(nullptr, &p, static_cast<long>(spki.size())));
+  SslPtr<EVP_PKEY> ca(EVP_EC_gen("P-256"));
+  SslPtr<X509> cert(X509_new());
+  assert_non_null(pub.get());
+  assert_non_null(ca.get());
+  assert_non_null(cert.get());
+  X509_NAME* name = X509_get_subject_name(cert.get());
+  X509_NAME_add_entry_by_txt(
+      name, "CN", MBSTRING_ASC,
+      reinterpret_cast<const unsigned char*>("keyhold test"), -1, -1, 0);
+  assert_int_equal(X509_set_issuer_name(cert.get(), name), 1);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert.get()), 7);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), 0);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), 3600);
+  assert_int_equal(X509_set_pubkey(cert.get(), pub.get()), 1);
+  assert_true(X509_sign(cert.get(), ca.get(), EVP_sha256()) > 0);
+  unsigned char* der = nullptr;
+  const int len = i2d_X509(cert.get(), &der);
+  assert_true(len > 0);
+  Bytes out(der, der + len);
+  OPENSSL_free(der);
+  return out;
+}
+
+void CertificateObjects(void** /*state*/) {
+  const std::string spki = MakeKey("tls", v1::EC_P256);
+  MakeKey("other", v1::EC_P256);
+  Bytes cert = CertificateFor(spki);
+  CK_SESSION_HANDLE ro = Open();
+  CK_SESSION_HANDLE rw = Open(CKF_SERIAL_SESSION | CKF_RW_SESSION);
+  CK_OBJECT_CLASS cert_class = CKO_CERTIFICATE;
+  CK_OBJECT_CLASS key_class = CKO_PRIVATE_KEY;
+  CK_CERTIFICATE_TYPE x509 = CKC_X_509;
+  CK_CERTIFICATE_TYPE wtls = CKC_WTLS;
+  CK_BBOOL no = CK_FALSE;
+  CK_OBJECT_HANDLE h = 0;
+  CK_ATTRIBUTE good[] = {{CKA_CLASS, &cert_class, sizeof cert_class},
+                         {CKA_CERTIFICATE_TYPE, &x509, sizeof x509},
+                         {CKA_VALUE, cert.data(), cert.size()}};
+
+  // Refusals, each with its own code; nothing is stored.
+  ASSERT_RV(F()->C_CreateObject(rw, good, 3, nullptr), CKR_ARGUMENTS_BAD);
+  ASSERT_RV(F()->C_CreateObject(ro, good, 3, &h), CKR_SESSION_READ_ONLY);
+  ASSERT_RV(F()->C_CreateObject(rw, good + 1, 2, &h), CKR_TEMPLATE_INCOMPLETE);
+  ASSERT_RV(F()->C_CreateObject(rw, good, 2, &h), CKR_TEMPLATE_INCOMPLETE);
+  CK_ATTRIBUTE as_key[] = {{CKA_CLASS, &key_class, sizeof key_class},
+                           {CKA_VALUE, cert.data(), cert.size()}};
+  ASSERT_RV(F()->C_CreateObject(rw, as_key, 2, &h), CKR_TEMPLATE_INCONSISTENT);
+  CK_ATTRIBUTE wrong_type[] = {{CKA_CLASS, &cert_class, sizeof cert_class},
+                               {CKA_CERTIFICATE_TYPE, &wtls, sizeof wtls},
+                               {CKA_VALUE, cert.data(), cert.size()}};
+  ASSERT_RV(F()->C_CreateObject(rw, wrong_type, 3, &h),
+            CKR_ATTRIBUTE_VALUE_INVALID);
+  Bytes junk = {0x30, 0x03, 0x02, 0x01, 0x01};
+  CK_ATTRIBUTE garbage[] = {{CKA_CLASS, &cert_class, sizeof cert_class},
+                            {CKA_VALUE, junk.data(), junk.size()}};
+  ASSERT_RV(F()->C_CreateObject(rw, garbage, 2, &h),
+            CKR_ATTRIBUTE_VALUE_INVALID);
+  CK_ATTRIBUTE session_cert[] = {{CKA_CLASS, &cert_class, sizeof cert_class},
+                                 {CKA_TOKEN, &no, sizeof no},
+                                 {CKA_VALUE, cert.data(), cert.size()}};
+  ASSERT_RV(F()->C_CreateObject(rw, session_cert, 3, &h),
+            CKR_TEMPLATE_INCONSISTENT);
+  uint8_t wrong_id[] = {1, 2, 3};
+  CK_ATTRIBUTE bad_id[] = {{CKA_CLASS, &cert_class, sizeof cert_class},
+                           {CKA_ID, wrong_id, sizeof wrong_id},
+                           {CKA_VALUE, cert.data(), cert.size()}};
+  ASSERT_RV(F()->C_CreateObject(rw, bad_id, 3, &h), CKR_TEMPLATE_INCONSISTENT);
+  EVP_PKEY* lone = EVP_EC_gen("P-256");
+  unsigned char* lone_der = nullptr;
+  const int lone_len = i2d_PUBKEY(lone, &lone_der);
+  Bytes unowned = CertificateFor(std::string(
+      reinterpret_cast<char*>(lone_der), static_cast<std::size_t>(lone_len)));
+  OPENSSL_free(lone_der);
+  EVP_PKEY_free(lone);
+  CK_ATTRIBUTE no_key[] = {{CKA_CLASS, &cert_class, sizeof cert_class},
+                           {CKA_VALUE, unowned.data(), unowned.size()}};
+  ASSERT_RV(F()->C_CreateObject(rw, no_key, 2, &h), CKR_TEMPLATE_INCONSISTENT);
+  assert_int_equal(
+      Find(ro, {{CKA_CLASS, &cert_class, sizeof cert_class}}).size(), 0);
+
+  // Stored beside its key: same CKA_ID and label, the DER as CKA_VALUE.
+  ASSERT_RV(F()->C_CreateObject(rw, good, 3, &h), CKR_OK);
+  auto certs = Find(ro, {{CKA_CLASS, &cert_class, sizeof cert_class}});
+  assert_int_equal(certs.size(), 1);
+  assert_int_equal(certs[0], h);
+  const CK_OBJECT_HANDLE key = PrivateKey(ro, "tls");
+  Bytes key_id(32), cert_id(32), value(cert.size() + 10);
+  char label[16] = {};
+  CK_ATTRIBUTE kid[] = {{CKA_ID, key_id.data(), 32}};
+  CK_ATTRIBUTE attrs[] = {{CKA_ID, cert_id.data(), 32},
+                          {CKA_VALUE, value.data(), value.size()},
+                          {CKA_LABEL, label, sizeof label}};
+  ASSERT_RV(F()->C_GetAttributeValue(ro, key, kid, 1), CKR_OK);
+  ASSERT_RV(F()->C_GetAttributeValue(ro, h, attrs, 3), CKR_OK);
+  assert_true(key_id == cert_id);
+  value.resize(attrs[1].ulValueLen);
+  assert_true(value == cert);
+  assert_string_equal(std::string(label, attrs[2].ulValueLen).c_str(), "tls");
+  auto stored = g->client->GetPublicKey(client::MakeKeyRef("tls"));
+  assert_true(stored.ok());
+  assert_true((*stored).info().certificate() ==
+              std::string(cert.begin(), cert.end()));
+
+  // Destroying the certificate leaves the key; destroying the key takes both.
+  ASSERT_RV(F()->C_DestroyObject(ro, h), CKR_SESSION_READ_ONLY);
+  ASSERT_RV(F()->C_DestroyObject(rw, h), CKR_OK);
+  assert_int_equal(
+      Find(ro, {{CKA_CLASS, &cert_class, sizeof cert_class}}).size(), 0);
+  assert_true(g->client->GetPublicKey(client::MakeKeyRef("tls")).ok());
+  ASSERT_RV(F()->C_CreateObject(rw, good, 3, &h), CKR_OK);
+  ASSERT_RV(F()->C_DestroyObject(rw, PrivateKey(ro, "tls")), CKR_OK);
+  assert_int_equal(
+      Find(ro, {{CKA_CLASS, &cert_class, sizeof cert_class}}).size(), 0);
+}
+
 }  // namespace
 }  // namespace keyhold::testing
 
@@ -1265,6 +1407,7 @@ int main() {
       cmocka_unit_test_setup_teardown(EcdhDeriveMakesASessionSecret, Setup,
                                       Teardown),
       cmocka_unit_test_setup_teardown(GenerateAndDestroy, Setup, Teardown),
+      cmocka_unit_test_setup_teardown(CertificateObjects, Setup, Teardown),
   };
   const int failed = cmocka_run_group_tests_name("pkcs11_module_test", tests,
                                                  GroupSetup, GroupTeardown);

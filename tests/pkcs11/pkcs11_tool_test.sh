@@ -117,6 +117,32 @@ check "EDDSA ed25519" p11 --sign -m EDDSA --id "$(key_id k-ed25519)" -i "$W/msg"
 check "openssl verifies EDDSA" openssl pkeyutl -verify -pubin -inkey "$W/k-ed25519.pub" -rawin \
   -in "$W/msg" -sigfile "$W/sig"
 
+# C_Verify* (pkcs11-tool --verify): checked in the module with the public
+# key; a signature over other data is rejected.
+head -c 100 /dev/urandom >"$W/other"
+verify_case() {  # verify_case NAME MECH-OPTIONS...  (signature in $W/sig over $W/msg)
+  local what="$1"
+  shift
+  check "--verify $what" p11 --verify "$@" -i "$W/msg" --signature-file "$W/sig"
+  check "... says the signature is valid ($what)" contains "$KH_DIR/out" "Signature is valid"
+  # (pkcs11-tool 0.23 exits 0 either way; it prints the verdict.)
+  check "--verify $what over other data runs" p11 --verify "$@" -i "$W/other" \
+    --signature-file "$W/sig"
+  check "... and says the signature is invalid ($what)" contains "$KH_DIR/out" "Invalid signature"
+}
+id=$(key_id k-ec-p384)
+check "sign ECDSA-SHA384 for --verify" p11 --sign -m ECDSA-SHA384 --id "$id" -i "$W/msg" -o "$W/sig"
+verify_case "ECDSA-SHA384 p384" -m ECDSA-SHA384 --id "$id"
+id=$(key_id k-rsa-2048)
+check "sign SHA256-RSA-PKCS for --verify" p11 --sign -m SHA256-RSA-PKCS --id "$id" -i "$W/msg" -o "$W/sig"
+verify_case "SHA256-RSA-PKCS" -m SHA256-RSA-PKCS --id "$id"
+check "sign SHA512-RSA-PKCS-PSS for --verify" p11 --sign -m SHA512-RSA-PKCS-PSS --mgf MGF1-SHA512 \
+  --salt-len 64 --id "$id" -i "$W/msg" -o "$W/sig"
+verify_case "SHA512-RSA-PKCS-PSS" -m SHA512-RSA-PKCS-PSS --mgf MGF1-SHA512 --salt-len 64 --id "$id"
+id=$(key_id k-ed25519)
+check "sign EDDSA for --verify" p11 --sign -m EDDSA --id "$id" -i "$W/msg" -o "$W/sig"
+verify_case "EDDSA" -m EDDSA --id "$id"
+
 # Errors are clean CKR_* codes.
 check "ECDSA with an RSA key is refused" sh -c \
   "! timeout 20 pkcs11-tool --module '$M' --sign -m ECDSA --id $(key_id k-rsa-2048) -i '$W/msg.sha256' -o '$W/sig' 2>'$W/err'"
