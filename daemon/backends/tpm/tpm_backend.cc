@@ -1,0 +1,1612 @@
+#include "daemon/backends/tpm/tpm_backend.h"
+
+#include <fcntl.h>
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/ec.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/param_build.h>
+#include <openssl/rand.h>
+#include <openssl/x509.h>
+#include <sys/stat.h>
+#include <toml++/toml.h>
+#include <tss2/tss2_esys.h>
+#include <tss2/tss2_mu.h>
+#include <tss2/tss2_rc.h>
+#include <tss2/tss2_tctildr.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <unordered_map>
+#include <utility>
+
+#include "common/key_types.h"
+#include "common/ssl_ptr.h"
+#include "daemon/backends/tpm/tpm_errors.h"
+
+namespace keyhold::backend::tpm {
+namespace {
+
+// Blob: version | u16 len | TPM2B_PUBLIC | u16 len | TPM2B_PRIVATE |
+//       nonce | AES-256-GCM(auth value) | tag
+// The AAD binds the key reference and both TPM areas, so a blob's sealed
+// auth value works only with its own key and reference.
+constexpr uint8_t kBlobVersion = 0x01;
+constexpr std::size_t kNonceSize = 12;
+constexpr std::size_t kTagSize = 16;
+constexpr std::size_t kAuthSize = 32;  // = SHA-256, the keys' nameAlg
+constexpr std::size_t kMasterKeySize = 32;
+constexpr std::string_view kAadPrefix = "keyhold-tpm-v1:";
+// Purpose label for the key that seals auth values, derived from the master
+// key: the master key itself is never used for two purposes.
+constexpr std::string_view kSealKeyLabel = "keyhold tpm auth-value sealing v1";
+
+using EsysPtr = std::unique_ptr<void, decltype(&Esys_Free)>;
+template <typename T>
+std::unique_ptr<T, decltype(&Esys_Free)> Owned(T* p) {
+  return std::unique_ptr<T, decltype(&Esys_Free)>(p, &Esys_Free);
+}
+
+Status SslError(Code code, std::string message) {
+  ERR_clear_error();
+  return Status(code, std::move(message));
+}
+
+// ---------------------------------------------------------------------------
+// Files
+
+Status FileError(const std::filesystem::path& path, std::string_view reason) {
+  return Internal("file '" + path.string() + "': " + std::string(reason));
+}
+
+// Reads a small secret file that must be a regular file owned by us with no
+// group or other access. exact_size 0: any size up to max_size.
+StatusOr<SecretBytes> ReadPrivateFile(const std::filesystem::path& path,
+                                      std::size_t exact_size,
+                                      std::size_t max_size) {
+  const int fd =
+      ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0) {
+    return FileError(path, std::string("cannot open: ") + std::strerror(errno));
+  }
+  struct stat st {};
+  Status status;
+  if (::fstat(fd, &st) != 0) {
+    status = FileError(path, "cannot stat");
+  } else if (!S_ISREG(st.st_mode)) {
+    status = FileError(path, "not a regular file");
+  } else if (st.st_uid != ::geteuid()) {
+    status = FileError(path, "not owned by the daemon's uid");
+  } else if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+    status = FileError(path, "gives access to group or others (must be 0600)");
+  }
+  SecretBytes data(max_size + 1);
+  std::size_t got = 0;
+  while (status.ok() && got < data.size()) {
+    const ssize_t n =
+        ::read(fd, data.data(SecretAccess::kToken) + got, data.size() - got);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n < 0) {
+      status = FileError(path, "cannot read");
+    }
+    if (n <= 0) {
+      break;
+    }
+    got += static_cast<std::size_t>(n);
+  }
+  ::close(fd);
+  KH_RETURN_IF_ERROR(status);
+  if ((exact_size != 0 && got != exact_size) || got > max_size) {
+    return FileError(path, "has the wrong size");
+  }
+  data.resize(got);
+  return data;
+}
+
+// ---------------------------------------------------------------------------
+// Settings
+
+StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
+  toml::table t;
+  try {
+    t = toml::parse(toml_text, std::string_view("[[backend.tpm]]"));
+  } catch (const toml::parse_error& e) {
+    return InvalidArgument("[[backend.tpm]]: " + std::string(e.description()));
+  }
+  const std::set<std::string> known = {"name", "tcti", "owner_auth_file",
+                                       "persistent_handle", "max_loaded_keys"};
+  for (const auto& [key, value] : t) {
+    if (!known.contains(std::string(key.str()))) {
+      return InvalidArgument("unknown setting 'backend.tpm." +
+                             std::string(key.str()) + "'");
+    }
+  }
+  TpmOptions o;
+  for (auto [key, out] : {std::pair<const char*, std::string*>{"name", &o.name},
+                          {"tcti", &o.tcti},
+                          {"owner_auth_file", &o.owner_auth_file}}) {
+    if (const toml::node* n = t.get(key)) {
+      auto v = n->value<std::string>();
+      if (!v || v->empty()) {
+        return InvalidArgument(std::string("setting 'backend.tpm.") + key +
+                               "' must be a non-empty string");
+      }
+      *out = *v;
+    }
+  }
+  if (o.name.empty()) {
+    return InvalidArgument("[[backend.tpm]] needs a name");
+  }
+  if (const toml::node* n = t.get("persistent_handle")) {
+    auto v = n->value<int64_t>();
+    if (!v || *v < 0x81000000LL || *v > 0x81ffffffLL) {
+      return InvalidArgument(
+          "setting 'backend.tpm.persistent_handle' must be a persistent "
+          "handle from 0x81000000 to 0x81ffffff");
+    }
+    o.persistent_handle = static_cast<uint32_t>(*v);
+  }
+  if (const toml::node* n = t.get("max_loaded_keys")) {
+    auto v = n->value<int64_t>();
+    if (!v || *v < 1 || *v > 64) {
+      return InvalidArgument(
+          "setting 'backend.tpm.max_loaded_keys' must be an integer from 1 "
+          "to 64");
+    }
+    o.max_loaded_keys = static_cast<uint32_t>(*v);
+  }
+  return o;
+}
+
+// ---------------------------------------------------------------------------
+// Digests and TPM algorithm ids
+
+TPM2_ALG_ID TpmHash(v1::Digest d) {
+  switch (d) {
+    case v1::SHA1:
+      return TPM2_ALG_SHA1;
+    case v1::SHA256:
+      return TPM2_ALG_SHA256;
+    case v1::SHA384:
+      return TPM2_ALG_SHA384;
+    case v1::SHA512:
+      return TPM2_ALG_SHA512;
+    default:
+      return TPM2_ALG_NULL;
+  }
+}
+
+// The digest of a given length, for callers that pass DIGEST_NONE.
+v1::Digest DigestForLength(std::size_t len) {
+  switch (len) {
+    case 20:
+      return v1::SHA1;
+    case 32:
+      return v1::SHA256;
+    case 48:
+      return v1::SHA384;
+    case 64:
+      return v1::SHA512;
+    default:
+      return v1::DIGEST_NONE;
+  }
+}
+
+Status CheckDigestLength(v1::Digest digest, std::span<const uint8_t> data) {
+  if (data.size() != DigestSize(digest)) {
+    return InvalidArgument("data must be a " + std::string(DigestName(digest)) +
+                           " digest of " + std::to_string(DigestSize(digest)) +
+                           " bytes, got " + std::to_string(data.size()));
+  }
+  return Status::Ok();
+}
+
+StatusOr<const EVP_MD*> RequireDigest(v1::Digest d, std::string_view what) {
+  const EVP_MD* md = DigestMd(d);
+  if (md == nullptr) {
+    return InvalidArgument(std::string(what) + " must be one of sha1, " +
+                           "sha224, sha256, sha384, sha512");
+  }
+  return md;
+}
+
+// ---------------------------------------------------------------------------
+// Key templates and public keys
+
+struct TypeInfo {
+  bool rsa = false;
+  uint16_t rsa_bits = 0;
+  TPM2_ECC_CURVE curve = TPM2_ECC_NONE;
+  const char* group = nullptr;  // OpenSSL group name
+  std::size_t field_bytes = 0;
+};
+
+std::optional<TypeInfo> InfoFor(v1::KeyType type) {
+  switch (type) {
+    case v1::RSA_2048:
+      return TypeInfo{true, 2048, TPM2_ECC_NONE, nullptr, 0};
+    case v1::RSA_3072:
+      return TypeInfo{true, 3072, TPM2_ECC_NONE, nullptr, 0};
+    case v1::RSA_4096:
+      return TypeInfo{true, 4096, TPM2_ECC_NONE, nullptr, 0};
+    case v1::EC_P256:
+      return TypeInfo{false, 0, TPM2_ECC_NIST_P256, "P-256", 32};
+    case v1::EC_P384:
+      return TypeInfo{false, 0, TPM2_ECC_NIST_P384, "P-384", 48};
+    case v1::EC_P521:
+      return TypeInfo{false, 0, TPM2_ECC_NIST_P521, "P-521", 66};
+    default:
+      return std::nullopt;
+  }
+}
+
+// Unrestricted sign + decrypt child key with no scheme fixed, so each
+// operation picks its scheme (RSASSA, raw RSA for PSS, OAEP, PKCS#1 v1.5,
+// ECDSA, ECDH). userWithAuth: the per-key auth value authorizes use.
+TPM2B_PUBLIC ChildTemplate(const TypeInfo& info) {
+  TPM2B_PUBLIC pub{};
+  TPMT_PUBLIC& a = pub.publicArea;
+  a.nameAlg = TPM2_ALG_SHA256;
+  a.objectAttributes = TPMA_OBJECT_SIGN_ENCRYPT | TPMA_OBJECT_DECRYPT |
+                       TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                       TPMA_OBJECT_SENSITIVEDATAORIGIN |
+                       TPMA_OBJECT_USERWITHAUTH;
+  if (info.rsa) {
+    a.type = TPM2_ALG_RSA;
+    a.parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_NULL;
+    a.parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
+    a.parameters.rsaDetail.keyBits = info.rsa_bits;
+    a.parameters.rsaDetail.exponent = 0;  // 65537
+  } else {
+    a.type = TPM2_ALG_ECC;
+    a.parameters.eccDetail.symmetric.algorithm = TPM2_ALG_NULL;
+    a.parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
+    a.parameters.eccDetail.curveID = info.curve;
+    a.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
+  }
+  return pub;
+}
+
+// The TCG storage root key templates (ECC P-256 or RSA-2048, AES-128-CFB,
+// all-zero unique): the same seed gives the same primary at every start.
+TPM2B_PUBLIC PrimaryTemplate(bool rsa) {
+  TPM2B_PUBLIC pub{};
+  TPMT_PUBLIC& a = pub.publicArea;
+  a.nameAlg = TPM2_ALG_SHA256;
+  a.objectAttributes = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_DECRYPT |
+                       TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+                       TPMA_OBJECT_SENSITIVEDATAORIGIN |
+                       TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA;
+  TPMT_SYM_DEF_OBJECT sym{};
+  sym.algorithm = TPM2_ALG_AES;
+  sym.keyBits.aes = 128;
+  sym.mode.aes = TPM2_ALG_CFB;
+  if (rsa) {
+    a.type = TPM2_ALG_RSA;
+    a.parameters.rsaDetail.symmetric = sym;
+    a.parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
+    a.parameters.rsaDetail.keyBits = 2048;
+    a.unique.rsa.size = 256;
+  } else {
+    a.type = TPM2_ALG_ECC;
+    a.parameters.eccDetail.symmetric = sym;
+    a.parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
+    a.parameters.eccDetail.curveID = TPM2_ECC_NIST_P256;
+    a.parameters.eccDetail.kdf.scheme = TPM2_ALG_NULL;
+    a.unique.ecc.x.size = 32;
+    a.unique.ecc.y.size = 32;
+  }
+  return pub;
+}
+
+StatusOr<SslPtr<EVP_PKEY>> PublicToPkey(const TPMT_PUBLIC& a) {
+  std::unique_ptr<OSSL_PARAM_BLD, decltype(&OSSL_PARAM_BLD_free)> bld(
+      OSSL_PARAM_BLD_new(), &OSSL_PARAM_BLD_free);
+  SslPtr<BIGNUM> n;
+  SslPtr<BIGNUM> e;
+  std::vector<uint8_t> point;
+  const char* algorithm = nullptr;
+  if (bld == nullptr) {
+    return SslError(Code::kInternal, "out of memory");
+  }
+  if (a.type == TPM2_ALG_RSA) {
+    algorithm = "RSA";
+    n.reset(BN_bin2bn(a.unique.rsa.buffer, a.unique.rsa.size, nullptr));
+    e.reset(BN_new());
+    const uint32_t exponent = a.parameters.rsaDetail.exponent == 0
+                                  ? 65537
+                                  : a.parameters.rsaDetail.exponent;
+    if (n == nullptr || e == nullptr || BN_set_word(e.get(), exponent) != 1 ||
+        OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_N, n.get()) !=
+            1 ||
+        OSSL_PARAM_BLD_push_BN(bld.get(), OSSL_PKEY_PARAM_RSA_E, e.get()) !=
+            1) {
+      return SslError(Code::kInternal, "cannot build RSA public key");
+    }
+  } else if (a.type == TPM2_ALG_ECC) {
+    algorithm = "EC";
+    const char* group = nullptr;
+    std::size_t field = 0;
+    switch (a.parameters.eccDetail.curveID) {
+      case TPM2_ECC_NIST_P256:
+        group = "P-256";
+        field = 32;
+        break;
+      case TPM2_ECC_NIST_P384:
+        group = "P-384";
+        field = 48;
+        break;
+      case TPM2_ECC_NIST_P521:
+        group = "P-521";
+        field = 66;
+        break;
+      default:
+        return Unsupported("unsupported TPM curve");
+    }
+    const TPMS_ECC_POINT& p = a.unique.ecc;
+    if (p.x.size > field || p.y.size > field) {
+      return Internal("TPM public point too large");
+    }
+    point.assign(1 + 2 * field, 0);
+    point[0] = 0x04;
+    std::memcpy(point.data() + 1 + field - p.x.size, p.x.buffer, p.x.size);
+    std::memcpy(point.data() + 1 + 2 * field - p.y.size, p.y.buffer, p.y.size);
+    if (OSSL_PARAM_BLD_push_utf8_string(bld.get(), OSSL_PKEY_PARAM_GROUP_NAME,
+                                        group, 0) != 1 ||
+        OSSL_PARAM_BLD_push_octet_string(bld.get(), OSSL_PKEY_PARAM_PUB_KEY,
+                                         point.data(), point.size()) != 1) {
+      return SslError(Code::kInternal, "cannot build EC public key");
+    }
+  } else {
+    return Unsupported("unsupported TPM key type");
+  }
+  std::unique_ptr<OSSL_PARAM, decltype(&OSSL_PARAM_free)> params(
+      OSSL_PARAM_BLD_to_param(bld.get()), &OSSL_PARAM_free);
+  SslPtr<EVP_PKEY_CTX> ctx(
+      EVP_PKEY_CTX_new_from_name(nullptr, algorithm, nullptr));
+  EVP_PKEY* raw = nullptr;
+  if (params == nullptr || ctx == nullptr ||
+      EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params.get()) !=
+          1) {
+    return SslError(Code::kInternal, "cannot build public key");
+  }
+  return SslPtr<EVP_PKEY>(raw);
+}
+
+StatusOr<std::vector<uint8_t>> PublicDer(const TPMT_PUBLIC& a) {
+  StatusOr<SslPtr<EVP_PKEY>> pkey = PublicToPkey(a);
+  if (!pkey.ok()) {
+    return pkey.status();
+  }
+  const int len = i2d_PUBKEY(pkey->get(), nullptr);
+  if (len <= 0) {
+    return SslError(Code::kInternal, "cannot encode public key");
+  }
+  std::vector<uint8_t> out(static_cast<std::size_t>(len));
+  unsigned char* p = out.data();
+  if (i2d_PUBKEY(pkey->get(), &p) != len) {
+    return SslError(Code::kInternal, "cannot encode public key");
+  }
+  return out;
+}
+
+// Which of our types a TPM public area is.
+v1::KeyType TypeOfPublic(const TPMT_PUBLIC& a) {
+  if (a.type == TPM2_ALG_RSA) {
+    switch (a.parameters.rsaDetail.keyBits) {
+      case 2048:
+        return v1::RSA_2048;
+      case 3072:
+        return v1::RSA_3072;
+      case 4096:
+        return v1::RSA_4096;
+      default:
+        return v1::KEY_TYPE_UNSPECIFIED;
+    }
+  }
+  if (a.type == TPM2_ALG_ECC) {
+    switch (a.parameters.eccDetail.curveID) {
+      case TPM2_ECC_NIST_P256:
+        return v1::EC_P256;
+      case TPM2_ECC_NIST_P384:
+        return v1::EC_P384;
+      case TPM2_ECC_NIST_P521:
+        return v1::EC_P521;
+      default:
+        return v1::KEY_TYPE_UNSPECIFIED;
+    }
+  }
+  return v1::KEY_TYPE_UNSPECIFIED;
+}
+
+// ---------------------------------------------------------------------------
+// Blobs
+
+struct ParsedBlob {
+  TPM2B_PUBLIC pub{};
+  TPM2B_PRIVATE priv{};
+  std::span<const uint8_t> pub_bytes;
+  std::span<const uint8_t> priv_bytes;
+  std::span<const uint8_t> nonce;
+  std::span<const uint8_t> sealed;  // ciphertext || tag
+};
+
+std::string AssociatedData(const daemon::KeyRef& ref,
+                           std::span<const uint8_t> pub,
+                           std::span<const uint8_t> priv) {
+  std::string aad(kAadPrefix);
+  aad += ref.ToString();
+  aad.push_back('\0');
+  aad.append(reinterpret_cast<const char*>(pub.data()), pub.size());
+  aad.append(reinterpret_cast<const char*>(priv.data()), priv.size());
+  return aad;
+}
+
+void PutU16(std::vector<uint8_t>* out, std::size_t v) {
+  out->push_back(static_cast<uint8_t>(v >> 8));
+  out->push_back(static_cast<uint8_t>(v & 0xff));
+}
+
+Status BadBlob(std::string_view why) {
+  return Internal("TPM key blob is invalid (" + std::string(why) + ")");
+}
+
+StatusOr<ParsedBlob> ParseBlob(std::span<const uint8_t> blob) {
+  ParsedBlob out;
+  std::size_t pos = 0;
+  if (blob.empty() || blob[0] != kBlobVersion) {
+    return BadBlob("unknown version");
+  }
+  pos = 1;
+  std::span<const uint8_t>* parts[] = {&out.pub_bytes, &out.priv_bytes};
+  for (std::span<const uint8_t>* part : parts) {
+    if (blob.size() < pos + 2) {
+      return BadBlob("truncated");
+    }
+    const std::size_t len = (std::size_t{blob[pos]} << 8) | blob[pos + 1];
+    pos += 2;
+    if (blob.size() < pos + len) {
+      return BadBlob("truncated");
+    }
+    *part = blob.subspan(pos, len);
+    pos += len;
+  }
+  if (blob.size() != pos + kNonceSize + kAuthSize + kTagSize) {
+    return BadBlob("bad length");
+  }
+  out.nonce = blob.subspan(pos, kNonceSize);
+  out.sealed = blob.subspan(pos + kNonceSize);
+  std::size_t off = 0;
+  if (Tss2_MU_TPM2B_PUBLIC_Unmarshal(out.pub_bytes.data(), out.pub_bytes.size(),
+                                     &off, &out.pub) != TSS2_RC_SUCCESS ||
+      off != out.pub_bytes.size()) {
+    return BadBlob("public area");
+  }
+  off = 0;
+  if (Tss2_MU_TPM2B_PRIVATE_Unmarshal(out.priv_bytes.data(),
+                                      out.priv_bytes.size(), &off,
+                                      &out.priv) != TSS2_RC_SUCCESS ||
+      off != out.priv_bytes.size()) {
+    return BadBlob("private area");
+  }
+  return out;
+}
+
+// AES-256-GCM of the auth value; ok==false: authentication failed.
+bool GcmCrypt(bool encrypt, const SecretBytes& key,
+              std::span<const uint8_t> nonce, const std::string& aad,
+              const uint8_t* in, std::size_t len, uint8_t* out, uint8_t* tag) {
+  SslPtr<EVP_CIPHER_CTX> ctx(EVP_CIPHER_CTX_new());
+  int n = 0;
+  const auto k = key.Expose(SecretAccess::kToken);
+  auto init = encrypt ? &EVP_EncryptInit_ex : &EVP_DecryptInit_ex;
+  auto update = encrypt ? &EVP_EncryptUpdate : &EVP_DecryptUpdate;
+  if (ctx == nullptr ||
+      init(ctx.get(), EVP_aes_256_gcm(), nullptr, nullptr, nullptr) != 1 ||
+      EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_IVLEN,
+                          static_cast<int>(nonce.size()), nullptr) != 1 ||
+      init(ctx.get(), nullptr, nullptr, k.data(), nonce.data()) != 1 ||
+      update(ctx.get(), nullptr, &n,
+             reinterpret_cast<const unsigned char*>(aad.data()),
+             static_cast<int>(aad.size())) != 1 ||
+      update(ctx.get(), out, &n, in, static_cast<int>(len)) != 1) {
+    ERR_clear_error();
+    return false;
+  }
+  bool ok = false;
+  if (encrypt) {
+    ok = EVP_EncryptFinal_ex(ctx.get(), out + n, &n) == 1 &&
+         EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_GET_TAG,
+                             static_cast<int>(kTagSize), tag) == 1;
+  } else {
+    ok = EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_SET_TAG,
+                             static_cast<int>(kTagSize), tag) == 1 &&
+         EVP_DecryptFinal_ex(ctx.get(), out + n, &n) == 1;
+  }
+  ERR_clear_error();
+  return ok;
+}
+
+// ---------------------------------------------------------------------------
+// Signatures and padding done on the host around a raw TPM RSA operation
+
+// EMSA-PKCS1-v1_5 block type 1 of em_len bytes around t (DigestInfo or the
+// caller's raw input).
+std::vector<uint8_t> Pkcs1Type1(std::span<const uint8_t> t,
+                                std::size_t em_len) {
+  std::vector<uint8_t> em(em_len, 0xff);
+  em[0] = 0x00;
+  em[1] = 0x01;
+  em[em_len - t.size() - 1] = 0x00;
+  std::copy(t.begin(), t.end(),
+            em.end() - static_cast<std::ptrdiff_t>(t.size()));
+  return em;
+}
+
+// The DER DigestInfo prefix of a digest (RFC 8017 9.2 note 1).
+std::vector<uint8_t> DigestInfoPrefix(v1::Digest d) {
+  switch (d) {
+    case v1::SHA1:
+      return {0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e,
+              0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14};
+    case v1::SHA224:
+      return {0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+              0x65, 0x03, 0x04, 0x02, 0x04, 0x05, 0x00, 0x04, 0x1c};
+    case v1::SHA256:
+      return {0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+              0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20};
+    case v1::SHA384:
+      return {0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+              0x65, 0x03, 0x04, 0x02, 0x02, 0x05, 0x00, 0x04, 0x30};
+    case v1::SHA512:
+      return {0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+              0x65, 0x03, 0x04, 0x02, 0x03, 0x05, 0x00, 0x04, 0x40};
+    default:
+      return {};
+  }
+}
+
+bool Mgf1Xor(const EVP_MD* md, std::span<const uint8_t> seed,
+             std::span<uint8_t> out) {
+  const std::size_t h_len = static_cast<std::size_t>(EVP_MD_get_size(md));
+  std::vector<uint8_t> buf(seed.begin(), seed.end());
+  buf.resize(seed.size() + 4);
+  uint8_t hash[EVP_MAX_MD_SIZE];
+  for (uint32_t counter = 0, done = 0; done < out.size(); ++counter) {
+    buf[seed.size()] = static_cast<uint8_t>(counter >> 24);
+    buf[seed.size() + 1] = static_cast<uint8_t>(counter >> 16);
+    buf[seed.size() + 2] = static_cast<uint8_t>(counter >> 8);
+    buf[seed.size() + 3] = static_cast<uint8_t>(counter);
+    if (EVP_Digest(buf.data(), buf.size(), hash, nullptr, md, nullptr) != 1) {
+      return false;
+    }
+    for (std::size_t i = 0; i < h_len && done < out.size(); ++i, ++done) {
+      out[done] ^= hash[i];
+    }
+  }
+  return true;
+}
+
+// EMSA-PSS-ENCODE (RFC 8017 9.1.1) into k bytes (a leading zero byte when
+// emLen < k). The TPM's own RSAPSS picks the salt length itself; encoding on
+// the host and using the TPM for the raw private operation supports every
+// salt length and MGF1 digest the callers ask for.
+StatusOr<std::vector<uint8_t>> PssEncode(std::span<const uint8_t> m_hash,
+                                         const EVP_MD* md, const EVP_MD* mgf1,
+                                         std::size_t salt_len,
+                                         std::size_t mod_bits) {
+  const std::size_t k = (mod_bits + 7) / 8;
+  const std::size_t em_bits = mod_bits - 1;
+  const std::size_t em_len = (em_bits + 7) / 8;
+  const std::size_t h_len = m_hash.size();
+  if (em_len < h_len + salt_len + 2) {
+    return InvalidArgument("RSA-PSS salt length too long for this key");
+  }
+  std::vector<uint8_t> salt(salt_len);
+  if (salt_len > 0 &&
+      RAND_bytes(salt.data(), static_cast<int>(salt_len)) != 1) {
+    return SslError(Code::kInternal, "cannot draw a random salt");
+  }
+  std::vector<uint8_t> m_prime(8, 0);
+  m_prime.insert(m_prime.end(), m_hash.begin(), m_hash.end());
+  m_prime.insert(m_prime.end(), salt.begin(), salt.end());
+  uint8_t h[EVP_MAX_MD_SIZE];
+  if (EVP_Digest(m_prime.data(), m_prime.size(), h, nullptr, md, nullptr) !=
+      1) {
+    return SslError(Code::kInternal, "hash failed");
+  }
+  const std::size_t db_len = em_len - h_len - 1;
+  std::vector<uint8_t> em(k, 0);
+  uint8_t* e = em.data() + (k - em_len);
+  std::span<uint8_t> db(e, db_len);
+  db[db_len - salt_len - 1] = 0x01;
+  std::copy(salt.begin(), salt.end(),
+            db.end() - static_cast<std::ptrdiff_t>(salt_len));
+  if (!Mgf1Xor(mgf1, std::span<const uint8_t>(h, h_len), db)) {
+    return SslError(Code::kInternal, "MGF1 failed");
+  }
+  e[0] &= static_cast<uint8_t>(0xff >> (8 * em_len - em_bits));
+  std::copy(h, h + h_len, e + db_len);
+  e[em_len - 1] = 0xbc;
+  return em;
+}
+
+std::vector<uint8_t> EcdsaDer(const TPMS_SIGNATURE_ECC& sig) {
+  ECDSA_SIG* s = ECDSA_SIG_new();
+  BIGNUM* r = BN_bin2bn(sig.signatureR.buffer, sig.signatureR.size, nullptr);
+  BIGNUM* ss = BN_bin2bn(sig.signatureS.buffer, sig.signatureS.size, nullptr);
+  std::vector<uint8_t> out;
+  if (s != nullptr && r != nullptr && ss != nullptr &&
+      ECDSA_SIG_set0(s, r, ss) == 1) {
+    r = nullptr;
+    ss = nullptr;
+    const int len = i2d_ECDSA_SIG(s, nullptr);
+    if (len > 0) {
+      out.resize(static_cast<std::size_t>(len));
+      unsigned char* p = out.data();
+      i2d_ECDSA_SIG(s, &p);
+    }
+  }
+  BN_free(r);
+  BN_free(ss);
+  ECDSA_SIG_free(s);
+  ERR_clear_error();
+  return out;
+}
+
+// The peer's public point on curve info.group, from DER SPKI or SEC1.
+StatusOr<TPM2B_ECC_POINT> ParsePeerPoint(const TypeInfo& info,
+                                         std::span<const uint8_t> peer) {
+  if (peer.empty() || peer.size() > 4096) {
+    return InvalidArgument("peer public key is empty or too large");
+  }
+  SslPtr<EVP_PKEY> key;
+  if (peer[0] == 0x02 || peer[0] == 0x03 || peer[0] == 0x04) {
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME,
+                                         const_cast<char*>(info.group), 0),
+        OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
+                                          const_cast<uint8_t*>(peer.data()),
+                                          peer.size()),
+        OSSL_PARAM_construct_end(),
+    };
+    SslPtr<EVP_PKEY_CTX> ctx(
+        EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
+    EVP_PKEY* raw = nullptr;
+    if (ctx == nullptr || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+        EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params) != 1) {
+      return SslError(
+          Code::kInvalidArgument,
+          std::string("peer public key is not a point on ") + info.group);
+    }
+    key.reset(raw);
+  } else {
+    const unsigned char* p = peer.data();
+    key.reset(d2i_PUBKEY(nullptr, &p, static_cast<long>(peer.size())));
+    if (key == nullptr || p != peer.data() + peer.size()) {
+      return SslError(Code::kInvalidArgument,
+                      "cannot parse peer public key (expected DER "
+                      "SubjectPublicKeyInfo or the raw public encoding)");
+    }
+  }
+  char group[80] = {};
+  std::size_t group_len = 0;
+  if (!EVP_PKEY_is_a(key.get(), "EC") ||
+      EVP_PKEY_get_group_name(key.get(), group, sizeof(group), &group_len) !=
+          1 ||
+      EC_curve_nist2nid(info.group) != OBJ_sn2nid(group)) {
+    return SslError(
+        Code::kInvalidArgument,
+        std::string("peer public key is not on curve ") + info.group);
+  }
+  SslPtr<EVP_PKEY_CTX> check(
+      EVP_PKEY_CTX_new_from_pkey(nullptr, key.get(), nullptr));
+  if (check == nullptr || EVP_PKEY_public_check(check.get()) != 1) {
+    return SslError(Code::kInvalidArgument, "invalid peer public key");
+  }
+  BIGNUM* x = nullptr;
+  BIGNUM* y = nullptr;
+  TPM2B_ECC_POINT point{};
+  const int field = static_cast<int>(info.field_bytes);
+  const bool ok =
+      EVP_PKEY_get_bn_param(key.get(), OSSL_PKEY_PARAM_EC_PUB_X, &x) == 1 &&
+      EVP_PKEY_get_bn_param(key.get(), OSSL_PKEY_PARAM_EC_PUB_Y, &y) == 1 &&
+      BN_bn2binpad(x, point.point.x.buffer, field) == field &&
+      BN_bn2binpad(y, point.point.y.buffer, field) == field;
+  BN_free(x);
+  BN_free(y);
+  if (!ok) {
+    return SslError(Code::kInternal, "cannot read peer point");
+  }
+  point.point.x.size = static_cast<UINT16>(field);
+  point.point.y.size = static_cast<UINT16>(field);
+  return point;
+}
+
+TPM2B_AUTH AuthFrom(std::span<const uint8_t> bytes) {
+  TPM2B_AUTH auth{};
+  auth.size = static_cast<UINT16>(std::min(bytes.size(), sizeof(auth.buffer)));
+  std::memcpy(auth.buffer, bytes.data(), auth.size);
+  return auth;
+}
+
+struct LoadedEntry {
+  ESYS_TR handle = ESYS_TR_NONE;
+  std::vector<uint8_t> blob;  // the blob it was loaded from
+  std::list<uint64_t>::iterator lru;
+};
+
+}  // namespace
+
+StatusOr<TpmOptions> ParseTpmSettings(std::string_view toml_text) {
+  return ParseSettings(toml_text);
+}
+
+// ---------------------------------------------------------------------------
+
+struct TpmBackend::Impl {
+  TpmOptions options;
+  SecretBytes seal_key;    // derived from the master key
+  SecretBytes owner_auth;  // empty: no owner auth
+
+  mutable std::mutex mu;  // guards everything below and every ESYS call
+  TSS2_TCTI_CONTEXT* tcti = nullptr;
+  ESYS_CONTEXT* esys = nullptr;
+  ESYS_TR primary = ESYS_TR_NONE;
+  bool primary_transient = true;
+  std::size_t capacity = 1;
+  std::unordered_map<uint64_t, LoadedEntry> loaded;
+  std::list<uint64_t> lru;  // front: most recently used
+  std::set<v1::KeyType> supported;
+  std::set<TPM2_ALG_ID> algs;
+  bool capabilities_read = false;
+
+  ~Impl() {
+    std::lock_guard lock(mu);
+    Disconnect(/*flush=*/true);
+  }
+
+  // Drops the ESYS context. flush: also free the TPM's transient slots (not
+  // possible when the connection is already gone).
+  void Disconnect(bool flush) {
+    if (esys != nullptr) {
+      for (auto& [id, entry] : loaded) {
+        if (flush) {
+          (void)Esys_FlushContext(esys, entry.handle);
+        }
+      }
+      if (primary != ESYS_TR_NONE) {
+        if (flush && primary_transient) {
+          (void)Esys_FlushContext(esys, primary);
+        } else {
+          (void)Esys_TR_Close(esys, &primary);
+        }
+      }
+      Esys_Finalize(&esys);
+    }
+    loaded.clear();
+    lru.clear();
+    primary = ESYS_TR_NONE;
+    if (tcti != nullptr) {
+      Tss2_TctiLdr_Finalize(&tcti);
+    }
+    esys = nullptr;
+    tcti = nullptr;
+  }
+
+  Status Connect() {
+    TSS2_RC rc = Tss2_TctiLdr_Initialize(options.tcti.c_str(), &tcti);
+    if (rc != TSS2_RC_SUCCESS) {
+      tcti = nullptr;
+      return BackendUnavailable("TPM unavailable: cannot open TCTI '" +
+                                options.tcti + "': " + Tss2_RC_Decode(rc));
+    }
+    rc = Esys_Initialize(&esys, tcti, nullptr);
+    if (rc != TSS2_RC_SUCCESS) {
+      esys = nullptr;
+      Disconnect(false);
+      return TpmError(rc, "Esys_Initialize");
+    }
+    Status st = SetUpPrimary();
+    if (st.ok() && !capabilities_read) {
+      st = ReadCapabilities();
+    }
+    if (st.ok()) {
+      st = SizeCache();
+    }
+    if (!st.ok()) {
+      Disconnect(!IsUnavailable(st));
+      return st;
+    }
+    return Status::Ok();
+  }
+
+  static bool IsUnavailable(const Status& st) {
+    return st.code() == Code::kBackendUnavailable;
+  }
+
+  Status SetUpPrimary() {
+    if (options.persistent_handle != 0) {
+      primary_transient = false;
+      TSS2_RC rc =
+          Esys_TR_FromTPMPublic(esys, options.persistent_handle, ESYS_TR_NONE,
+                                ESYS_TR_NONE, ESYS_TR_NONE, &primary);
+      if (rc != TSS2_RC_SUCCESS) {
+        primary = ESYS_TR_NONE;
+        return TpmError(rc, "cannot open persistent storage key");
+      }
+      return Status::Ok();
+    }
+    primary_transient = true;
+    if (owner_auth.size() > 0) {
+      TPM2B_AUTH auth = AuthFrom(owner_auth.Expose(SecretAccess::kToken));
+      TSS2_RC rc = Esys_TR_SetAuth(esys, ESYS_TR_RH_OWNER, &auth);
+      OPENSSL_cleanse(&auth, sizeof(auth));
+      if (rc != TSS2_RC_SUCCESS) {
+        return TpmError(rc, "cannot set owner auth");
+      }
+    }
+    TPM2B_SENSITIVE_CREATE sensitive{};
+    TPM2B_DATA outside{};
+    TPML_PCR_SELECTION pcrs{};
+    TSS2_RC rc = TSS2_RC_SUCCESS;
+    for (bool rsa : {false, true}) {
+      TPM2B_PUBLIC tmpl = PrimaryTemplate(rsa);
+      rc = Esys_CreatePrimary(esys, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD,
+                              ESYS_TR_NONE, ESYS_TR_NONE, &sensitive, &tmpl,
+                              &outside, &pcrs, &primary, nullptr, nullptr,
+                              nullptr, nullptr);
+      if (rc == TSS2_RC_SUCCESS) {
+        return Status::Ok();
+      }
+      primary = ESYS_TR_NONE;
+      if (IsConnectionLost(rc) ||
+          (BaseRc(rc) != TPM2_RC_CURVE && BaseRc(rc) != TPM2_RC_ASYMMETRIC &&
+           BaseRc(rc) != TPM2_RC_VALUE)) {
+        break;
+      }
+    }
+    return TpmError(rc, "cannot create the storage primary key");
+  }
+
+  Status ReadCapabilities() {
+    TPMI_YES_NO more = TPM2_NO;
+    TPMS_CAPABILITY_DATA* raw = nullptr;
+    TSS2_RC rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    ESYS_TR_NONE, TPM2_CAP_ALGS, TPM2_ALG_FIRST,
+                                    TPM2_MAX_CAP_ALGS, &more, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      return TpmError(rc, "TPM2_GetCapability(algorithms)");
+    }
+    auto caps = Owned(raw);
+    for (UINT32 i = 0; i < caps->data.algorithms.count; ++i) {
+      algs.insert(caps->data.algorithms.algProperties[i].alg);
+    }
+    raw = nullptr;
+    rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                            TPM2_CAP_ECC_CURVES, TPM2_ECC_NONE,
+                            TPM2_MAX_ECC_CURVES, &more, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      return TpmError(rc, "TPM2_GetCapability(curves)");
+    }
+    auto curves = Owned(raw);
+    std::set<TPM2_ECC_CURVE> have_curves;
+    for (UINT32 i = 0; i < curves->data.eccCurves.count; ++i) {
+      have_curves.insert(curves->data.eccCurves.eccCurves[i]);
+    }
+    for (v1::KeyType type : {v1::RSA_2048, v1::RSA_3072, v1::RSA_4096,
+                             v1::EC_P256, v1::EC_P384, v1::EC_P521}) {
+      const TypeInfo info = *InfoFor(type);
+      if (info.rsa) {
+        if (!algs.contains(TPM2_ALG_RSA)) {
+          continue;
+        }
+        // GetCapability does not list RSA key sizes; TestParms answers.
+        TPMT_PUBLIC_PARMS parms{};
+        parms.type = TPM2_ALG_RSA;
+        parms.parameters.rsaDetail =
+            ChildTemplate(info).publicArea.parameters.rsaDetail;
+        rc = Esys_TestParms(esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                            &parms);
+        if (rc == TSS2_RC_SUCCESS) {
+          supported.insert(type);
+        } else if (IsConnectionLost(rc)) {
+          return TpmError(rc, "TPM2_TestParms");
+        }
+      } else if (algs.contains(TPM2_ALG_ECC) && algs.contains(TPM2_ALG_ECDSA) &&
+                 have_curves.contains(info.curve)) {
+        supported.insert(type);
+      }
+    }
+    capabilities_read = true;
+    return Status::Ok();
+  }
+
+  // Sizes the LRU to the TPM's free transient slots (with a resource manager
+  // that is the RM's view), leaving one for a key being created or loaded.
+  Status SizeCache() {
+    TPMI_YES_NO more = TPM2_NO;
+    TPMS_CAPABILITY_DATA* raw = nullptr;
+    TSS2_RC rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    ESYS_TR_NONE, TPM2_CAP_TPM_PROPERTIES,
+                                    TPM2_PT_HR_TRANSIENT_AVAIL, 1, &more, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      return TpmError(rc, "TPM2_GetCapability(properties)");
+    }
+    auto caps = Owned(raw);
+    std::size_t avail = options.max_loaded_keys;
+    if (caps->data.tpmProperties.count == 1 &&
+        caps->data.tpmProperties.tpmProperty[0].property ==
+            TPM2_PT_HR_TRANSIENT_AVAIL) {
+      avail = caps->data.tpmProperties.tpmProperty[0].value;
+    }
+    capacity = std::max<std::size_t>(
+        1, std::min<std::size_t>(options.max_loaded_keys, avail));
+    return Status::Ok();
+  }
+
+  Status EnsureConnected() {
+    if (esys != nullptr) {
+      return Status::Ok();
+    }
+    return Connect();
+  }
+
+  // Runs op (which issues ESYS calls) with the lock held; after a lost
+  // connection the context is rebuilt and op retried once.
+  template <typename T, typename Op>
+  StatusOr<T> Run(Op op) {
+    std::lock_guard lock(mu);
+    for (int attempt = 0;; ++attempt) {
+      Status st = EnsureConnected();
+      if (!st.ok()) {
+        return st;
+      }
+      TSS2_RC rc = TSS2_RC_SUCCESS;
+      StatusOr<T> result = op(&rc);
+      if (result.ok() || !IsConnectionLost(rc)) {
+        return result;
+      }
+      Disconnect(/*flush=*/false);
+      if (attempt == 1) {
+        return result;
+      }
+    }
+  }
+
+  void Evict(uint64_t id) {
+    auto it = loaded.find(id);
+    if (it == loaded.end()) {
+      return;
+    }
+    (void)Esys_FlushContext(esys, it->second.handle);
+    lru.erase(it->second.lru);
+    loaded.erase(it);
+  }
+
+  bool EvictOldest() {
+    if (lru.empty()) {
+      return false;
+    }
+    Evict(lru.back());
+    return true;
+  }
+
+  StatusOr<SecretBytes> OpenAuth(const daemon::KeyRef& ref,
+                                 const ParsedBlob& b) {
+    const std::string aad = AssociatedData(ref, b.pub_bytes, b.priv_bytes);
+    SecretBytes auth(kAuthSize);
+    uint8_t tag[kTagSize];
+    std::memcpy(tag, b.sealed.data() + kAuthSize, kTagSize);
+    if (!GcmCrypt(false, seal_key, b.nonce, aad, b.sealed.data(), kAuthSize,
+                  auth.data(SecretAccess::kToken), tag)) {
+      return Internal("TPM key blob failed authentication");
+    }
+    return auth;
+  }
+
+  // The loaded handle of key: from the LRU, or loaded (evicting as needed).
+  StatusOr<ESYS_TR> Load(const KeyHandle& key, TSS2_RC* rc_out) {
+    auto it = loaded.find(key.id);
+    if (it != loaded.end()) {
+      if (std::equal(it->second.blob.begin(), it->second.blob.end(),
+                     key.blob.begin(), key.blob.end())) {
+        lru.splice(lru.begin(), lru, it->second.lru);
+        return it->second.handle;
+      }
+      Evict(key.id);
+    }
+    StatusOr<ParsedBlob> b = ParseBlob(key.blob);
+    if (!b.ok()) {
+      return b.status();
+    }
+    if (TypeOfPublic(b->pub.publicArea) != key.type) {
+      return BadBlob("key type mismatch");
+    }
+    StatusOr<SecretBytes> auth = OpenAuth(key.ref, *b);
+    if (!auth.ok()) {
+      return auth.status();
+    }
+    while (loaded.size() >= capacity && EvictOldest()) {
+    }
+    ESYS_TR handle = ESYS_TR_NONE;
+    TSS2_RC rc = TSS2_RC_SUCCESS;
+    for (;;) {
+      rc = Esys_Load(esys, primary, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                     ESYS_TR_NONE, &b->priv, &b->pub, &handle);
+      // Someone else (no resource manager) holds slots: make room.
+      if (BaseRc(rc) == TPM2_RC_OBJECT_MEMORY && EvictOldest()) {
+        continue;
+      }
+      break;
+    }
+    if (rc != TSS2_RC_SUCCESS) {
+      *rc_out = rc;
+      if (BaseRc(rc) == TPM2_RC_INTEGRITY || BaseRc(rc) == TPM2_RC_BINDING) {
+        return Status(Code::kInternal,
+                      "TPM: key blob was not wrapped by this TPM's storage "
+                      "key (" +
+                          std::string(Tss2_RC_Decode(rc)) + ")");
+      }
+      return TpmError(rc, "cannot load key");
+    }
+    TPM2B_AUTH tpm_auth = AuthFrom(auth->Expose(SecretAccess::kToken));
+    rc = Esys_TR_SetAuth(esys, handle, &tpm_auth);
+    OPENSSL_cleanse(&tpm_auth, sizeof(tpm_auth));
+    if (rc != TSS2_RC_SUCCESS) {
+      (void)Esys_FlushContext(esys, handle);
+      *rc_out = rc;
+      return TpmError(rc, "cannot set key auth");
+    }
+    lru.push_front(key.id);
+    LoadedEntry entry;
+    entry.handle = handle;
+    entry.blob.assign(key.blob.begin(), key.blob.end());
+    entry.lru = lru.begin();
+    loaded.emplace(key.id, std::move(entry));
+    return handle;
+  }
+
+  // Raw RSA private operation (RSADP) on a k-byte input.
+  StatusOr<std::vector<uint8_t>> RawRsa(ESYS_TR handle,
+                                        std::span<const uint8_t> in,
+                                        TSS2_RC* rc_out) {
+    TPM2B_PUBLIC_KEY_RSA c{};
+    if (in.size() > sizeof(c.buffer)) {
+      return InvalidArgument("input too long");
+    }
+    c.size = static_cast<UINT16>(in.size());
+    std::memcpy(c.buffer, in.data(), in.size());
+    TPMT_RSA_DECRYPT scheme{};
+    scheme.scheme = TPM2_ALG_NULL;
+    TPM2B_DATA label{};
+    TPM2B_PUBLIC_KEY_RSA* raw = nullptr;
+    TSS2_RC rc = Esys_RSA_Decrypt(esys, handle, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                  ESYS_TR_NONE, &c, &scheme, &label, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      *rc_out = rc;
+      return TpmError(rc, "RSA private operation failed");
+    }
+    auto m = Owned(raw);
+    std::vector<uint8_t> out(in.size(), 0);
+    if (m->size > out.size()) {
+      return Internal("TPM returned an oversized RSA result");
+    }
+    std::memcpy(out.data() + out.size() - m->size, m->buffer, m->size);
+    OPENSSL_cleanse(m->buffer, m->size);
+    return out;
+  }
+
+  StatusOr<std::vector<uint8_t>> SignRsa(ESYS_TR handle, v1::KeyType type,
+                                         const SignParams& p,
+                                         std::span<const uint8_t> data,
+                                         TSS2_RC* rc_out) {
+    const std::size_t bits = InfoFor(type)->rsa_bits;
+    const std::size_t k = bits / 8;
+    if (p.algorithm == v1::RSA_PKCS1) {
+      if (p.digest == v1::DIGEST_NONE) {
+        if (data.size() + 11 > k) {
+          return InvalidArgument("data of " + std::to_string(data.size()) +
+                                 " bytes is too long for PKCS#1 v1.5 with a " +
+                                 std::to_string(k) + "-byte key");
+        }
+        return RawRsa(handle, Pkcs1Type1(data, k), rc_out);
+      }
+      StatusOr<const EVP_MD*> md = RequireDigest(p.digest, "digest");
+      if (!md.ok()) {
+        return md.status();
+      }
+      KH_RETURN_IF_ERROR(CheckDigestLength(p.digest, data));
+      const TPM2_ALG_ID hash = TpmHash(p.digest);
+      if (hash == TPM2_ALG_NULL || !algs.contains(hash)) {
+        // A digest the TPM does not know (SHA-224): pad on the host.
+        std::vector<uint8_t> t = DigestInfoPrefix(p.digest);
+        t.insert(t.end(), data.begin(), data.end());
+        return RawRsa(handle, Pkcs1Type1(t, k), rc_out);
+      }
+      TPM2B_DIGEST digest{};
+      digest.size = static_cast<UINT16>(data.size());
+      std::memcpy(digest.buffer, data.data(), data.size());
+      TPMT_SIG_SCHEME scheme{};
+      scheme.scheme = TPM2_ALG_RSASSA;
+      scheme.details.rsassa.hashAlg = hash;
+      TPMT_TK_HASHCHECK ticket{};
+      ticket.tag = TPM2_ST_HASHCHECK;
+      ticket.hierarchy = TPM2_RH_NULL;
+      TPMT_SIGNATURE* raw = nullptr;
+      TSS2_RC rc = Esys_Sign(esys, handle, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                             ESYS_TR_NONE, &digest, &scheme, &ticket, &raw);
+      if (rc != TSS2_RC_SUCCESS) {
+        *rc_out = rc;
+        return TpmError(rc, "RSASSA signing failed");
+      }
+      auto sig = Owned(raw);
+      const TPM2B_PUBLIC_KEY_RSA& s = sig->signature.rsassa.sig;
+      std::vector<uint8_t> out(k, 0);
+      if (s.size > k) {
+        return Internal("TPM returned an oversized signature");
+      }
+      std::memcpy(out.data() + k - s.size, s.buffer, s.size);
+      return out;
+    }
+    // RSA-PSS
+    StatusOr<const EVP_MD*> md = RequireDigest(p.digest, "RSA-PSS digest");
+    if (!md.ok()) {
+      return md.status();
+    }
+    KH_RETURN_IF_ERROR(CheckDigestLength(p.digest, data));
+    const EVP_MD* mgf1 = *md;
+    if (p.pss_mgf1_digest != v1::DIGEST_NONE) {
+      StatusOr<const EVP_MD*> g =
+          RequireDigest(p.pss_mgf1_digest, "RSA-PSS MGF1 digest");
+      if (!g.ok()) {
+        return g.status();
+      }
+      mgf1 = *g;
+    }
+    const std::size_t em_len = (bits - 1 + 7) / 8;
+    const std::size_t h_len = data.size();
+    const std::size_t max_salt = em_len - h_len - 2;
+    std::size_t salt = 0;
+    if (p.pss_salt_length == -1) {
+      salt = h_len;
+    } else if (p.pss_salt_length == -2) {
+      salt = max_salt;
+    } else if (p.pss_salt_length < 0) {
+      return InvalidArgument(
+          "RSA-PSS salt length must be >= 0, -1 (digest length) or -2 (max)");
+    } else if (static_cast<std::size_t>(p.pss_salt_length) > max_salt) {
+      return InvalidArgument("RSA-PSS salt length " +
+                             std::to_string(p.pss_salt_length) +
+                             " is too long for this key and digest (max " +
+                             std::to_string(max_salt) + ")");
+    } else {
+      salt = static_cast<std::size_t>(p.pss_salt_length);
+    }
+    StatusOr<std::vector<uint8_t>> em = PssEncode(data, *md, mgf1, salt, bits);
+    if (!em.ok()) {
+      return em.status();
+    }
+    return RawRsa(handle, *em, rc_out);
+  }
+
+  StatusOr<std::vector<uint8_t>> SignEcdsa(ESYS_TR handle, const SignParams& p,
+                                           std::span<const uint8_t> data,
+                                           TSS2_RC* rc_out) {
+    v1::Digest d = p.digest;
+    if (d != v1::DIGEST_NONE) {
+      StatusOr<const EVP_MD*> md = RequireDigest(d, "digest");
+      if (!md.ok()) {
+        return md.status();
+      }
+      KH_RETURN_IF_ERROR(CheckDigestLength(d, data));
+    } else {
+      d = DigestForLength(data.size());
+    }
+    const TPM2_ALG_ID hash = TpmHash(d);
+    if (hash == TPM2_ALG_NULL || !algs.contains(hash)) {
+      return Unsupported(
+          "this TPM signs ECDSA only over digests of the hash algorithms it "
+          "implements (" +
+          std::to_string(data.size()) + "-byte input)");
+    }
+    TPM2B_DIGEST digest{};
+    digest.size = static_cast<UINT16>(data.size());
+    std::memcpy(digest.buffer, data.data(), data.size());
+    TPMT_SIG_SCHEME scheme{};
+    scheme.scheme = TPM2_ALG_ECDSA;
+    scheme.details.ecdsa.hashAlg = hash;
+    TPMT_TK_HASHCHECK ticket{};
+    ticket.tag = TPM2_ST_HASHCHECK;
+    ticket.hierarchy = TPM2_RH_NULL;
+    TPMT_SIGNATURE* raw = nullptr;
+    TSS2_RC rc = Esys_Sign(esys, handle, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                           ESYS_TR_NONE, &digest, &scheme, &ticket, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      *rc_out = rc;
+      return TpmError(rc, "ECDSA signing failed");
+    }
+    auto sig = Owned(raw);
+    std::vector<uint8_t> der = EcdsaDer(sig->signature.ecdsa);
+    if (der.empty()) {
+      return Internal("cannot encode ECDSA signature");
+    }
+    return der;
+  }
+};
+
+// ---------------------------------------------------------------------------
+
+TpmBackend::TpmBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+TpmBackend::~TpmBackend() = default;
+
+StatusOr<std::unique_ptr<TpmBackend>> TpmBackend::Create(
+    TpmOptions options, const std::filesystem::path& master_key_path) {
+  // tpm2-tss logs every TPM error code to stderr itself; the daemon reports
+  // them as statuses. An explicit TSS2_LOG from the environment still wins.
+  ::setenv("TSS2_LOG", "all+none", /*overwrite=*/0);
+  auto impl = std::make_unique<Impl>();
+  // The auth values are sealed under a key derived from the daemon's master
+  // key (the file the software backend keeps, 0600 in the state dir): one
+  // secret to protect and back up, and keys.db alone is useless. The label
+  // keeps the derived key distinct from the software backend's use.
+  StatusOr<SecretBytes> master =
+      ReadPrivateFile(master_key_path, kMasterKeySize, kMasterKeySize);
+  if (!master.ok()) {
+    return Status(master.status().code(),
+                  "master key: " + master.status().message());
+  }
+  impl->seal_key = SecretBytes(32);
+  std::size_t out_len = 0;
+  const auto mk = master->Expose(SecretAccess::kToken);
+  if (EVP_Q_mac(nullptr, "HMAC", nullptr, "SHA256", nullptr, mk.data(),
+                mk.size(),
+                reinterpret_cast<const unsigned char*>(kSealKeyLabel.data()),
+                kSealKeyLabel.size(), impl->seal_key.data(SecretAccess::kToken),
+                32, &out_len) == nullptr ||
+      out_len != 32) {
+    return SslError(Code::kInternal, "cannot derive the TPM sealing key");
+  }
+  if (!options.owner_auth_file.empty()) {
+    StatusOr<SecretBytes> auth =
+        ReadPrivateFile(options.owner_auth_file, 0, sizeof(TPMU_HA));
+    if (!auth.ok()) {
+      return Status(auth.status().code(),
+                    "owner auth: " + auth.status().message());
+    }
+    // A trailing newline from `echo secret > file` is not part of the auth.
+    std::size_t n = auth->size();
+    while (n > 0 && (auth->Expose(SecretAccess::kToken)[n - 1] == '\n' ||
+                     auth->Expose(SecretAccess::kToken)[n - 1] == '\r')) {
+      --n;
+    }
+    auth->resize(n);
+    impl->owner_auth = std::move(*auth);
+  }
+  impl->options = std::move(options);
+  {
+    std::lock_guard lock(impl->mu);
+    KH_RETURN_IF_ERROR(impl->Connect());
+  }
+  return std::unique_ptr<TpmBackend>(new TpmBackend(std::move(impl)));
+}
+
+std::string_view TpmBackend::Name() const { return impl_->options.name; }
+
+std::vector<v1::KeyType> TpmBackend::SupportedKeyTypes() const {
+  std::lock_guard lock(impl_->mu);
+  return {impl_->supported.begin(), impl_->supported.end()};
+}
+
+std::size_t TpmBackend::LoadedKeyCount() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->loaded.size();
+}
+
+std::size_t TpmBackend::LoadedKeyCapacity() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->capacity;
+}
+
+StatusOr<CreatedKey> TpmBackend::Generate(const daemon::KeyRef& ref,
+                                          v1::KeyType type) {
+  if (type == v1::KEY_TYPE_UNSPECIFIED) {
+    return InvalidArgument("key type must be specified");
+  }
+  std::optional<TypeInfo> info = InfoFor(type);
+  if (!info) {
+    return Unsupported("the TPM backend does not support key type " +
+                       std::string(KeyTypeName(type)));
+  }
+  SecretBytes auth(kAuthSize);
+  if (RAND_bytes(auth.data(SecretAccess::kToken),
+                 static_cast<int>(kAuthSize)) != 1) {
+    return SslError(Code::kInternal, "cannot draw a random auth value");
+  }
+  Impl& im = *impl_;
+  return im.Run<CreatedKey>([&](TSS2_RC* rc_out) -> StatusOr<CreatedKey> {
+    if (!im.supported.contains(type)) {
+      return Unsupported("this TPM does not support key type " +
+                         std::string(KeyTypeName(type)));
+    }
+    TPM2B_SENSITIVE_CREATE sensitive{};
+    sensitive.sensitive.userAuth = AuthFrom(auth.Expose(SecretAccess::kToken));
+    TPM2B_PUBLIC tmpl = ChildTemplate(*info);
+    TPM2B_DATA outside{};
+    TPML_PCR_SELECTION pcrs{};
+    TPM2B_PRIVATE* priv_raw = nullptr;
+    TPM2B_PUBLIC* pub_raw = nullptr;
+    // Creating needs a free slot in some TPMs; make room first.
+    while (im.loaded.size() + 1 > im.capacity && im.EvictOldest()) {
+    }
+    TSS2_RC rc = TSS2_RC_SUCCESS;
+    for (;;) {
+      rc = Esys_Create(im.esys, im.primary, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                       ESYS_TR_NONE, &sensitive, &tmpl, &outside, &pcrs,
+                       &priv_raw, &pub_raw, nullptr, nullptr, nullptr);
+      if (BaseRc(rc) == TPM2_RC_OBJECT_MEMORY && im.EvictOldest()) {
+        continue;
+      }
+      break;
+    }
+    OPENSSL_cleanse(&sensitive, sizeof(sensitive));
+    if (rc != TSS2_RC_SUCCESS) {
+      *rc_out = rc;
+      return TpmError(rc, "cannot create key");
+    }
+    auto priv = Owned(priv_raw);
+    auto pub = Owned(pub_raw);
+    uint8_t pub_buf[sizeof(TPM2B_PUBLIC)];
+    uint8_t priv_buf[sizeof(TPM2B_PRIVATE)];
+    std::size_t pub_len = 0;
+    std::size_t priv_len = 0;
+    if (Tss2_MU_TPM2B_PUBLIC_Marshal(pub.get(), pub_buf, sizeof(pub_buf),
+                                     &pub_len) != TSS2_RC_SUCCESS ||
+        Tss2_MU_TPM2B_PRIVATE_Marshal(priv.get(), priv_buf, sizeof(priv_buf),
+                                      &priv_len) != TSS2_RC_SUCCESS) {
+      return Internal("cannot marshal TPM key");
+    }
+    StatusOr<std::vector<uint8_t>> der = PublicDer(pub->publicArea);
+    if (!der.ok()) {
+      return der.status();
+    }
+    std::vector<uint8_t> blob;
+    blob.reserve(1 + 4 + pub_len + priv_len + kNonceSize + kAuthSize +
+                 kTagSize);
+    blob.push_back(kBlobVersion);
+    PutU16(&blob, pub_len);
+    blob.insert(blob.end(), pub_buf, pub_buf + pub_len);
+    PutU16(&blob, priv_len);
+    blob.insert(blob.end(), priv_buf, priv_buf + priv_len);
+    const std::size_t nonce_at = blob.size();
+    blob.resize(blob.size() + kNonceSize + kAuthSize + kTagSize);
+    uint8_t* nonce = blob.data() + nonce_at;
+    if (RAND_bytes(nonce, static_cast<int>(kNonceSize)) != 1) {
+      return SslError(Code::kInternal, "cannot draw a random nonce");
+    }
+    const std::string aad =
+        AssociatedData(ref, std::span<const uint8_t>(pub_buf, pub_len),
+                       std::span<const uint8_t>(priv_buf, priv_len));
+    const auto a = auth.Expose(SecretAccess::kToken);
+    if (!GcmCrypt(true, im.seal_key,
+                  std::span<const uint8_t>(nonce, kNonceSize), aad, a.data(),
+                  a.size(), nonce + kNonceSize,
+                  nonce + kNonceSize + kAuthSize)) {
+      return Internal("cannot seal the key's auth value");
+    }
+    CreatedKey out;
+    out.type = type;
+    out.public_key = std::move(*der);
+    out.blob = std::move(blob);
+    return out;
+  });
+}
+
+StatusOr<CreatedKey> TpmBackend::Import(const daemon::KeyRef&,
+                                        const SecretBytes&) {
+  return Unsupported(
+      "the TPM backend creates keys inside the TPM; importing is not "
+      "supported");
+}
+
+StatusOr<std::vector<uint8_t>> TpmBackend::Sign(const KeyHandle& key,
+                                                const SignParams& params,
+                                                std::span<const uint8_t> data) {
+  Impl& im = *impl_;
+  const bool rsa = IsRsa(key.type);
+  switch (params.algorithm) {
+    case v1::RSA_PKCS1:
+    case v1::RSA_PSS:
+      if (!rsa) {
+        return InvalidArgument("key type " +
+                               std::string(KeyTypeName(key.type)) +
+                               " cannot sign with RSA");
+      }
+      break;
+    case v1::ECDSA:
+      if (!IsEc(key.type)) {
+        return InvalidArgument("key type " +
+                               std::string(KeyTypeName(key.type)) +
+                               " cannot sign with ECDSA");
+      }
+      break;
+    case v1::ED25519_PURE:
+      return Unsupported("TPM 2.0 has no Ed25519");
+    default:
+      return InvalidArgument("unknown sign algorithm");
+  }
+  return im.Run<std::vector<uint8_t>>(
+      [&](TSS2_RC* rc) -> StatusOr<std::vector<uint8_t>> {
+        StatusOr<ESYS_TR> h = im.Load(key, rc);
+        if (!h.ok()) {
+          return h.status();
+        }
+        if (rsa) {
+          return im.SignRsa(*h, key.type, params, data, rc);
+        }
+        return im.SignEcdsa(*h, params, data, rc);
+      });
+}
+
+StatusOr<SecretBytes> TpmBackend::Decrypt(const KeyHandle& key,
+                                          const DecryptParams& p,
+                                          std::span<const uint8_t> ciphertext) {
+  if (!IsRsa(key.type)) {
+    return InvalidArgument("key type " + std::string(KeyTypeName(key.type)) +
+                           " cannot decrypt");
+  }
+  const std::size_t k = InfoFor(key.type)->rsa_bits / 8;
+  if (ciphertext.empty() || ciphertext.size() > k) {
+    return InvalidArgument("ciphertext must be 1 to " + std::to_string(k) +
+                           " bytes for this key, got " +
+                           std::to_string(ciphertext.size()));
+  }
+  TPMT_RSA_DECRYPT scheme{};
+  Impl& im = *impl_;
+  if (p.algorithm == v1::RSA_OAEP) {
+    const v1::Digest d =
+        p.oaep_digest == v1::DIGEST_NONE ? v1::SHA1 : p.oaep_digest;
+    const v1::Digest mgf1 =
+        p.oaep_mgf1_digest == v1::DIGEST_NONE ? d : p.oaep_mgf1_digest;
+    if (mgf1 != d) {
+      return Unsupported("the TPM's RSA-OAEP uses the OAEP digest for MGF1");
+    }
+    if (!p.oaep_label.empty()) {
+      // TPM2_RSA_Decrypt hashes the label with a terminating zero byte that
+      // OpenSSL's labels do not have: the two would never agree.
+      return Unsupported("the TPM backend does not support RSA-OAEP labels");
+    }
+    scheme.scheme = TPM2_ALG_OAEP;
+    scheme.details.oaep.hashAlg = TpmHash(d);
+    if (scheme.details.oaep.hashAlg == TPM2_ALG_NULL) {
+      return Unsupported("unsupported RSA-OAEP digest for the TPM");
+    }
+  } else if (p.algorithm == v1::RSA_PKCS1_V15) {
+    if (!p.oaep_label.empty()) {
+      return InvalidArgument("a label is only valid with RSA-OAEP");
+    }
+    scheme.scheme = TPM2_ALG_RSAES;
+  } else if (p.algorithm == v1::RSA_TLS_PREMASTER) {
+    // The TPM reports a padding failure as an error, which would be a
+    // Bleichenbacher oracle; the implicit-rejection TLS mode is not possible.
+    return Unsupported(
+        "RSA TLS premaster decryption is not supported by the TPM backend");
+  } else {
+    return InvalidArgument("unknown decrypt algorithm");
+  }
+  return im.Run<SecretBytes>([&](TSS2_RC* rc_out) -> StatusOr<SecretBytes> {
+    if (!im.algs.contains(scheme.scheme) ||
+        (scheme.scheme == TPM2_ALG_OAEP &&
+         !im.algs.contains(scheme.details.oaep.hashAlg))) {
+      return Unsupported(
+          "this TPM does not implement the requested RSA "
+          "decryption scheme");
+    }
+    StatusOr<ESYS_TR> h = im.Load(key, rc_out);
+    if (!h.ok()) {
+      return h.status();
+    }
+    TPM2B_PUBLIC_KEY_RSA c{};
+    c.size = static_cast<UINT16>(ciphertext.size());
+    std::memcpy(c.buffer, ciphertext.data(), ciphertext.size());
+    TPM2B_DATA label{};
+    TPM2B_PUBLIC_KEY_RSA* raw = nullptr;
+    TSS2_RC rc = Esys_RSA_Decrypt(im.esys, *h, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                  ESYS_TR_NONE, &c, &scheme, &label, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      *rc_out = rc;
+      if (IsConnectionLost(rc)) {
+        return TpmError(rc, "decryption");
+      }
+      // No detail: the reason for a padding failure is an oracle.
+      return InvalidArgument("decryption failed");
+    }
+    auto m = Owned(raw);
+    SecretBytes out(std::span<const uint8_t>(m->buffer, m->size));
+    OPENSSL_cleanse(m->buffer, m->size);
+    return out;
+  });
+}
+
+StatusOr<SecretBytes> TpmBackend::Derive(const KeyHandle& key,
+                                         std::span<const uint8_t> peer) {
+  if (!IsEc(key.type)) {
+    return InvalidArgument("key type " + std::string(KeyTypeName(key.type)) +
+                           " cannot derive");
+  }
+  const TypeInfo info = *InfoFor(key.type);
+  StatusOr<TPM2B_ECC_POINT> point = ParsePeerPoint(info, peer);
+  if (!point.ok()) {
+    return point.status();
+  }
+  Impl& im = *impl_;
+  return im.Run<SecretBytes>([&](TSS2_RC* rc_out) -> StatusOr<SecretBytes> {
+    if (!im.algs.contains(TPM2_ALG_ECDH)) {
+      return Unsupported("this TPM does not implement ECDH");
+    }
+    StatusOr<ESYS_TR> h = im.Load(key, rc_out);
+    if (!h.ok()) {
+      return h.status();
+    }
+    TPM2B_ECC_POINT* raw = nullptr;
+    TSS2_RC rc = Esys_ECDH_ZGen(im.esys, *h, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                ESYS_TR_NONE, &*point, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      *rc_out = rc;
+      if (BaseRc(rc) == TPM2_RC_ECC_POINT) {
+        return InvalidArgument("invalid peer public key");
+      }
+      return TpmError(rc, "ECDH failed");
+    }
+    auto z = Owned(raw);
+    // The shared secret is the x coordinate, padded to the field size, as
+    // OpenSSL's ECDH returns it.
+    SecretBytes out(info.field_bytes);
+    const TPM2B_ECC_PARAMETER& x = z->point.x;
+    if (x.size > info.field_bytes) {
+      return Internal("TPM returned an oversized ECDH result");
+    }
+    std::memcpy(out.data(SecretAccess::kToken) + info.field_bytes - x.size,
+                x.buffer, x.size);
+    OPENSSL_cleanse(z.get(), sizeof(*z));
+    return out;
+  });
+}
+
+Status TpmBackend::Destroy(const KeyHandle& key) {
+  std::lock_guard lock(impl_->mu);
+  if (impl_->esys != nullptr) {
+    impl_->Evict(key.id);
+  }
+  // The TPM holds nothing else of the key: the blob was its only copy.
+  return Status::Ok();
+}
+
+StatusOr<std::unique_ptr<Backend>> CreateTpmBackend(
+    std::string_view settings_toml,
+    const std::filesystem::path& master_key_path) {
+  StatusOr<TpmOptions> options = ParseTpmSettings(settings_toml);
+  if (!options.ok()) {
+    return options.status();
+  }
+  StatusOr<std::unique_ptr<TpmBackend>> backend =
+      TpmBackend::Create(std::move(*options), master_key_path);
+  if (!backend.ok()) {
+    return backend.status();
+  }
+  return std::unique_ptr<Backend>(std::move(*backend));
+}
+
+}  // namespace keyhold::backend::tpm

@@ -1,0 +1,94 @@
+// The TPM 2.0 backend: keys are created by the TPM as children of a storage
+// primary key under the owner hierarchy and leave it only wrapped by that
+// primary (TPM2B_PRIVATE). keyhold keeps the public area, the wrapped private
+// area and a random per-key auth value; the auth value is encrypted at rest
+// under a key derived from the daemon's master key, so a copy of keys.db
+// alone cannot drive the TPM, and a copy of keys.db plus master.key cannot
+// do anything without the TPM that wrapped the keys.
+//
+// Access goes through ESAPI (Esys_*) over the TCTI named in the config, one
+// ESYS context serialized by a mutex. Loaded keys are kept in a small LRU of
+// transient handles sized to the TPM's free object slots; a lost TPM
+// connection is re-established (and the primary recreated) on the next use.
+#ifndef KEYHOLD_DAEMON_BACKENDS_TPM_TPM_BACKEND_H_
+#define KEYHOLD_DAEMON_BACKENDS_TPM_TPM_BACKEND_H_
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "daemon/backends/backend.h"
+
+namespace keyhold::backend::tpm {
+
+// The [[backend.tpm]] table.
+struct TpmOptions {
+  std::string name;
+  // Tss2_TctiLdr_Initialize configuration, e.g. "device:/dev/tpmrm0",
+  // "swtpm:host=127.0.0.1,port=2321", "mssim:...".
+  std::string tcti = "device:/dev/tpmrm0";
+  // Optional file holding the owner hierarchy auth value (regular file,
+  // owned by the daemon's uid, no group or other access).
+  std::string owner_auth_file;
+  // 0: create the storage primary (ECC P-256 SRK template) at every start;
+  // else the persistent handle (0x81xxxxxx) of an existing storage key with
+  // an empty auth value.
+  uint32_t persistent_handle = 0;
+  // Upper bound on keys kept loaded; the TPM's free transient slots may
+  // lower it.
+  uint32_t max_loaded_keys = 8;
+};
+
+// Parses a [[backend.tpm]] table (TOML text). Unknown keys are an error.
+StatusOr<TpmOptions> ParseTpmSettings(std::string_view toml_text);
+
+class TpmBackend : public Backend {
+ public:
+  // Connects to the TPM, creates or opens the storage primary and reads the
+  // TPM's capabilities. master_key_path is the daemon's master key file
+  // (written by the software backend, which the daemon creates first).
+  static StatusOr<std::unique_ptr<TpmBackend>> Create(
+      TpmOptions options, const std::filesystem::path& master_key_path);
+  // Flushes every loaded key and the primary.
+  ~TpmBackend() override;
+
+  std::string_view Name() const override;
+  StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
+                                v1::KeyType type) override;
+  // Always kUnsupported: TPM keys are created inside the TPM.
+  StatusOr<CreatedKey> Import(const daemon::KeyRef& ref,
+                              const SecretBytes& private_key) override;
+  StatusOr<std::vector<uint8_t>> Sign(const KeyHandle& key,
+                                      const SignParams& params,
+                                      std::span<const uint8_t> data) override;
+  StatusOr<SecretBytes> Decrypt(const KeyHandle& key,
+                                const DecryptParams& params,
+                                std::span<const uint8_t> ciphertext) override;
+  StatusOr<SecretBytes> Derive(const KeyHandle& key,
+                               std::span<const uint8_t> peer) override;
+  Status Destroy(const KeyHandle& key) override;
+
+  // Key types this TPM can create (from TPM2_GetCapability/TPM2_TestParms).
+  std::vector<v1::KeyType> SupportedKeyTypes() const;
+  // Keys currently loaded in the TPM (for tests).
+  std::size_t LoadedKeyCount() const;
+  // The LRU capacity in use (for tests).
+  std::size_t LoadedKeyCapacity() const;
+
+ private:
+  struct Impl;
+  explicit TpmBackend(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The daemon's factory: parses settings and creates the backend.
+StatusOr<std::unique_ptr<Backend>> CreateTpmBackend(
+    std::string_view settings_toml,
+    const std::filesystem::path& master_key_path);
+
+}  // namespace keyhold::backend::tpm
+
+#endif  // KEYHOLD_DAEMON_BACKENDS_TPM_TPM_BACKEND_H_

@@ -1,0 +1,617 @@
+// Tests against a real swtpm started here on 127.0.0.1 (skipped if swtpm is
+// not installed). Every signature is verified and every ciphertext made with
+// plain OpenSSL.
+#include "daemon/backends/tpm/tpm_backend.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/key_types.h"
+#include "common/ssl_ptr.h"
+
+namespace keyhold::backend::tpm {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool HaveSwtpm() {
+  return std::system("command -v swtpm >/dev/null 2>&1") == 0;
+}
+
+// A free TCP port P on 127.0.0.1 with P+1 free as well.
+int FreePortPair() {
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(a);
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+        ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+      ::close(fd);
+      continue;
+    }
+    const int port = ntohs(a.sin_port);
+    int fd2 = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in b = a;
+    b.sin_port = htons(static_cast<uint16_t>(port + 1));
+    const bool ok = port < 65000 && ::bind(fd2, reinterpret_cast<sockaddr*>(&b),
+                                           sizeof(b)) == 0;
+    ::close(fd2);
+    ::close(fd);
+    if (ok) {
+      return port;
+    }
+  }
+  return 0;
+}
+
+bool CanConnect(int port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  const bool ok =
+      ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  ::close(fd);
+  return ok;
+}
+
+// One swtpm process with its state in dir.
+class Swtpm {
+ public:
+  explicit Swtpm(fs::path dir) : dir_(std::move(dir)) {
+    fs::create_directories(dir_);
+  }
+  ~Swtpm() { Stop(); }
+
+  bool Start() {
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      if (port_ == 0 || attempt > 0) {
+        port_ = FreePortPair();
+      }
+      if (StartOn(port_)) {
+        return true;
+      }
+    }
+    return false;
+  }
+  // Restarts on the same port (the TCTI string stays valid).
+  bool Restart() {
+    Stop();
+    return StartOn(port_);
+  }
+  void Stop() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+      pid_ = -1;
+    }
+  }
+  std::string Tcti() const {
+    return "swtpm:host=127.0.0.1,port=" + std::to_string(port_);
+  }
+
+ private:
+  bool StartOn(int port) {
+    const std::string server =
+        "type=tcp,port=" + std::to_string(port) + ",bindaddr=127.0.0.1";
+    const std::string ctrl =
+        "type=tcp,port=" + std::to_string(port + 1) + ",bindaddr=127.0.0.1";
+    const std::string state = "dir=" + dir_.string();
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      const int devnull = ::open("/dev/null", O_WRONLY);
+      ::dup2(devnull, 1);
+      ::dup2(devnull, 2);
+      ::execlp("swtpm", "swtpm", "socket", "--tpm2", "--server", server.c_str(),
+               "--ctrl", ctrl.c_str(), "--tpmstate", state.c_str(), "--flags",
+               "not-need-init,startup-clear", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    for (int i = 0; i < 200; ++i) {
+      if (CanConnect(port)) {
+        return true;
+      }
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return false;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    Stop();
+    return false;
+  }
+
+  fs::path dir_;
+  int port_ = 0;
+  pid_t pid_ = -1;
+};
+
+SslPtr<EVP_PKEY> ParsePub(const std::vector<uint8_t>& der) {
+  const unsigned char* p = der.data();
+  return SslPtr<EVP_PKEY>(
+      d2i_PUBKEY(nullptr, &p, static_cast<long>(der.size())));
+}
+
+std::vector<uint8_t> Sha(const EVP_MD* md, std::string_view msg) {
+  std::vector<uint8_t> out(static_cast<std::size_t>(EVP_MD_get_size(md)));
+  EVP_Digest(msg.data(), msg.size(), out.data(), nullptr, md, nullptr);
+  return out;
+}
+
+// Verifies a signature over a digest with OpenSSL. pss_salt: -2 = auto.
+bool Verify(EVP_PKEY* pub, const EVP_MD* md, int padding,
+            std::span<const uint8_t> digest, std::span<const uint8_t> sig,
+            const EVP_MD* mgf1 = nullptr) {
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_pkey(nullptr, pub, nullptr));
+  if (EVP_PKEY_verify_init(ctx.get()) != 1) {
+    return false;
+  }
+  if (padding != 0) {
+    EVP_PKEY_CTX_set_rsa_padding(ctx.get(), padding);
+    if (padding == RSA_PKCS1_PSS_PADDING) {
+      EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx.get(), RSA_PSS_SALTLEN_AUTO);
+      EVP_PKEY_CTX_set_rsa_mgf1_md(ctx.get(), mgf1 != nullptr ? mgf1 : md);
+    }
+  }
+  if (md != nullptr) {
+    EVP_PKEY_CTX_set_signature_md(ctx.get(), md);
+  }
+  const bool ok = EVP_PKEY_verify(ctx.get(), sig.data(), sig.size(),
+                                  digest.data(), digest.size()) == 1;
+  ERR_clear_error();
+  return ok;
+}
+
+std::vector<uint8_t> Encrypt(EVP_PKEY* pub, int padding, const EVP_MD* oaep,
+                             std::span<const uint8_t> msg) {
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_pkey(nullptr, pub, nullptr));
+  EVP_PKEY_encrypt_init(ctx.get());
+  EVP_PKEY_CTX_set_rsa_padding(ctx.get(), padding);
+  if (oaep != nullptr) {
+    EVP_PKEY_CTX_set_rsa_oaep_md(ctx.get(), oaep);
+    EVP_PKEY_CTX_set_rsa_mgf1_md(ctx.get(), oaep);
+  }
+  std::size_t len = 0;
+  EVP_PKEY_encrypt(ctx.get(), nullptr, &len, msg.data(), msg.size());
+  std::vector<uint8_t> out(len);
+  EVP_PKEY_encrypt(ctx.get(), out.data(), &len, msg.data(), msg.size());
+  out.resize(len);
+  return out;
+}
+
+std::vector<uint8_t> Bytes(const SecretBytes& s) {
+  auto e = s.Expose(SecretAccess::kToken);
+  return {e.begin(), e.end()};
+}
+
+class TpmBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveSwtpm()) {
+      GTEST_SKIP() << "swtpm is not installed";
+    }
+    char tmpl[] = "/tmp/kh-tpm-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    master_ = dir_ / "master.key";
+    WriteMasterKey(master_);
+    tpm_ = std::make_unique<Swtpm>(dir_ / "tpm");
+    ASSERT_TRUE(tpm_->Start());
+  }
+  void TearDown() override {
+    backend_.reset();
+    tpm_.reset();
+    if (!dir_.empty()) {
+      fs::remove_all(dir_);
+    }
+  }
+
+  static void WriteMasterKey(const fs::path& path) {
+    uint8_t key[32];
+    ASSERT_EQ(RAND_bytes(key, sizeof(key)), 1);
+    const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::write(fd, key, sizeof(key)), 32);
+    ::close(fd);
+  }
+
+  std::unique_ptr<TpmBackend> MakeBackend(const std::string& tcti,
+                                          const fs::path& master,
+                                          uint32_t max_loaded = 8) {
+    TpmOptions o;
+    o.name = "tpm";
+    o.tcti = tcti;
+    o.max_loaded_keys = max_loaded;
+    auto b = TpmBackend::Create(std::move(o), master);
+    EXPECT_TRUE(b.ok()) << b.status().ToString();
+    return b.ok() ? std::move(*b) : nullptr;
+  }
+
+  fs::path dir_;
+  fs::path master_;
+  std::unique_ptr<Swtpm> tpm_;
+  std::unique_ptr<TpmBackend> backend_;
+};
+
+struct Key {
+  CreatedKey created;
+  KeyHandle handle;
+};
+
+Key MakeKey(TpmBackend* b, uint64_t id, v1::KeyType type,
+            const std::string& name) {
+  Key k;
+  daemon::KeyRef ref{1000, name};
+  auto c = b->Generate(ref, type);
+  EXPECT_TRUE(c.ok()) << c.status().ToString();
+  if (c.ok()) {
+    k.created = std::move(*c);
+  }
+  k.handle.id = id;
+  k.handle.ref = ref;
+  k.handle.type = type;
+  k.handle.blob = k.created.blob;
+  return k;
+}
+
+TEST(TpmSettingsTest, ParsesAndRejectsUnknownKeys) {
+  auto o = ParseTpmSettings("name = \"t\"\n");
+  ASSERT_TRUE(o.ok());
+  EXPECT_EQ(o->tcti, "device:/dev/tpmrm0");
+  EXPECT_EQ(o->persistent_handle, 0u);
+  o = ParseTpmSettings(
+      "name = \"t\"\ntcti = \"swtpm:port=1\"\nmax_loaded_keys = 3\n"
+      "persistent_handle = 0x81000001\n");
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_EQ(o->tcti, "swtpm:port=1");
+  EXPECT_EQ(o->max_loaded_keys, 3u);
+  EXPECT_EQ(o->persistent_handle, 0x81000001u);
+  EXPECT_EQ(ParseTpmSettings("name = \"t\"\ntcit = \"x\"\n").status().code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(
+      ParseTpmSettings("name = \"t\"\npersistent_handle = 5\n").status().code(),
+      Code::kInvalidArgument);
+  EXPECT_FALSE(ParseTpmSettings("tcti = \"x\"\n").ok());
+}
+
+TEST_F(TpmBackendTest, UnreadableOwnerAuthFileIsRejected) {
+  const fs::path auth = dir_ / "owner.auth";
+  std::ofstream(auth) << "secret\n";
+  ::chmod(auth.c_str(), 0644);
+  TpmOptions o;
+  o.name = "tpm";
+  o.tcti = tpm_->Tcti();
+  o.owner_auth_file = auth.string();
+  auto b = TpmBackend::Create(o, master_);
+  ASSERT_FALSE(b.ok());
+  EXPECT_NE(b.status().message().find("group or others"), std::string::npos);
+  ::chmod(auth.c_str(), 0600);
+  // swtpm's owner auth is empty: a wrong one fails to create the primary.
+  b = TpmBackend::Create(o, master_);
+  ASSERT_FALSE(b.ok());
+}
+
+TEST_F(TpmBackendTest, EveryTypeAndOperationVerifiedWithOpenSsl) {
+  backend_ = MakeBackend(tpm_->Tcti(), master_);
+  ASSERT_NE(backend_, nullptr);
+  std::vector<v1::KeyType> types = backend_->SupportedKeyTypes();
+  auto has = [&](v1::KeyType t) {
+    return std::find(types.begin(), types.end(), t) != types.end();
+  };
+  ASSERT_TRUE(has(v1::RSA_2048));
+  ASSERT_TRUE(has(v1::EC_P256));
+  EXPECT_TRUE(has(v1::EC_P384));
+
+  uint64_t id = 1;
+  for (v1::KeyType type : types) {
+    SCOPED_TRACE(std::string(KeyTypeName(type)));
+    ++id;
+    Key k = MakeKey(backend_.get(), id, type, "k" + std::to_string(id));
+    SslPtr<EVP_PKEY> pub = ParsePub(k.created.public_key);
+    ASSERT_NE(pub, nullptr);
+    const std::vector<uint8_t> d256 = Sha(EVP_sha256(), "hello");
+    const std::vector<uint8_t> d384 = Sha(EVP_sha384(), "hello");
+    if (IsRsa(type)) {
+      SignParams p;
+      p.algorithm = v1::RSA_PKCS1;
+      p.digest = v1::SHA256;
+      auto sig = backend_->Sign(k.handle, p, d256);
+      ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+      EXPECT_TRUE(
+          Verify(pub.get(), EVP_sha256(), RSA_PKCS1_PADDING, d256, *sig));
+      // SHA-224 is padded on the host; DIGEST_NONE pads the caller's input.
+      const std::vector<uint8_t> d224 = Sha(EVP_sha224(), "hello");
+      p.digest = v1::SHA224;
+      sig = backend_->Sign(k.handle, p, d224);
+      ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+      EXPECT_TRUE(
+          Verify(pub.get(), EVP_sha224(), RSA_PKCS1_PADDING, d224, *sig));
+      p.digest = v1::DIGEST_NONE;
+      const std::vector<uint8_t> raw = {1, 2, 3, 4, 5};
+      sig = backend_->Sign(k.handle, p, raw);
+      ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+      EXPECT_TRUE(Verify(pub.get(), nullptr, RSA_PKCS1_PADDING, raw, *sig));
+      for (int salt : {-1, -2, 0, 10}) {
+        for (v1::Digest mgf : {v1::DIGEST_NONE, v1::SHA1}) {
+          SignParams pss;
+          pss.algorithm = v1::RSA_PSS;
+          pss.digest = v1::SHA384;
+          pss.pss_salt_length = salt;
+          pss.pss_mgf1_digest = mgf;
+          sig = backend_->Sign(k.handle, pss, d384);
+          ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+          EXPECT_TRUE(Verify(pub.get(), EVP_sha384(), RSA_PKCS1_PSS_PADDING,
+                             d384, *sig,
+                             mgf == v1::SHA1 ? EVP_sha1() : EVP_sha384()))
+              << "salt " << salt;
+        }
+      }
+      SignParams ecdsa;
+      ecdsa.algorithm = v1::ECDSA;
+      EXPECT_EQ(backend_->Sign(k.handle, ecdsa, d256).status().code(),
+                Code::kInvalidArgument);
+
+      const std::vector<uint8_t> secret = {9, 8, 7, 6, 5, 4, 3, 2, 1};
+      for (v1::Digest d : {v1::DIGEST_NONE, v1::SHA256}) {
+        DecryptParams dp;
+        dp.algorithm = v1::RSA_OAEP;
+        dp.oaep_digest = d;
+        auto ct = Encrypt(pub.get(), RSA_PKCS1_OAEP_PADDING,
+                          d == v1::SHA256 ? EVP_sha256() : EVP_sha1(), secret);
+        auto pt = backend_->Decrypt(k.handle, dp, ct);
+        ASSERT_TRUE(pt.ok()) << pt.status().ToString();
+        EXPECT_EQ(Bytes(*pt), secret);
+      }
+      DecryptParams v15;
+      v15.algorithm = v1::RSA_PKCS1_V15;
+      auto ct = Encrypt(pub.get(), RSA_PKCS1_PADDING, nullptr, secret);
+      auto pt = backend_->Decrypt(k.handle, v15, ct);
+      ASSERT_TRUE(pt.ok()) << pt.status().ToString();
+      EXPECT_EQ(Bytes(*pt), secret);
+      ct[ct.size() / 2] ^= 1;
+      EXPECT_EQ(backend_->Decrypt(k.handle, v15, ct).status().code(),
+                Code::kInvalidArgument);
+      DecryptParams tls;
+      tls.algorithm = v1::RSA_TLS_PREMASTER;
+      EXPECT_EQ(backend_->Decrypt(k.handle, tls, ct).status().code(),
+                Code::kUnsupported);
+      DecryptParams label;
+      label.algorithm = v1::RSA_OAEP;
+      label.oaep_label = "x";
+      EXPECT_EQ(backend_->Decrypt(k.handle, label, ct).status().code(),
+                Code::kUnsupported);
+    } else {
+      SignParams p;
+      p.algorithm = v1::ECDSA;
+      for (v1::Digest d : {v1::SHA256, v1::SHA384, v1::DIGEST_NONE}) {
+        p.digest = d;
+        const std::vector<uint8_t>& dg = d == v1::SHA384 ? d384 : d256;
+        auto sig = backend_->Sign(k.handle, p, dg);
+        ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+        EXPECT_TRUE(Verify(pub.get(), nullptr, 0, dg, *sig));
+      }
+      p.digest = v1::DIGEST_NONE;
+      EXPECT_FALSE(backend_->Sign(k.handle, p, std::vector<uint8_t>(17)).ok());
+      SignParams rsa;
+      rsa.algorithm = v1::RSA_PKCS1;
+      rsa.digest = v1::SHA256;
+      EXPECT_EQ(backend_->Sign(k.handle, rsa, d256).status().code(),
+                Code::kInvalidArgument);
+
+      // ECDH: our x coordinate equals OpenSSL's derive from the peer side.
+      char group[64] = {};
+      std::size_t glen = 0;
+      ASSERT_EQ(EVP_PKEY_get_group_name(pub.get(), group, sizeof(group), &glen),
+                1);
+      SslPtr<EVP_PKEY> peer(EVP_EC_gen(group));
+      ASSERT_NE(peer, nullptr);
+      unsigned char* der = nullptr;
+      const int der_len = i2d_PUBKEY(peer.get(), &der);
+      std::vector<uint8_t> peer_der(der, der + der_len);
+      OPENSSL_free(der);
+      SslPtr<EVP_PKEY_CTX> dctx(
+          EVP_PKEY_CTX_new_from_pkey(nullptr, peer.get(), nullptr));
+      ASSERT_EQ(EVP_PKEY_derive_init(dctx.get()), 1);
+      ASSERT_EQ(EVP_PKEY_derive_set_peer(dctx.get(), pub.get()), 1);
+      std::size_t zlen = 0;
+      EVP_PKEY_derive(dctx.get(), nullptr, &zlen);
+      std::vector<uint8_t> expected(zlen);
+      ASSERT_EQ(EVP_PKEY_derive(dctx.get(), expected.data(), &zlen), 1);
+      auto z = backend_->Derive(k.handle, peer_der);
+      ASSERT_TRUE(z.ok()) << z.status().ToString();
+      EXPECT_EQ(Bytes(*z), expected);
+      // The raw uncompressed point works too.
+      std::vector<uint8_t> point(200);
+      std::size_t plen = 0;
+      ASSERT_EQ(EVP_PKEY_get_octet_string_param(
+                    peer.get(), OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY,
+                    point.data(), point.size(), &plen),
+                1);
+      point.resize(plen);
+      z = backend_->Derive(k.handle, point);
+      ASSERT_TRUE(z.ok()) << z.status().ToString();
+      EXPECT_EQ(Bytes(*z), expected);
+      // A point from another curve is refused.
+      SslPtr<EVP_PKEY> other(
+          EVP_EC_gen(type == v1::EC_P256 ? "P-384" : "P-256"));
+      der = nullptr;
+      const int other_len = i2d_PUBKEY(other.get(), &der);
+      std::vector<uint8_t> other_der(der, der + other_len);
+      OPENSSL_free(der);
+      EXPECT_EQ(backend_->Derive(k.handle, other_der).status().code(),
+                Code::kInvalidArgument);
+      DecryptParams dp;
+      dp.algorithm = v1::RSA_OAEP;
+      EXPECT_EQ(backend_->Decrypt(k.handle, dp, d256).status().code(),
+                Code::kInvalidArgument);
+    }
+    EXPECT_TRUE(backend_->Destroy(k.handle).ok());
+  }
+  EXPECT_EQ(backend_->Generate({1000, "x"}, v1::ED25519).status().code(),
+            Code::kUnsupported);
+  EXPECT_EQ(backend_->Import({1000, "x"}, SecretBytes(10)).status().code(),
+            Code::kUnsupported);
+}
+
+TEST_F(TpmBackendTest, BlobIsBoundToItsReference) {
+  backend_ = MakeBackend(tpm_->Tcti(), master_);
+  ASSERT_NE(backend_, nullptr);
+  Key k = MakeKey(backend_.get(), 1, v1::EC_P256, "mine");
+  KeyHandle moved = k.handle;
+  moved.id = 2;
+  moved.ref = {1001, "mine"};
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  EXPECT_FALSE(backend_->Sign(moved, p, Sha(EVP_sha256(), "x")).ok());
+  EXPECT_TRUE(backend_->Sign(k.handle, p, Sha(EVP_sha256(), "x")).ok());
+}
+
+// More keys than the TPM has object slots, thousands of operations, from
+// several threads: the LRU never leaks a slot (no TPM_RC_OBJECT_MEMORY).
+TEST_F(TpmBackendTest, ManyKeysThousandsOfOperations) {
+  backend_ = MakeBackend(tpm_->Tcti(), master_, 64);
+  ASSERT_NE(backend_, nullptr);
+  // swtpm has 3 transient slots; the primary holds one.
+  EXPECT_LE(backend_->LoadedKeyCapacity(), 3u);
+  std::vector<Key> keys;
+  for (uint64_t i = 0; i < 20; ++i) {
+    keys.push_back(MakeKey(backend_.get(), i + 1,
+                           i < 2 ? v1::RSA_2048 : v1::EC_P256,
+                           "many" + std::to_string(i)));
+  }
+  std::vector<SslPtr<EVP_PKEY>> pubs;
+  for (const Key& k : keys) {
+    pubs.push_back(ParsePub(k.created.public_key));
+  }
+  const std::vector<uint8_t> digest = Sha(EVP_sha256(), "many");
+  constexpr int kThreads = 4;
+  constexpr int kOpsPerThread = 500;
+  std::vector<int> failures(kThreads, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kOpsPerThread; ++i) {
+        const std::size_t n =
+            static_cast<std::size_t>(i * 7 + t * 3) % keys.size();
+        SignParams p;
+        p.algorithm = IsRsa(keys[n].handle.type) ? v1::RSA_PKCS1 : v1::ECDSA;
+        p.digest = v1::SHA256;
+        auto sig = backend_->Sign(keys[n].handle, p, digest);
+        if (!sig.ok()) {
+          ADD_FAILURE() << sig.status().ToString();
+          ++failures[static_cast<std::size_t>(t)];
+          continue;
+        }
+        if (i % 50 == 0 &&
+            !Verify(pubs[n].get(),
+                    IsRsa(keys[n].handle.type) ? EVP_sha256() : nullptr,
+                    IsRsa(keys[n].handle.type) ? RSA_PKCS1_PADDING : 0, digest,
+                    *sig)) {
+          ++failures[static_cast<std::size_t>(t)];
+        }
+      }
+    });
+  }
+  for (std::thread& th : threads) {
+    th.join();
+  }
+  for (int f : failures) {
+    EXPECT_EQ(f, 0);
+  }
+  EXPECT_LE(backend_->LoadedKeyCount(), backend_->LoadedKeyCapacity());
+}
+
+TEST_F(TpmBackendTest, RestartedBackendKeepsKeysUsable) {
+  backend_ = MakeBackend(tpm_->Tcti(), master_);
+  ASSERT_NE(backend_, nullptr);
+  Key k = MakeKey(backend_.get(), 1, v1::EC_P256, "persist");
+  backend_.reset();
+  backend_ = MakeBackend(tpm_->Tcti(), master_);
+  ASSERT_NE(backend_, nullptr);
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> d = Sha(EVP_sha256(), "after restart");
+  auto sig = backend_->Sign(k.handle, p, d);
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  EXPECT_TRUE(
+      Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *sig));
+}
+
+TEST_F(TpmBackendTest, TpmRestartGivesClearErrorThenRecovers) {
+  backend_ = MakeBackend(tpm_->Tcti(), master_);
+  ASSERT_NE(backend_, nullptr);
+  Key k = MakeKey(backend_.get(), 1, v1::EC_P256, "restart");
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> d = Sha(EVP_sha256(), "x");
+  ASSERT_TRUE(backend_->Sign(k.handle, p, d).ok());
+  tpm_->Stop();
+  auto down = backend_->Sign(k.handle, p, d);
+  ASSERT_FALSE(down.ok());
+  EXPECT_EQ(down.status().code(), Code::kBackendUnavailable)
+      << down.status().ToString();
+  EXPECT_NE(down.status().message().find("TPM"), std::string::npos);
+  ASSERT_TRUE(tpm_->Restart());
+  auto up = backend_->Sign(k.handle, p, d);
+  ASSERT_TRUE(up.ok()) << up.status().ToString();
+  EXPECT_TRUE(Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *up));
+}
+
+// A copy of the key store (and even of master.key) is useless with another
+// TPM: the private areas are wrapped by this TPM's storage key.
+TEST_F(TpmBackendTest, CopiedKeyStoreCannotSignOnAFreshTpm) {
+  backend_ = MakeBackend(tpm_->Tcti(), master_);
+  ASSERT_NE(backend_, nullptr);
+  Key k = MakeKey(backend_.get(), 1, v1::EC_P256, "stolen");
+  backend_.reset();
+  Swtpm fresh(dir_ / "fresh-tpm");
+  ASSERT_TRUE(fresh.Start());
+  auto other = MakeBackend(fresh.Tcti(), master_);
+  ASSERT_NE(other, nullptr);
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  auto sig = other->Sign(k.handle, p, Sha(EVP_sha256(), "x"));
+  EXPECT_FALSE(sig.ok());
+  // And without the master key the original TPM refuses the blob too.
+  const fs::path other_master = dir_ / "other.key";
+  WriteMasterKey(other_master);
+  auto wrong = MakeBackend(tpm_->Tcti(), other_master);
+  ASSERT_NE(wrong, nullptr);
+  sig = wrong->Sign(k.handle, p, Sha(EVP_sha256(), "x"));
+  ASSERT_FALSE(sig.ok());
+  EXPECT_NE(sig.status().message().find("authentication"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace keyhold::backend::tpm
