@@ -89,6 +89,15 @@ class Backend {
   // Forgets the key: removes backend objects and cached state. Called after
   // the key store row is gone.
   virtual Status Destroy(const KeyHandle& key) = 0;
+
+  // Called once at start with every key the key store records for this
+  // backend. Backends holding objects outside the store (HSM tokens) report
+  // recorded keys whose object is gone and remove objects they created but
+  // never saw recorded (a crash between creation and the store's insert).
+  virtual Status Reconcile(std::span<const KeyHandle> recorded) {
+    (void)recorded;
+    return Status::Ok();
+  }
 };
 
 }  // namespace keyhold::backend

@@ -611,6 +611,19 @@ StatusOr<std::vector<KeyRecord>> KeyStore::ListOwned(uint32_t owner) {
   return SelectOwned(db_, owner);
 }
 
+StatusOr<std::vector<KeyRecord>> KeyStore::ListByBackend(
+    const std::string& backend) {
+  std::lock_guard<std::mutex> lock(mu_);
+  StatusOr<Stmt> stmt =
+      Prepare(db_, std::string("SELECT ") + kKeyColumns +
+                       " FROM keys WHERE backend = ?1 ORDER BY id");
+  if (!stmt.ok()) {
+    return stmt.status();
+  }
+  BindText(stmt->get(), 1, backend);
+  return ReadKeys(db_, stmt->get());
+}
+
 StatusOr<std::vector<KeyRecord>> KeyStore::ListSharedWith(
     const Principal& who) {
   std::set<uint32_t> groups(who.groups.begin(), who.groups.end());

@@ -86,6 +86,9 @@ class KeyStore {
   Status Delete(const KeyRef& ref, uint64_t id = 0);
 
   StatusOr<std::vector<KeyRecord>> ListOwned(uint32_t owner);
+  // Every key held by the named backend, ordered by row id (for a backend's
+  // reconciliation at start).
+  StatusOr<std::vector<KeyRecord>> ListByBackend(const std::string& backend);
   // Keys of other owners granted to who's uid or one of its groups.
   StatusOr<std::vector<KeyRecord>> ListSharedWith(const Principal& who);
 

@@ -292,6 +292,29 @@ TEST_F(KeyStoreTest, GrantEdgeCases) {
             Code::kInvalidArgument);
 }
 
+TEST_F(KeyStoreTest, ListByBackend) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  Insert(*store, 1000, "soft");
+  KeyRecord r = MakeRecord(1000, "hsm1");
+  r.backend = "hsm";
+  ASSERT_TRUE(store->Insert(r).ok());
+  KeyRecord r2 = MakeRecord(2000, "hsm2");
+  r2.backend = "hsm";
+  ASSERT_TRUE(store->Insert(r2).ok());
+
+  auto hsm = store->ListByBackend("hsm");
+  ASSERT_TRUE(hsm.ok());
+  EXPECT_EQ(Names(*hsm), (std::vector<std::string>{"1000/hsm1", "2000/hsm2"}));
+  EXPECT_FALSE((*hsm)[0].blob.empty());
+  auto soft = store->ListByBackend("software");
+  ASSERT_TRUE(soft.ok());
+  EXPECT_EQ(soft->size(), 1u);
+  auto none = store->ListByBackend("tpm");
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+}
+
 TEST_F(KeyStoreTest, ListOwnedAndSharedWith) {
   auto store = OpenStore();
   ASSERT_NE(store, nullptr);

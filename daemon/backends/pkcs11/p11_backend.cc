@@ -1,0 +1,1724 @@
+#include "daemon/backends/pkcs11/p11_backend.h"
+
+#include <fcntl.h>
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/decoder.h>
+#include <openssl/ecdsa.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/param_build.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/x509.h>
+#include <p11-kit/p11-kit.h>
+#include <p11-kit/pkcs11.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <toml++/toml.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <shared_mutex>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "common/key_types.h"
+#include "common/ssl_ptr.h"
+#include "daemon/backends/pkcs11/p11_errors.h"
+
+namespace keyhold::backend::pkcs11 {
+namespace {
+
+// Every token object keyhold creates carries this CKA_LABEL prefix; objects
+// without it are never touched (reconciliation included).
+constexpr std::string_view kLabelPrefix = "keyhold:";
+constexpr std::size_t kIdSize = 16;
+constexpr uint8_t kBlobVersion = 0x01;
+constexpr std::size_t kMaxPinSize = 256;
+// Largest output of any operation we run (RSA-4096 is 512 bytes).
+constexpr std::size_t kMaxOutput = 1024;
+
+// DER OIDs for CKA_EC_PARAMS.
+constexpr uint8_t kOidP256[] = {0x06, 0x08, 0x2a, 0x86, 0x48,
+                                0xce, 0x3d, 0x03, 0x01, 0x07};
+constexpr uint8_t kOidP384[] = {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22};
+constexpr uint8_t kOidP521[] = {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23};
+constexpr uint8_t kOidEd25519[] = {0x06, 0x03, 0x2b, 0x65, 0x70};
+
+// ---------------------------------------------------------------------------
+// Small helpers
+
+Status SslFail(Code code, std::string message) {
+  ERR_clear_error();
+  return Status(code, std::move(message));
+}
+
+std::string TrimPadded(const unsigned char* p, std::size_t n) {
+  std::string s(reinterpret_cast<const char*>(p), n);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\0')) {
+    s.pop_back();
+  }
+  return s;
+}
+
+std::span<const uint8_t> EcParams(v1::KeyType type) {
+  switch (type) {
+    case v1::EC_P256:
+      return kOidP256;
+    case v1::EC_P384:
+      return kOidP384;
+    case v1::EC_P521:
+      return kOidP521;
+    case v1::ED25519:
+      return kOidEd25519;
+    default:
+      return {};
+  }
+}
+
+const char* GroupName(v1::KeyType type) {
+  switch (type) {
+    case v1::EC_P256:
+      return "P-256";
+    case v1::EC_P384:
+      return "P-384";
+    case v1::EC_P521:
+      return "P-521";
+    default:
+      return nullptr;
+  }
+}
+
+std::size_t FieldBytes(v1::KeyType type) {
+  switch (type) {
+    case v1::EC_P256:
+      return 32;
+    case v1::EC_P384:
+      return 48;
+    case v1::EC_P521:
+      return 66;
+    default:
+      return 0;
+  }
+}
+
+unsigned long RsaBits(v1::KeyType type) {
+  switch (type) {
+    case v1::RSA_2048:
+      return 2048;
+    case v1::RSA_3072:
+      return 3072;
+    case v1::RSA_4096:
+      return 4096;
+    default:
+      return 0;
+  }
+}
+
+std::string MechName(CK_MECHANISM_TYPE m) {
+  switch (m) {
+    case CKM_RSA_PKCS_KEY_PAIR_GEN:
+      return "CKM_RSA_PKCS_KEY_PAIR_GEN";
+    case CKM_RSA_PKCS:
+      return "CKM_RSA_PKCS";
+    case CKM_RSA_PKCS_PSS:
+      return "CKM_RSA_PKCS_PSS";
+    case CKM_RSA_PKCS_OAEP:
+      return "CKM_RSA_PKCS_OAEP";
+    case CKM_EC_KEY_PAIR_GEN:
+      return "CKM_EC_KEY_PAIR_GEN";
+    case CKM_ECDSA:
+      return "CKM_ECDSA";
+    case CKM_ECDH1_DERIVE:
+      return "CKM_ECDH1_DERIVE";
+    case CKM_EC_EDWARDS_KEY_PAIR_GEN:
+      return "CKM_EC_EDWARDS_KEY_PAIR_GEN";
+    case CKM_EDDSA:
+      return "CKM_EDDSA";
+    default:
+      return "mechanism " + std::to_string(m);
+  }
+}
+
+// PKCS#11 hash mechanism and MGF1 generator for a digest; 0 if none.
+CK_MECHANISM_TYPE HashMech(v1::Digest d) {
+  switch (d) {
+    case v1::SHA1:
+      return CKM_SHA_1;
+    case v1::SHA224:
+      return CKM_SHA224;
+    case v1::SHA256:
+      return CKM_SHA256;
+    case v1::SHA384:
+      return CKM_SHA384;
+    case v1::SHA512:
+      return CKM_SHA512;
+    default:
+      return 0;
+  }
+}
+
+CK_RSA_PKCS_MGF_TYPE MgfFor(v1::Digest d) {
+  switch (d) {
+    case v1::SHA1:
+      return CKG_MGF1_SHA1;
+    case v1::SHA224:
+      return CKG_MGF1_SHA224;
+    case v1::SHA256:
+      return CKG_MGF1_SHA256;
+    case v1::SHA384:
+      return CKG_MGF1_SHA384;
+    case v1::SHA512:
+      return CKG_MGF1_SHA512;
+    default:
+      return 0;
+  }
+}
+
+// DER DigestInfo prefix (RFC 8017 9.2 note 1) for RSA PKCS#1 v1.5.
+std::span<const uint8_t> DigestInfoPrefix(v1::Digest d) {
+  static constexpr uint8_t kSha1[] = {0x30, 0x21, 0x30, 0x09, 0x06,
+                                      0x05, 0x2b, 0x0e, 0x03, 0x02,
+                                      0x1a, 0x05, 0x00, 0x04, 0x14};
+  static constexpr uint8_t kSha224[] = {
+      0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+      0x65, 0x03, 0x04, 0x02, 0x04, 0x05, 0x00, 0x04, 0x1c};
+  static constexpr uint8_t kSha256[] = {
+      0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+      0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20};
+  static constexpr uint8_t kSha384[] = {
+      0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+      0x65, 0x03, 0x04, 0x02, 0x02, 0x05, 0x00, 0x04, 0x30};
+  static constexpr uint8_t kSha512[] = {
+      0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+      0x65, 0x03, 0x04, 0x02, 0x03, 0x05, 0x00, 0x04, 0x40};
+  switch (d) {
+    case v1::SHA1:
+      return kSha1;
+    case v1::SHA224:
+      return kSha224;
+    case v1::SHA256:
+      return kSha256;
+    case v1::SHA384:
+      return kSha384;
+    case v1::SHA512:
+      return kSha512;
+    default:
+      return {};
+  }
+}
+
+Status CheckDigestLength(v1::Digest digest, std::span<const uint8_t> data) {
+  if (DigestSize(digest) == 0) {
+    return InvalidArgument(
+        "digest must be one of sha1, sha224, sha256, sha384, sha512");
+  }
+  if (data.size() != DigestSize(digest)) {
+    return InvalidArgument("data must be a " + std::string(DigestName(digest)) +
+                           " digest of " + std::to_string(DigestSize(digest)) +
+                           " bytes, got " + std::to_string(data.size()));
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// Blob: version | serial_len | serial | id_len | id
+
+std::vector<uint8_t> EncodeBlob(const std::string& serial,
+                                std::span<const uint8_t> id) {
+  std::vector<uint8_t> out(3 + serial.size() + id.size());
+  out[0] = kBlobVersion;
+  out[1] = static_cast<uint8_t>(serial.size());
+  std::copy(serial.begin(), serial.end(), out.begin() + 2);
+  out[2 + serial.size()] = static_cast<uint8_t>(id.size());
+  std::copy(id.begin(), id.end(),
+            out.begin() + static_cast<std::ptrdiff_t>(3 + serial.size()));
+  return out;
+}
+
+struct Blob {
+  std::string serial;
+  std::vector<uint8_t> id;
+};
+
+StatusOr<Blob> DecodeBlob(std::span<const uint8_t> b) {
+  if (b.size() < 3 || b[0] != kBlobVersion) {
+    return Internal("not a PKCS#11 key blob");
+  }
+  const std::size_t serial_len = b[1];
+  if (b.size() < 2 + serial_len + 1) {
+    return Internal("truncated PKCS#11 key blob");
+  }
+  Blob out;
+  out.serial.assign(reinterpret_cast<const char*>(b.data() + 2), serial_len);
+  const std::size_t id_len = b[2 + serial_len];
+  if (id_len == 0 || b.size() != 3 + serial_len + id_len) {
+    return Internal("malformed PKCS#11 key blob");
+  }
+  const uint8_t* id = b.data() + 3 + serial_len;
+  out.id.assign(id, id + id_len);
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// PIN file
+
+StatusOr<SecretBytes> ReadPinFile(const std::string& path) {
+  const int fd =
+      ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) {
+    return PermissionDenied("pin_file '" + path +
+                            "': cannot open: " + std::strerror(errno));
+  }
+  struct stat st {};
+  Status bad;
+  if (::fstat(fd, &st) != 0) {
+    bad = PermissionDenied("pin_file '" + path + "': cannot stat");
+  } else if (!S_ISREG(st.st_mode)) {
+    bad = PermissionDenied("pin_file '" + path + "': not a regular file");
+  } else if (st.st_uid != ::geteuid()) {
+    bad = PermissionDenied("pin_file '" + path +
+                           "': must be owned by the daemon's uid " +
+                           std::to_string(::geteuid()));
+  } else if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
+    bad = PermissionDenied("pin_file '" + path +
+                           "': group or others have access (chmod 0600)");
+  }
+  if (!bad.ok()) {
+    ::close(fd);
+    return bad;
+  }
+  SecretBytes pin(kMaxPinSize + 1);
+  std::size_t got = 0;
+  while (got < pin.size()) {
+    const ssize_t n =
+        ::read(fd, pin.data(SecretAccess::kToken) + got, pin.size() - got);
+    if (n < 0 && errno == EINTR) {
+      continue;
+    }
+    if (n <= 0) {
+      break;
+    }
+    got += static_cast<std::size_t>(n);
+  }
+  ::close(fd);
+  if (got > kMaxPinSize) {
+    return PermissionDenied("pin_file '" + path + "': longer than " +
+                            std::to_string(kMaxPinSize) + " bytes");
+  }
+  const auto bytes = pin.Expose(SecretAccess::kToken);
+  while (got > 0 && (bytes[got - 1] == '\n' || bytes[got - 1] == '\r')) {
+    --got;
+  }
+  pin.resize(got);
+  if (got == 0) {
+    return PermissionDenied("pin_file '" + path + "': empty");
+  }
+  return pin;
+}
+
+// ---------------------------------------------------------------------------
+// OpenSSL: public keys and imports
+
+StatusOr<std::vector<uint8_t>> SpkiOf(EVP_PKEY* pkey) {
+  const int len = i2d_PUBKEY(pkey, nullptr);
+  if (len <= 0) {
+    return SslFail(Code::kInternal, "cannot encode public key");
+  }
+  std::vector<uint8_t> out(static_cast<std::size_t>(len));
+  unsigned char* p = out.data();
+  if (i2d_PUBKEY(pkey, &p) != len) {
+    return SslFail(Code::kInternal, "cannot encode public key");
+  }
+  return out;
+}
+
+StatusOr<std::vector<uint8_t>> RsaSpki(std::span<const uint8_t> n,
+                                       std::span<const uint8_t> e) {
+  SslPtr<BIGNUM> bn_n(BN_bin2bn(n.data(), static_cast<int>(n.size()), nullptr));
+  SslPtr<BIGNUM> bn_e(BN_bin2bn(e.data(), static_cast<int>(e.size()), nullptr));
+  OSSL_PARAM_BLD* bld = OSSL_PARAM_BLD_new();
+  OSSL_PARAM* params = nullptr;
+  if (bn_n == nullptr || bn_e == nullptr || bld == nullptr ||
+      OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn_n.get()) != 1 ||
+      OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, bn_e.get()) != 1 ||
+      (params = OSSL_PARAM_BLD_to_param(bld)) == nullptr) {
+    OSSL_PARAM_BLD_free(bld);
+    return SslFail(Code::kInternal, "cannot build RSA public key");
+  }
+  OSSL_PARAM_BLD_free(bld);
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_name(nullptr, "RSA", nullptr));
+  EVP_PKEY* raw = nullptr;
+  const bool ok =
+      ctx != nullptr && EVP_PKEY_fromdata_init(ctx.get()) == 1 &&
+      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params) == 1;
+  OSSL_PARAM_free(params);
+  if (!ok) {
+    return SslFail(Code::kInternal, "cannot build RSA public key");
+  }
+  SslPtr<EVP_PKEY> pkey(raw);
+  return SpkiOf(pkey.get());
+}
+
+StatusOr<SslPtr<EVP_PKEY>> EcPublicKey(const char* group,
+                                       std::span<const uint8_t> point) {
+  OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_PKEY_PARAM_GROUP_NAME,
+                                       const_cast<char*>(group), 0),
+      OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY,
+                                        const_cast<uint8_t*>(point.data()),
+                                        point.size()),
+      OSSL_PARAM_construct_end(),
+  };
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_name(nullptr, "EC", nullptr));
+  EVP_PKEY* raw = nullptr;
+  if (ctx == nullptr || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
+      EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params) != 1) {
+    return SslFail(Code::kInvalidArgument,
+                   std::string("not a point on curve ") + group);
+  }
+  return SslPtr<EVP_PKEY>(raw);
+}
+
+// CKA_EC_POINT is a DER OCTET STRING holding the point; some tokens return
+// the raw point. Returns the raw point.
+std::span<const uint8_t> UnwrapEcPoint(std::span<const uint8_t> v) {
+  if (v.size() >= 2 && v[0] == 0x04) {
+    std::size_t len = 0;
+    std::size_t hdr = 0;
+    if (v[1] < 0x80) {
+      len = v[1];
+      hdr = 2;
+    } else if (v[1] == 0x81 && v.size() >= 3) {
+      len = v[2];
+      hdr = 3;
+    }
+    if (hdr != 0 && hdr + len == v.size()) {
+      return v.subspan(hdr);
+    }
+  }
+  return v;
+}
+
+int NoPassphrase(char*, std::size_t, std::size_t*, const OSSL_PARAM[], void*) {
+  return 0;
+}
+int NoPemPassword(char*, int, int, void*) { return -1; }
+
+SslPtr<EVP_PKEY> ParsePrivateKey(std::span<const uint8_t> data) {
+  if (data.empty() || data.size() > static_cast<std::size_t>(INT_MAX)) {
+    return nullptr;
+  }
+  if (data[0] == 0x30) {
+    EVP_PKEY* pkey = nullptr;
+    OSSL_DECODER_CTX* ctx = OSSL_DECODER_CTX_new_for_pkey(
+        &pkey, "DER", nullptr, nullptr, EVP_PKEY_KEYPAIR, nullptr, nullptr);
+    const unsigned char* p = data.data();
+    std::size_t len = data.size();
+    const bool ok =
+        ctx != nullptr &&
+        OSSL_DECODER_CTX_set_passphrase_cb(ctx, &NoPassphrase, nullptr) == 1 &&
+        OSSL_DECODER_from_data(ctx, &p, &len) == 1;
+    OSSL_DECODER_CTX_free(ctx);
+    if (!ok) {
+      EVP_PKEY_free(pkey);
+      return nullptr;
+    }
+    return SslPtr<EVP_PKEY>(pkey);
+  }
+  SslPtr<BIO> bio(BIO_new_mem_buf(data.data(), static_cast<int>(data.size())));
+  if (bio == nullptr) {
+    return nullptr;
+  }
+  return SslPtr<EVP_PKEY>(
+      PEM_read_bio_PrivateKey(bio.get(), nullptr, &NoPemPassword, nullptr));
+}
+
+// A BIGNUM parameter of pkey as big-endian bytes (optionally left-padded to
+// pad bytes), wiped on free.
+StatusOr<SecretBytes> BnParam(const EVP_PKEY* pkey, const char* name,
+                              std::size_t pad = 0) {
+  BIGNUM* bn = nullptr;
+  if (EVP_PKEY_get_bn_param(pkey, name, &bn) != 1) {
+    return SslFail(Code::kInvalidArgument,
+                   std::string("private key lacks ") + name);
+  }
+  const std::size_t len =
+      std::max(pad, static_cast<std::size_t>(BN_num_bytes(bn)));
+  SecretBytes out(len);
+  const int w =
+      BN_bn2binpad(bn, out.data(SecretAccess::kToken), static_cast<int>(len));
+  BN_clear_free(bn);
+  if (w < 0) {
+    return SslFail(Code::kInternal, "cannot encode key parameter");
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Templates
+
+class Template {
+ public:
+  void Bool(CK_ATTRIBUTE_TYPE t, bool v) {
+    bools_.push_back(v ? CK_TRUE : CK_FALSE);
+    Add(t, nullptr, sizeof(CK_BBOOL), bools_.size() - 1, kBool);
+  }
+  void Ulong(CK_ATTRIBUTE_TYPE t, CK_ULONG v) {
+    ulongs_.push_back(v);
+    Add(t, nullptr, sizeof(CK_ULONG), ulongs_.size() - 1, kUlong);
+  }
+  // Bytes must outlive Get().
+  void Bytes(CK_ATTRIBUTE_TYPE t, std::span<const uint8_t> v) {
+    Add(t, const_cast<uint8_t*>(v.data()), v.size(), 0, kBytes);
+  }
+  CK_ATTRIBUTE* Get() {
+    for (std::size_t i = 0; i < attrs_.size(); ++i) {
+      if (kinds_[i].first == kBool) {
+        attrs_[i].pValue = &bools_[kinds_[i].second];
+      } else if (kinds_[i].first == kUlong) {
+        attrs_[i].pValue = &ulongs_[kinds_[i].second];
+      }
+    }
+    return attrs_.data();
+  }
+  CK_ULONG Count() const { return attrs_.size(); }
+
+ private:
+  enum Kind { kBool, kUlong, kBytes };
+  void Add(CK_ATTRIBUTE_TYPE t, void* p, std::size_t len, std::size_t idx,
+           Kind kind) {
+    attrs_.push_back(CK_ATTRIBUTE{t, p, len});
+    kinds_.emplace_back(kind, idx);
+  }
+  std::vector<CK_ATTRIBUTE> attrs_;
+  std::vector<std::pair<Kind, std::size_t>> kinds_;
+  std::vector<CK_BBOOL> bools_;
+  std::vector<CK_ULONG> ulongs_;
+};
+
+// Attributes of every private key keyhold puts on a token.
+void AddPrivateKeyPolicy(Template& t, std::span<const uint8_t> id,
+                         const std::string& label) {
+  t.Bool(CKA_TOKEN, true);
+  t.Bool(CKA_PRIVATE, true);
+  t.Bool(CKA_SENSITIVE, true);
+  t.Bool(CKA_EXTRACTABLE, false);
+  t.Bytes(CKA_ID, id);
+  t.Bytes(CKA_LABEL,
+          std::span<const uint8_t>(
+              reinterpret_cast<const uint8_t*>(label.data()), label.size()));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Config
+
+StatusOr<P11Config> ParseP11Config(const std::string& settings_toml) {
+  toml::table t;
+  try {
+    t = toml::parse(settings_toml, std::string("[[backend.pkcs11]]"));
+  } catch (const toml::parse_error& e) {
+    return InvalidArgument(std::string("[[backend.pkcs11]]: ") +
+                           std::string(e.description()));
+  }
+  static const std::set<std::string> kKnown = {
+      "name",         "module",   "allowed_modules", "token_label",
+      "token_serial", "pin_file", "sessions",        "acquire_timeout_ms"};
+  for (const auto& [key, value] : t) {
+    if (!kKnown.contains(std::string(key.str()))) {
+      return InvalidArgument("unknown setting '" + std::string(key.str()) +
+                             "' in [[backend.pkcs11]]");
+    }
+  }
+  P11Config c;
+  auto str = [&](const char* key, std::string* out) -> Status {
+    const toml::node* n = t.get(key);
+    if (n == nullptr) {
+      return Status::Ok();
+    }
+    auto v = n->value<std::string>();
+    if (!v || v->empty()) {
+      return InvalidArgument(std::string("[[backend.pkcs11]] setting '") + key +
+                             "' must be a non-empty string");
+    }
+    *out = *v;
+    return Status::Ok();
+  };
+  auto num = [&](const char* key, uint32_t* out, int64_t min,
+                 int64_t max) -> Status {
+    const toml::node* n = t.get(key);
+    if (n == nullptr) {
+      return Status::Ok();
+    }
+    auto v = n->value<int64_t>();
+    if (!v || *v < min || *v > max) {
+      return InvalidArgument(std::string("[[backend.pkcs11]] setting '") + key +
+                             "' must be an integer from " +
+                             std::to_string(min) + " to " +
+                             std::to_string(max));
+    }
+    *out = static_cast<uint32_t>(*v);
+    return Status::Ok();
+  };
+  KH_RETURN_IF_ERROR(str("name", &c.name));
+  KH_RETURN_IF_ERROR(str("module", &c.module));
+  KH_RETURN_IF_ERROR(str("token_label", &c.token_label));
+  KH_RETURN_IF_ERROR(str("token_serial", &c.token_serial));
+  KH_RETURN_IF_ERROR(str("pin_file", &c.pin_file));
+  KH_RETURN_IF_ERROR(num("sessions", &c.sessions, 1, 256));
+  KH_RETURN_IF_ERROR(
+      num("acquire_timeout_ms", &c.acquire_timeout_ms, 1, 3600 * 1000));
+  if (const toml::node* n = t.get("allowed_modules")) {
+    const toml::array* arr = n->as_array();
+    if (arr == nullptr) {
+      return InvalidArgument(
+          "[[backend.pkcs11]] allowed_modules must be an array of paths");
+    }
+    for (const toml::node& e : *arr) {
+      auto v = e.value<std::string>();
+      if (!v || v->empty()) {
+        return InvalidArgument(
+            "[[backend.pkcs11]] allowed_modules must be an array of paths");
+      }
+      c.allowed_modules.push_back(*v);
+    }
+  }
+  if (c.name.empty()) {
+    return InvalidArgument("[[backend.pkcs11]] needs a name");
+  }
+  const std::string where = "backend '" + c.name + "': ";
+  if (c.module.empty()) {
+    return InvalidArgument(where + "'module' (PKCS#11 module path) is missing");
+  }
+  if (c.token_label.empty() == c.token_serial.empty()) {
+    return InvalidArgument(where +
+                           "set exactly one of 'token_label', 'token_serial'");
+  }
+  if (c.pin_file.empty()) {
+    return InvalidArgument(where + "'pin_file' is missing");
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------
+
+struct P11Backend::Impl {
+  P11Config config;
+  CK_FUNCTION_LIST* fn = nullptr;
+  bool initialized = false;
+  CK_SLOT_ID slot = 0;
+  std::string serial;
+  std::set<CK_MECHANISM_TYPE> mechanisms;
+
+  // Session pool. `open` counts sessions that exist (idle or leased).
+  std::mutex pool_mu;
+  std::condition_variable pool_cv;
+  std::vector<CK_SESSION_HANDLE> idle;
+  uint32_t open = 0;
+  std::mutex slot_mu;  // guards slot during re-discovery
+
+  // key id -> (CKA_ID, private key handle)
+  std::shared_mutex cache_mu;
+  std::unordered_map<uint64_t,
+                     std::pair<std::vector<uint8_t>, CK_OBJECT_HANDLE>>
+      handles;
+
+  ~Impl() {
+    if (fn != nullptr) {
+      for (CK_SESSION_HANDLE s : idle) {
+        fn->C_CloseSession(s);
+      }
+      if (initialized) {
+        p11_kit_module_finalize(fn);
+      }
+      p11_kit_module_release(fn);
+    }
+  }
+
+  std::string Where() const { return "backend '" + config.name + "': "; }
+
+  // Finds the configured token's slot.
+  Status FindSlot() {
+    CK_ULONG count = 0;
+    CK_RV rv = fn->C_GetSlotList(CK_TRUE, nullptr, &count);
+    if (rv != CKR_OK) {
+      return P11Error(rv, Where() + "C_GetSlotList");
+    }
+    std::vector<CK_SLOT_ID> slots(count);
+    rv = fn->C_GetSlotList(CK_TRUE, slots.data(), &count);
+    if (rv != CKR_OK) {
+      return P11Error(rv, Where() + "C_GetSlotList");
+    }
+    slots.resize(count);
+    for (CK_SLOT_ID s : slots) {
+      CK_TOKEN_INFO info{};
+      if (fn->C_GetTokenInfo(s, &info) != CKR_OK) {
+        continue;
+      }
+      const std::string label = TrimPadded(info.label, sizeof(info.label));
+      const std::string sn =
+          TrimPadded(info.serialNumber, sizeof(info.serialNumber));
+      if ((!config.token_label.empty() && label == config.token_label) ||
+          (!config.token_serial.empty() && sn == config.token_serial)) {
+        std::lock_guard lock(slot_mu);
+        slot = s;
+        serial = sn;
+        return Status::Ok();
+      }
+    }
+    return BackendUnavailable(Where() + "no token with " +
+                              (config.token_label.empty()
+                                   ? "serial '" + config.token_serial
+                                   : "label '" + config.token_label) +
+                              "' in module " + config.module);
+  }
+
+  // Opens a read-write session and makes sure the token is logged in. The
+  // PIN is read from its file for C_Login and wiped right after.
+  StatusOr<CK_SESSION_HANDLE> OpenSession() {
+    CK_SLOT_ID s;
+    {
+      std::lock_guard lock(slot_mu);
+      s = slot;
+    }
+    CK_SESSION_HANDLE h = CK_INVALID_HANDLE;
+    CK_RV rv = fn->C_OpenSession(s, CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                                 nullptr, nullptr, &h);
+    if (rv == CKR_SLOT_ID_INVALID || rv == CKR_TOKEN_NOT_PRESENT ||
+        rv == CKR_DEVICE_REMOVED) {
+      KH_RETURN_IF_ERROR(FindSlot());
+      std::lock_guard lock(slot_mu);
+      s = slot;
+      rv = fn->C_OpenSession(s, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr,
+                             nullptr, &h);
+    }
+    if (rv != CKR_OK) {
+      return P11Error(rv, Where() + "C_OpenSession");
+    }
+    CK_SESSION_INFO info{};
+    rv = fn->C_GetSessionInfo(h, &info);
+    if (rv == CKR_OK && info.state == CKS_RW_USER_FUNCTIONS) {
+      return h;
+    }
+    StatusOr<SecretBytes> pin = ReadPinFile(config.pin_file);
+    if (!pin.ok()) {
+      fn->C_CloseSession(h);
+      return Status(pin.status().code(), Where() + pin.status().message());
+    }
+    rv = fn->C_Login(h, CKU_USER, pin->data(SecretAccess::kToken), pin->size());
+    pin = Status(Code::kInternal, "wiped");  // SecretBytes wipes on free
+    if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+      fn->C_CloseSession(h);
+      return P11Error(rv, Where() + "C_Login (user PIN from pin_file)");
+    }
+    return h;
+  }
+
+  class Lease {
+   public:
+    Lease(Impl* impl, CK_SESSION_HANDLE h) : impl_(impl), h_(h) {}
+    Lease(Lease&& o) noexcept
+        : impl_(std::exchange(o.impl_, nullptr)), h_(o.h_), dead_(o.dead_) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    Lease& operator=(Lease&&) = delete;
+    ~Lease() {
+      if (impl_ != nullptr) {
+        impl_->Release(h_, dead_);
+      }
+    }
+    CK_SESSION_HANDLE get() const { return h_; }
+    void MarkDead() { dead_ = true; }
+
+   private:
+    Impl* impl_;
+    CK_SESSION_HANDLE h_;
+    bool dead_ = false;
+  };
+
+  void Release(CK_SESSION_HANDLE h, bool dead) {
+    if (dead) {
+      fn->C_CloseSession(h);
+    }
+    {
+      std::lock_guard lock(pool_mu);
+      if (dead) {
+        --open;
+      } else {
+        idle.push_back(h);
+      }
+    }
+    pool_cv.notify_one();
+  }
+
+  StatusOr<Lease> Acquire() {
+    std::unique_lock lock(pool_mu);
+    const bool got = pool_cv.wait_for(
+        lock, std::chrono::milliseconds(config.acquire_timeout_ms),
+        [&] { return !idle.empty() || open < config.sessions; });
+    if (!got) {
+      return Unavailable(Where() + "all " + std::to_string(config.sessions) +
+                         " token sessions stayed busy for " +
+                         std::to_string(config.acquire_timeout_ms) +
+                         " ms (is the PKCS#11 module hanging?)");
+    }
+    if (!idle.empty()) {
+      CK_SESSION_HANDLE h = idle.back();
+      idle.pop_back();
+      return Lease(this, h);
+    }
+    ++open;
+    lock.unlock();
+    StatusOr<CK_SESSION_HANDLE> h = OpenSession();
+    if (!h.ok()) {
+      {
+        std::lock_guard relock(pool_mu);
+        --open;
+      }
+      pool_cv.notify_one();
+      return h.status();
+    }
+    return Lease(this, *h);
+  }
+
+  // Runs f(session, &what) -> CK_RV on a pooled session. A lost session is
+  // closed and the call retried once on a fresh one (which re-finds the
+  // token and logs in again if needed).
+  template <typename F>
+  Status Run(F&& f) {
+    for (int attempt = 0;; ++attempt) {
+      StatusOr<Lease> lease = Acquire();
+      if (!lease.ok()) {
+        return lease.status();
+      }
+      const char* what = "PKCS#11 call";
+      const CK_RV rv = f(lease->get(), &what);
+      if (rv == CKR_OK) {
+        return Status::Ok();
+      }
+      if (IsSessionLost(rv) && attempt == 0) {
+        spdlog::warn("{}session lost ({}); reopening", Where(), CkrName(rv));
+        lease->MarkDead();
+        continue;
+      }
+      return P11Error(rv, Where() + what);
+    }
+  }
+
+  Status RequireMech(CK_MECHANISM_TYPE m) const {
+    if (!mechanisms.contains(m)) {
+      return Unsupported(Where() + "the token does not offer " + MechName(m));
+    }
+    return Status::Ok();
+  }
+
+  // Reads one variable-length attribute.
+  CK_RV GetAttr(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t,
+                std::vector<uint8_t>* out) {
+    CK_ATTRIBUTE a{t, nullptr, 0};
+    CK_RV rv = fn->C_GetAttributeValue(s, o, &a, 1);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+      return CKR_ATTRIBUTE_TYPE_INVALID;
+    }
+    out->resize(a.ulValueLen);
+    a.pValue = out->data();
+    rv = fn->C_GetAttributeValue(s, o, &a, 1);
+    out->resize(a.ulValueLen);
+    return rv;
+  }
+
+  // Token private keys matching tmpl.
+  CK_RV FindObjects(CK_SESSION_HANDLE s, Template& tmpl,
+                    std::vector<CK_OBJECT_HANDLE>* out) {
+    CK_RV rv = fn->C_FindObjectsInit(s, tmpl.Get(), tmpl.Count());
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    CK_OBJECT_HANDLE batch[64];
+    for (;;) {
+      CK_ULONG n = 0;
+      rv = fn->C_FindObjects(s, batch, 64, &n);
+      if (rv != CKR_OK || n == 0) {
+        break;
+      }
+      out->insert(out->end(), batch, batch + n);
+    }
+    const CK_RV fin = fn->C_FindObjectsFinal(s);
+    return rv != CKR_OK ? rv : fin;
+  }
+
+  // The private key object of blob, from the cache unless fresh.
+  CK_RV FindKey(CK_SESSION_HANDLE s, uint64_t key_id, const Blob& blob,
+                bool fresh, CK_OBJECT_HANDLE* out) {
+    if (!fresh) {
+      std::shared_lock lock(cache_mu);
+      auto it = handles.find(key_id);
+      if (it != handles.end() && it->second.first == blob.id) {
+        *out = it->second.second;
+        return CKR_OK;
+      }
+    }
+    Template t;
+    t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
+    t.Bool(CKA_TOKEN, true);
+    t.Bytes(CKA_ID, blob.id);
+    std::vector<CK_OBJECT_HANDLE> found;
+    const CK_RV rv = FindObjects(s, t, &found);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    if (found.size() != 1) {
+      // None: the object is gone. Several: ambiguous, refuse to guess.
+      return CKR_OBJECT_HANDLE_INVALID;
+    }
+    std::unique_lock lock(cache_mu);
+    handles.insert_or_assign(key_id, std::make_pair(blob.id, found[0]));
+    *out = found[0];
+    return CKR_OK;
+  }
+
+  void Forget(uint64_t key_id) {
+    std::unique_lock lock(cache_mu);
+    handles.erase(key_id);
+  }
+
+  StatusOr<Blob> BlobOf(const KeyHandle& key) const {
+    StatusOr<Blob> blob = DecodeBlob(key.blob);
+    if (!blob.ok()) {
+      return blob.status();
+    }
+    if (blob->serial != serial) {
+      return BackendUnavailable(Where() + "key '" + key.ref.ToString() +
+                                "' lives on token serial '" + blob->serial +
+                                "', this backend uses '" + serial + "'");
+    }
+    return blob;
+  }
+
+  // Runs op(session, key object) with the key's private object; a stale
+  // cached handle is looked up again once.
+  template <typename F>
+  Status WithKey(const KeyHandle& key, F&& op) {
+    StatusOr<Blob> blob = BlobOf(key);
+    if (!blob.ok()) {
+      return blob.status();
+    }
+    Status st = Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+      for (int i = 0; i < 2; ++i) {
+        CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+        *what = "find key object";
+        CK_RV rv = FindKey(s, key.id, *blob, i == 1, &h);
+        if (rv != CKR_OK) {
+          return rv;
+        }
+        rv = op(s, h, what);
+        if (!IsHandleStale(rv)) {
+          return rv;
+        }
+        Forget(key.id);
+      }
+      return CKR_OBJECT_HANDLE_INVALID;
+    });
+    if (st.code() == Code::kNotFound) {
+      return NotFound(Where() + "the token object of key '" +
+                      key.ref.ToString() + "' is gone");
+    }
+    return st;
+  }
+
+  std::string LabelFor(const daemon::KeyRef& ref) const {
+    return std::string(kLabelPrefix) + ref.ToString();
+  }
+
+  StatusOr<std::vector<uint8_t>> NewId() const {
+    std::vector<uint8_t> id(kIdSize);
+    if (RAND_bytes(id.data(), static_cast<int>(id.size())) != 1) {
+      return SslFail(Code::kInternal, "cannot draw a random CKA_ID");
+    }
+    return id;
+  }
+
+  // SPKI of the public key object pub of the given type.
+  CK_RV PublicSpki(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE pub, v1::KeyType type,
+                   std::vector<uint8_t>* out, Status* conv) {
+    if (IsRsa(type)) {
+      std::vector<uint8_t> n;
+      std::vector<uint8_t> e;
+      CK_RV rv = GetAttr(s, pub, CKA_MODULUS, &n);
+      if (rv == CKR_OK) {
+        rv = GetAttr(s, pub, CKA_PUBLIC_EXPONENT, &e);
+      }
+      if (rv != CKR_OK) {
+        return rv;
+      }
+      StatusOr<std::vector<uint8_t>> spki = RsaSpki(n, e);
+      if (!spki.ok()) {
+        *conv = spki.status();
+        return CKR_GENERAL_ERROR;
+      }
+      *out = std::move(*spki);
+      return CKR_OK;
+    }
+    std::vector<uint8_t> point;
+    const CK_RV rv = GetAttr(s, pub, CKA_EC_POINT, &point);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    const std::span<const uint8_t> raw = UnwrapEcPoint(point);
+    SslPtr<EVP_PKEY> pkey;
+    if (type == v1::ED25519) {
+      pkey.reset(EVP_PKEY_new_raw_public_key_ex(nullptr, "ED25519", nullptr,
+                                                raw.data(), raw.size()));
+    } else {
+      StatusOr<SslPtr<EVP_PKEY>> ec = EcPublicKey(GroupName(type), raw);
+      if (ec.ok()) {
+        pkey = std::move(*ec);
+      }
+    }
+    if (pkey == nullptr) {
+      *conv = SslFail(Code::kInternal, "token returned an invalid public key");
+      return CKR_GENERAL_ERROR;
+    }
+    StatusOr<std::vector<uint8_t>> spki = SpkiOf(pkey.get());
+    if (!spki.ok()) {
+      *conv = spki.status();
+      return CKR_GENERAL_ERROR;
+    }
+    *out = std::move(*spki);
+    return CKR_OK;
+  }
+};
+
+// ---------------------------------------------------------------------------
+
+P11Backend::P11Backend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+P11Backend::~P11Backend() = default;
+
+StatusOr<std::unique_ptr<P11Backend>> P11Backend::Create(
+    const P11Config& config) {
+  auto impl = std::make_unique<Impl>();
+  impl->config = config;
+  const std::string where = impl->Where();
+  if (std::find(config.allowed_modules.begin(), config.allowed_modules.end(),
+                config.module) == config.allowed_modules.end()) {
+    return PermissionDenied(where + "module '" + config.module +
+                            "' is not in allowed_modules");
+  }
+  struct stat st {};
+  if (::stat(config.module.c_str(), &st) != 0) {
+    return BackendUnavailable(where + "module '" + config.module +
+                              "': " + std::strerror(errno));
+  }
+  // p11-kit loads the module (managed: it coordinates C_Initialize with other
+  // users of the same module in this process).
+  impl->fn = p11_kit_module_load(config.module.c_str(), 0);
+  if (impl->fn == nullptr) {
+    const char* msg = p11_kit_message();
+    return BackendUnavailable(where + "cannot load module '" + config.module +
+                              "': " + (msg != nullptr ? msg : "unknown"));
+  }
+  CK_RV rv = p11_kit_module_initialize(impl->fn);
+  if (rv != CKR_OK) {
+    return P11Error(rv, where + "C_Initialize of '" + config.module + "'");
+  }
+  impl->initialized = true;
+  KH_RETURN_IF_ERROR(impl->FindSlot());
+
+  CK_ULONG count = 0;
+  rv = impl->fn->C_GetMechanismList(impl->slot, nullptr, &count);
+  std::vector<CK_MECHANISM_TYPE> mechs(count);
+  if (rv == CKR_OK) {
+    rv = impl->fn->C_GetMechanismList(impl->slot, mechs.data(), &count);
+  }
+  if (rv != CKR_OK) {
+    return P11Error(rv, where + "C_GetMechanismList");
+  }
+  mechs.resize(count);
+  for (CK_MECHANISM_TYPE m : mechs) {
+    impl->mechanisms.insert(m);
+  }
+
+  // Open the whole pool now: a wrong PIN or a full token fails the start,
+  // not the first request.
+  std::vector<Impl::Lease> leases;
+  for (uint32_t i = 0; i < config.sessions; ++i) {
+    StatusOr<Impl::Lease> lease = impl->Acquire();
+    if (!lease.ok()) {
+      return lease.status();
+    }
+    leases.push_back(std::move(*lease));
+  }
+  leases.clear();
+  spdlog::info(
+      "{}token serial '{}' in {}: {} sessions, {} mechanisms{}", where,
+      impl->serial, config.module, config.sessions, impl->mechanisms.size(),
+      impl->mechanisms.contains(CKM_EDDSA) ? ", Ed25519" : ", no Ed25519");
+  return std::unique_ptr<P11Backend>(new P11Backend(std::move(impl)));
+}
+
+StatusOr<std::unique_ptr<Backend>> CreateP11Backend(
+    const std::string& settings_toml) {
+  StatusOr<P11Config> config = ParseP11Config(settings_toml);
+  if (!config.ok()) {
+    return config.status();
+  }
+  StatusOr<std::unique_ptr<P11Backend>> made = P11Backend::Create(*config);
+  if (!made.ok()) {
+    return made.status();
+  }
+  return std::unique_ptr<Backend>(std::move(*made));
+}
+
+std::string_view P11Backend::Name() const { return impl_->config.name; }
+const std::string& P11Backend::TokenSerial() const { return impl_->serial; }
+bool P11Backend::SupportsEd25519() const {
+  return impl_->mechanisms.contains(CKM_EDDSA) &&
+         impl_->mechanisms.contains(CKM_EC_EDWARDS_KEY_PAIR_GEN);
+}
+
+StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
+                                          v1::KeyType type) {
+  Impl& im = *impl_;
+  CK_MECHANISM mech{};
+  if (IsRsa(type)) {
+    KH_RETURN_IF_ERROR(im.RequireMech(CKM_RSA_PKCS_KEY_PAIR_GEN));
+    mech.mechanism = CKM_RSA_PKCS_KEY_PAIR_GEN;
+  } else if (IsEc(type)) {
+    KH_RETURN_IF_ERROR(im.RequireMech(CKM_EC_KEY_PAIR_GEN));
+    mech.mechanism = CKM_EC_KEY_PAIR_GEN;
+  } else if (type == v1::ED25519) {
+    if (!SupportsEd25519()) {
+      return Unsupported(im.Where() +
+                         "the token does not offer Ed25519 "
+                         "(CKM_EC_EDWARDS_KEY_PAIR_GEN and CKM_EDDSA)");
+    }
+    mech.mechanism = CKM_EC_EDWARDS_KEY_PAIR_GEN;
+  } else if (type == v1::KEY_TYPE_UNSPECIFIED) {
+    return InvalidArgument("key type must be specified");
+  } else {
+    return Unsupported(im.Where() + "key type " +
+                       std::string(KeyTypeName(type)) +
+                       " is not supported by the PKCS#11 backend");
+  }
+  StatusOr<std::vector<uint8_t>> id = im.NewId();
+  if (!id.ok()) {
+    return id.status();
+  }
+  const std::string label = im.LabelFor(ref);
+  static constexpr uint8_t kF4[] = {0x01, 0x00, 0x01};
+
+  Template pub;
+  pub.Bool(CKA_TOKEN, false);  // the SPKI lives in the key store
+  Template priv;
+  AddPrivateKeyPolicy(priv, *id, label);
+  if (IsRsa(type)) {
+    pub.Ulong(CKA_MODULUS_BITS, RsaBits(type));
+    pub.Bytes(CKA_PUBLIC_EXPONENT, kF4);
+    pub.Bool(CKA_VERIFY, true);
+    pub.Bool(CKA_ENCRYPT, true);
+    priv.Bool(CKA_SIGN, true);
+    priv.Bool(CKA_DECRYPT, true);
+  } else {
+    pub.Bytes(CKA_EC_PARAMS, EcParams(type));
+    pub.Bool(CKA_VERIFY, true);
+    priv.Bool(CKA_SIGN, true);
+    if (IsEc(type)) {
+      priv.Bool(CKA_DERIVE, true);
+    }
+  }
+  CreatedKey out;
+  out.type = type;
+  Status conv;
+  Status st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+    CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
+    CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
+    *what = "C_GenerateKeyPair";
+    CK_RV rv =
+        im.fn->C_GenerateKeyPair(s, &mech, pub.Get(), pub.Count(), priv.Get(),
+                                 priv.Count(), &hpub, &hpriv);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    *what = "reading the new public key";
+    rv = im.PublicSpki(s, hpub, type, &out.public_key, &conv);
+    im.fn->C_DestroyObject(s, hpub);
+    if (rv != CKR_OK) {
+      im.fn->C_DestroyObject(s, hpriv);
+    }
+    return rv;
+  });
+  if (!conv.ok()) {
+    return conv;
+  }
+  if (!st.ok()) {
+    return st;
+  }
+  out.blob = EncodeBlob(im.serial, *id);
+  return out;
+}
+
+StatusOr<CreatedKey> P11Backend::Import(const daemon::KeyRef& ref,
+                                        const SecretBytes& private_key) {
+  Impl& im = *impl_;
+  SslPtr<EVP_PKEY> pkey =
+      ParsePrivateKey(private_key.Expose(SecretAccess::kToken));
+  if (pkey == nullptr) {
+    return SslFail(Code::kInvalidArgument, "cannot parse private key");
+  }
+  ERR_clear_error();
+  v1::KeyType type = v1::KEY_TYPE_UNSPECIFIED;
+  Template t;
+  std::vector<SecretBytes> parts;  // wiped when this function returns
+  auto add = [&](StatusOr<SecretBytes> v) -> Status {
+    if (!v.ok()) {
+      return v.status();
+    }
+    parts.push_back(std::move(*v));
+    return Status::Ok();
+  };
+  std::vector<std::pair<CK_ATTRIBUTE_TYPE, std::size_t>> refs;
+  if (EVP_PKEY_is_a(pkey.get(), "RSA")) {
+    switch (EVP_PKEY_get_bits(pkey.get())) {
+      case 2048:
+        type = v1::RSA_2048;
+        break;
+      case 3072:
+        type = v1::RSA_3072;
+        break;
+      case 4096:
+        type = v1::RSA_4096;
+        break;
+      default:
+        return Unsupported("RSA keys must be 2048, 3072 or 4096 bits");
+    }
+    KH_RETURN_IF_ERROR(im.RequireMech(CKM_RSA_PKCS));
+    const std::pair<CK_ATTRIBUTE_TYPE, const char*> kRsa[] = {
+        {CKA_MODULUS, OSSL_PKEY_PARAM_RSA_N},
+        {CKA_PUBLIC_EXPONENT, OSSL_PKEY_PARAM_RSA_E},
+        {CKA_PRIVATE_EXPONENT, OSSL_PKEY_PARAM_RSA_D},
+        {CKA_PRIME_1, OSSL_PKEY_PARAM_RSA_FACTOR1},
+        {CKA_PRIME_2, OSSL_PKEY_PARAM_RSA_FACTOR2},
+        {CKA_EXPONENT_1, OSSL_PKEY_PARAM_RSA_EXPONENT1},
+        {CKA_EXPONENT_2, OSSL_PKEY_PARAM_RSA_EXPONENT2},
+        {CKA_COEFFICIENT, OSSL_PKEY_PARAM_RSA_COEFFICIENT1},
+    };
+    for (const auto& [attr, param] : kRsa) {
+      KH_RETURN_IF_ERROR(add(BnParam(pkey.get(), param)));
+      refs.emplace_back(attr, parts.size() - 1);
+    }
+    t.Ulong(CKA_KEY_TYPE, CKK_RSA);
+    t.Bool(CKA_SIGN, true);
+    t.Bool(CKA_DECRYPT, true);
+  } else if (EVP_PKEY_is_a(pkey.get(), "EC")) {
+    char group[80] = {};
+    std::size_t group_len = 0;
+    EVP_PKEY_get_group_name(pkey.get(), group, sizeof(group), &group_len);
+    const std::string g = group;
+    if (g == "prime256v1" || g == "P-256") {
+      type = v1::EC_P256;
+    } else if (g == "secp384r1" || g == "P-384") {
+      type = v1::EC_P384;
+    } else if (g == "secp521r1" || g == "P-521") {
+      type = v1::EC_P521;
+    } else {
+      return SslFail(Code::kUnsupported,
+                     "EC keys must be on P-256, P-384 or P-521");
+    }
+    KH_RETURN_IF_ERROR(im.RequireMech(CKM_ECDSA));
+    KH_RETURN_IF_ERROR(
+        add(BnParam(pkey.get(), OSSL_PKEY_PARAM_PRIV_KEY, FieldBytes(type))));
+    refs.emplace_back(CKA_VALUE, parts.size() - 1);
+    t.Ulong(CKA_KEY_TYPE, CKK_EC);
+    t.Bytes(CKA_EC_PARAMS, EcParams(type));
+    t.Bool(CKA_SIGN, true);
+    t.Bool(CKA_DERIVE, true);
+  } else if (EVP_PKEY_is_a(pkey.get(), "ED25519")) {
+    type = v1::ED25519;
+    if (!SupportsEd25519()) {
+      return Unsupported(im.Where() + "the token does not offer Ed25519");
+    }
+    SecretBytes raw(32);
+    std::size_t len = raw.size();
+    if (EVP_PKEY_get_raw_private_key(pkey.get(), raw.data(SecretAccess::kToken),
+                                     &len) != 1 ||
+        len != 32) {
+      return SslFail(Code::kInvalidArgument, "bad Ed25519 private key");
+    }
+    parts.push_back(std::move(raw));
+    refs.emplace_back(CKA_VALUE, parts.size() - 1);
+    t.Ulong(CKA_KEY_TYPE, CKK_EC_EDWARDS);
+    t.Bytes(CKA_EC_PARAMS, EcParams(type));
+    t.Bool(CKA_SIGN, true);
+  } else {
+    return Unsupported(im.Where() +
+                       "only RSA, EC P-256/384/521 and Ed25519 keys can be "
+                       "imported into a token");
+  }
+  for (const auto& [attr, idx] : refs) {
+    t.Bytes(attr, parts[idx].Expose(SecretAccess::kToken));
+  }
+  StatusOr<std::vector<uint8_t>> spki = SpkiOf(pkey.get());
+  if (!spki.ok()) {
+    return spki.status();
+  }
+  pkey.reset();  // OpenSSL clears private key material on free
+  StatusOr<std::vector<uint8_t>> id = im.NewId();
+  if (!id.ok()) {
+    return id.status();
+  }
+  const std::string label = im.LabelFor(ref);
+  t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
+  AddPrivateKeyPolicy(t, *id, label);
+  Status st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    *what = "C_CreateObject";
+    return im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
+  });
+  if (!st.ok()) {
+    return st;
+  }
+  CreatedKey out;
+  out.type = type;
+  out.public_key = std::move(*spki);
+  out.blob = EncodeBlob(im.serial, *id);
+  return out;
+}
+
+StatusOr<std::vector<uint8_t>> P11Backend::Sign(const KeyHandle& key,
+                                                const SignParams& p,
+                                                std::span<const uint8_t> data) {
+  Impl& im = *impl_;
+  const v1::KeyType type = key.type;
+  CK_MECHANISM mech{};
+  CK_RSA_PKCS_PSS_PARAMS pss{};
+  std::vector<uint8_t> input;
+  switch (p.algorithm) {
+    case v1::RSA_PKCS1: {
+      if (!IsRsa(type)) {
+        return InvalidArgument("key type " + std::string(KeyTypeName(type)) +
+                               " cannot sign with RSA-PKCS1");
+      }
+      KH_RETURN_IF_ERROR(im.RequireMech(CKM_RSA_PKCS));
+      mech.mechanism = CKM_RSA_PKCS;
+      if (p.digest != v1::DIGEST_NONE) {
+        KH_RETURN_IF_ERROR(CheckDigestLength(p.digest, data));
+        const auto prefix = DigestInfoPrefix(p.digest);
+        input.assign(prefix.begin(), prefix.end());
+      } else if (data.size() + 11 > RsaBits(type) / 8) {
+        return InvalidArgument("data is too long for PKCS#1 v1.5");
+      }
+      input.insert(input.end(), data.begin(), data.end());
+      break;
+    }
+    case v1::RSA_PSS: {
+      if (!IsRsa(type)) {
+        return InvalidArgument("key type " + std::string(KeyTypeName(type)) +
+                               " cannot sign with RSA-PSS");
+      }
+      KH_RETURN_IF_ERROR(im.RequireMech(CKM_RSA_PKCS_PSS));
+      KH_RETURN_IF_ERROR(CheckDigestLength(p.digest, data));
+      const v1::Digest mgf =
+          p.pss_mgf1_digest == v1::DIGEST_NONE ? p.digest : p.pss_mgf1_digest;
+      if (MgfFor(mgf) == 0) {
+        return InvalidArgument("bad RSA-PSS MGF1 digest");
+      }
+      const std::size_t em_len = (RsaBits(type) - 1 + 7) / 8;
+      const std::size_t max_salt = em_len - DigestSize(p.digest) - 2;
+      std::size_t salt = 0;
+      if (p.pss_salt_length == -1) {
+        salt = DigestSize(p.digest);
+      } else if (p.pss_salt_length == -2) {
+        salt = max_salt;
+      } else if (p.pss_salt_length < 0 ||
+                 static_cast<std::size_t>(p.pss_salt_length) > max_salt) {
+        return InvalidArgument("RSA-PSS salt length " +
+                               std::to_string(p.pss_salt_length) +
+                               " is invalid for this key and digest (max " +
+                               std::to_string(max_salt) + ")");
+      } else {
+        salt = static_cast<std::size_t>(p.pss_salt_length);
+      }
+      pss.hashAlg = HashMech(p.digest);
+      pss.mgf = MgfFor(mgf);
+      pss.sLen = salt;
+      mech.mechanism = CKM_RSA_PKCS_PSS;
+      mech.pParameter = &pss;
+      mech.ulParameterLen = sizeof(pss);
+      input.assign(data.begin(), data.end());
+      break;
+    }
+    case v1::ECDSA: {
+      if (!IsEc(type)) {
+        return InvalidArgument("key type " + std::string(KeyTypeName(type)) +
+                               " cannot sign with ECDSA");
+      }
+      KH_RETURN_IF_ERROR(im.RequireMech(CKM_ECDSA));
+      if (p.digest != v1::DIGEST_NONE) {
+        KH_RETURN_IF_ERROR(CheckDigestLength(p.digest, data));
+      }
+      if (data.empty() || data.size() > 64) {
+        return InvalidArgument("ECDSA input must be a digest of 1 to 64 bytes");
+      }
+      mech.mechanism = CKM_ECDSA;
+      input.assign(data.begin(), data.end());
+      break;
+    }
+    case v1::ED25519_PURE: {
+      if (type != v1::ED25519) {
+        return InvalidArgument("key type " + std::string(KeyTypeName(type)) +
+                               " cannot sign with Ed25519");
+      }
+      if (p.digest != v1::DIGEST_NONE) {
+        return InvalidArgument(
+            "Ed25519 signs the whole message; digest must be none");
+      }
+      KH_RETURN_IF_ERROR(im.RequireMech(CKM_EDDSA));
+      mech.mechanism = CKM_EDDSA;
+      input.assign(data.begin(), data.end());
+      break;
+    }
+    default:
+      return InvalidArgument("unknown sign algorithm");
+  }
+  std::vector<uint8_t> sig(kMaxOutput);
+  CK_ULONG sig_len = 0;
+  Status st = im.WithKey(
+      key,
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+        *what = "C_SignInit";
+        CK_RV rv = im.fn->C_SignInit(s, &mech, h);
+        if (rv != CKR_OK) {
+          return rv;
+        }
+        *what = "C_Sign";
+        sig_len = sig.size();
+        return im.fn->C_Sign(s, input.data(), input.size(), sig.data(),
+                             &sig_len);
+      });
+  if (!st.ok()) {
+    return st;
+  }
+  sig.resize(sig_len);
+  if (p.algorithm != v1::ECDSA) {
+    return sig;
+  }
+  // PKCS#11 gives r || s; the protocol answers a DER ECDSA-Sig-Value.
+  if (sig.empty() || sig.size() % 2 != 0) {
+    return Internal(im.Where() + "token returned a malformed ECDSA signature");
+  }
+  const int half = static_cast<int>(sig.size() / 2);
+  ECDSA_SIG* es = ECDSA_SIG_new();
+  BIGNUM* r = BN_bin2bn(sig.data(), half, nullptr);
+  BIGNUM* sv = BN_bin2bn(sig.data() + half, half, nullptr);
+  if (es == nullptr || r == nullptr || sv == nullptr ||
+      ECDSA_SIG_set0(es, r, sv) != 1) {
+    BN_free(r);
+    BN_free(sv);
+    ECDSA_SIG_free(es);
+    return SslFail(Code::kInternal, "cannot encode ECDSA signature");
+  }
+  const int der_len = i2d_ECDSA_SIG(es, nullptr);
+  std::vector<uint8_t> der(der_len > 0 ? static_cast<std::size_t>(der_len) : 0);
+  unsigned char* q = der.data();
+  const bool ok = der_len > 0 && i2d_ECDSA_SIG(es, &q) == der_len;
+  ECDSA_SIG_free(es);
+  if (!ok) {
+    return SslFail(Code::kInternal, "cannot encode ECDSA signature");
+  }
+  return der;
+}
+
+StatusOr<SecretBytes> P11Backend::Decrypt(const KeyHandle& key,
+                                          const DecryptParams& p,
+                                          std::span<const uint8_t> ciphertext) {
+  Impl& im = *impl_;
+  if (!IsRsa(key.type)) {
+    return InvalidArgument("key type " + std::string(KeyTypeName(key.type)) +
+                           " cannot decrypt");
+  }
+  const std::size_t key_bytes = RsaBits(key.type) / 8;
+  if (ciphertext.empty() || ciphertext.size() > key_bytes) {
+    return InvalidArgument(
+        "ciphertext must be 1 to " + std::to_string(key_bytes) +
+        " bytes for this key, got " + std::to_string(ciphertext.size()));
+  }
+  CK_MECHANISM mech{};
+  CK_RSA_PKCS_OAEP_PARAMS oaep{};
+  std::vector<uint8_t> label(p.oaep_label.begin(), p.oaep_label.end());
+  switch (p.algorithm) {
+    case v1::RSA_OAEP: {
+      KH_RETURN_IF_ERROR(im.RequireMech(CKM_RSA_PKCS_OAEP));
+      const v1::Digest d =
+          p.oaep_digest == v1::DIGEST_NONE ? v1::SHA1 : p.oaep_digest;
+      const v1::Digest mgf =
+          p.oaep_mgf1_digest == v1::DIGEST_NONE ? d : p.oaep_mgf1_digest;
+      if (HashMech(d) == 0 || MgfFor(mgf) == 0) {
+        return InvalidArgument("bad RSA-OAEP digest");
+      }
+      oaep.hashAlg = HashMech(d);
+      oaep.mgf = MgfFor(mgf);
+      oaep.source = CKZ_DATA_SPECIFIED;
+      oaep.pSourceData = label.empty() ? nullptr : label.data();
+      oaep.ulSourceDataLen = label.size();
+      mech.mechanism = CKM_RSA_PKCS_OAEP;
+      mech.pParameter = &oaep;
+      mech.ulParameterLen = sizeof(oaep);
+      break;
+    }
+    case v1::RSA_PKCS1_V15:
+      if (!label.empty()) {
+        return InvalidArgument("a label is only valid with RSA-OAEP");
+      }
+      KH_RETURN_IF_ERROR(im.RequireMech(CKM_RSA_PKCS));
+      mech.mechanism = CKM_RSA_PKCS;
+      break;
+    case v1::RSA_TLS_PREMASTER:
+      // A token's CKM_RSA_PKCS reports bad padding as an error, which would
+      // make this a padding oracle; the implicit-rejection answer the
+      // protocol promises cannot be built on top of it.
+      return Unsupported(im.Where() +
+                         "TLS premaster decryption is not offered by HSM keys "
+                         "(the token would be a padding oracle)");
+    default:
+      return InvalidArgument("unknown decrypt algorithm");
+  }
+  SecretBytes out(kMaxOutput);
+  CK_ULONG out_len = 0;
+  bool bad_input = false;
+  Status st = im.WithKey(
+      key,
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+        *what = "C_DecryptInit";
+        CK_RV rv = im.fn->C_DecryptInit(s, &mech, h);
+        if (rv != CKR_OK) {
+          return rv;
+        }
+        *what = "C_Decrypt";
+        out_len = out.size();
+        rv = im.fn->C_Decrypt(s, const_cast<uint8_t*>(ciphertext.data()),
+                              ciphertext.size(), out.data(SecretAccess::kToken),
+                              &out_len);
+        // Tokens disagree on how a bad padding is reported (SoftHSM2 says
+        // CKR_GENERAL_ERROR): every failure of C_Decrypt itself that is not a
+        // lost session or key is one answer, "decryption failed".
+        if (rv != CKR_OK && !IsSessionLost(rv) && !IsHandleStale(rv) &&
+            rv != CKR_HOST_MEMORY && rv != CKR_DEVICE_MEMORY) {
+          bad_input = true;
+          return CKR_OK;
+        }
+        return rv;
+      });
+  if (bad_input) {
+    // No detail: the reason for a padding failure is an oracle.
+    return InvalidArgument("decryption failed");
+  }
+  if (!st.ok()) {
+    return st;
+  }
+  out.resize(out_len);
+  return out;
+}
+
+StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
+                                         std::span<const uint8_t> peer) {
+  Impl& im = *impl_;
+  if (!IsEc(key.type)) {
+    return InvalidArgument("key type " + std::string(KeyTypeName(key.type)) +
+                           " cannot derive" +
+                           (key.type == v1::X25519 ? " on this backend" : ""));
+  }
+  KH_RETURN_IF_ERROR(im.RequireMech(CKM_ECDH1_DERIVE));
+  if (peer.empty() || peer.size() > 4096) {
+    return InvalidArgument("peer public key is empty or too large");
+  }
+  const char* group = GroupName(key.type);
+  SslPtr<EVP_PKEY> pk;
+  if (peer[0] == 0x02 || peer[0] == 0x03 || peer[0] == 0x04) {
+    StatusOr<SslPtr<EVP_PKEY>> ec = EcPublicKey(group, peer);
+    if (!ec.ok()) {
+      return InvalidArgument("peer public key is not a point on curve " +
+                             std::string(KeyTypeName(key.type)));
+    }
+    pk = std::move(*ec);
+  } else {
+    const unsigned char* q = peer.data();
+    pk.reset(d2i_PUBKEY(nullptr, &q, static_cast<long>(peer.size())));
+    char name[80] = {};
+    std::size_t name_len = 0;
+    if (pk == nullptr || q != peer.data() + peer.size() ||
+        !EVP_PKEY_is_a(pk.get(), "EC") ||
+        EVP_PKEY_get_group_name(pk.get(), name, sizeof(name), &name_len) != 1 ||
+        (std::string(name) != group && OBJ_sn2nid(name) != OBJ_txt2nid(group) &&
+         EC_curve_nist2nid(group) != OBJ_sn2nid(name))) {
+      return SslFail(Code::kInvalidArgument,
+                     "peer public key does not match key type " +
+                         std::string(KeyTypeName(key.type)));
+    }
+  }
+  SslPtr<EVP_PKEY_CTX> check(
+      EVP_PKEY_CTX_new_from_pkey(nullptr, pk.get(), nullptr));
+  if (check == nullptr || EVP_PKEY_public_check(check.get()) != 1 ||
+      EVP_PKEY_set_utf8_string_param(pk.get(),
+                                     OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT,
+                                     "uncompressed") != 1) {
+    return SslFail(Code::kInvalidArgument, "invalid peer public key");
+  }
+  std::vector<uint8_t> point(2 * FieldBytes(key.type) + 1);
+  std::size_t point_len = 0;
+  if (EVP_PKEY_get_octet_string_param(
+          pk.get(), OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point.data(),
+          point.size(), &point_len) != 1 ||
+      point_len != point.size()) {
+    return SslFail(Code::kInvalidArgument, "invalid peer public key");
+  }
+  CK_ECDH1_DERIVE_PARAMS params{};
+  params.kdf = CKD_NULL;
+  params.pPublicData = point.data();
+  params.ulPublicDataLen = point.size();
+  CK_MECHANISM mech{CKM_ECDH1_DERIVE, &params, sizeof(params)};
+  Template t;
+  t.Ulong(CKA_CLASS, CKO_SECRET_KEY);
+  t.Ulong(CKA_KEY_TYPE, CKK_GENERIC_SECRET);
+  t.Bool(CKA_TOKEN, false);
+  t.Bool(CKA_SENSITIVE, false);
+  t.Bool(CKA_EXTRACTABLE, true);
+  t.Ulong(CKA_VALUE_LEN, FieldBytes(key.type));
+  SecretBytes secret(FieldBytes(key.type));
+  Status st = im.WithKey(
+      key,
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+        CK_OBJECT_HANDLE derived = CK_INVALID_HANDLE;
+        *what = "C_DeriveKey";
+        CK_RV rv =
+            im.fn->C_DeriveKey(s, &mech, h, t.Get(), t.Count(), &derived);
+        if (rv != CKR_OK) {
+          return rv;
+        }
+        CK_ATTRIBUTE a{CKA_VALUE, secret.data(SecretAccess::kToken),
+                       secret.size()};
+        *what = "reading the shared secret";
+        rv = im.fn->C_GetAttributeValue(s, derived, &a, 1);
+        im.fn->C_DestroyObject(s, derived);
+        if (rv == CKR_OK && a.ulValueLen != secret.size()) {
+          rv = CKR_GENERAL_ERROR;
+        }
+        return rv;
+      });
+  if (!st.ok()) {
+    return st;
+  }
+  return secret;
+}
+
+Status P11Backend::Destroy(const KeyHandle& key) {
+  Impl& im = *impl_;
+  Status st = im.WithKey(
+      key,
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+        *what = "C_DestroyObject";
+        return im.fn->C_DestroyObject(s, h);
+      });
+  im.Forget(key.id);
+  if (st.code() == Code::kNotFound) {
+    return Status::Ok();  // already gone: the goal is reached
+  }
+  return st;
+}
+
+Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
+  Impl& im = *impl_;
+  std::map<std::vector<uint8_t>, const KeyHandle*> wanted;
+  for (const KeyHandle& k : recorded) {
+    StatusOr<Blob> blob = DecodeBlob(k.blob);
+    if (!blob.ok()) {
+      spdlog::error("{}key '{}': {}", im.Where(), k.ref.ToString(),
+                    blob.status().message());
+      continue;
+    }
+    if (blob->serial != im.serial) {
+      spdlog::error("{}key '{}' lives on token serial '{}', not on '{}'",
+                    im.Where(), k.ref.ToString(), blob->serial, im.serial);
+      continue;
+    }
+    wanted.emplace(blob->id, &k);
+  }
+  std::size_t removed = 0;
+  std::size_t missing = 0;
+  Status st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+    Template t;
+    t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
+    t.Bool(CKA_TOKEN, true);
+    std::vector<CK_OBJECT_HANDLE> found;
+    *what = "listing token keys";
+    CK_RV rv = im.FindObjects(s, t, &found);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    std::set<std::vector<uint8_t>> present;
+    for (CK_OBJECT_HANDLE h : found) {
+      std::vector<uint8_t> label;
+      std::vector<uint8_t> id;
+      if (im.GetAttr(s, h, CKA_LABEL, &label) != CKR_OK ||
+          im.GetAttr(s, h, CKA_ID, &id) != CKR_OK) {
+        continue;
+      }
+      const std::string_view l(reinterpret_cast<const char*>(label.data()),
+                               label.size());
+      if (!l.starts_with(kLabelPrefix) || id.size() != kIdSize) {
+        continue;  // not ours: never touched
+      }
+      if (wanted.contains(id)) {
+        present.insert(id);
+        continue;
+      }
+      // Created by keyhold but never recorded: a crash (or failed insert)
+      // between creation and the key store's commit.
+      *what = "C_DestroyObject";
+      rv = im.fn->C_DestroyObject(s, h);
+      if (rv != CKR_OK) {
+        return rv;
+      }
+      ++removed;
+      spdlog::warn("{}removed unrecorded token key '{}' (id {})", im.Where(),
+                   std::string(l), HexEncode(id));
+    }
+    missing = 0;
+    for (const auto& [id, k] : wanted) {
+      if (!present.contains(id)) {
+        ++missing;
+        spdlog::error(
+            "{}key '{}' is recorded but its token object (id {}) is gone; "
+            "the key store row is kept",
+            im.Where(), k->ref.ToString(), HexEncode(id));
+      }
+    }
+    return CKR_OK;
+  });
+  if (!st.ok()) {
+    return st;
+  }
+  spdlog::info("{}reconciled: {} recorded, {} missing, {} unrecorded removed",
+               im.Where(), wanted.size(), missing, removed);
+  return Status::Ok();
+}
+
+}  // namespace keyhold::backend::pkcs11

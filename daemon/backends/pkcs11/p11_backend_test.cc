@@ -1,0 +1,415 @@
+// Runs the PKCS#11 backend against a real SoftHSM2 token created in a
+// temporary directory (SOFTHSM2_CONF points at its own softhsm2.conf).
+#include "daemon/backends/pkcs11/p11_backend.h"
+
+#include <gtest/gtest.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "common/key_types.h"
+#include "common/ssl_ptr.h"
+
+namespace keyhold::backend::pkcs11 {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr char kModule[] = "/usr/lib/softhsm/libsofthsm2.so";
+constexpr char kLabel[] = "kh-unit";
+constexpr char kPin[] = "1234";
+
+fs::path g_dir;
+
+class Env : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    char tmpl[] = "/tmp/kh-p11-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    g_dir = tmpl;
+    fs::create_directory(g_dir / "tokens");
+    {
+      std::ofstream conf(g_dir / "softhsm2.conf");
+      conf << "directories.tokendir = " << (g_dir / "tokens").string()
+           << "\nobjectstore.backend = file\nlog.level = ERROR\n";
+    }
+    ::setenv("SOFTHSM2_CONF", (g_dir / "softhsm2.conf").c_str(), 1);
+    const std::string cmd = std::string("softhsm2-util --init-token --free ") +
+                            "--label " + kLabel + " --pin " + kPin +
+                            " --so-pin 5678 >/dev/null";
+    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    WritePin(g_dir / "pin", kPin, 0600);
+    WritePin(g_dir / "badpin", "9999\n", 0600);
+    WritePin(g_dir / "openpin", "1234\n", 0644);
+  }
+  void TearDown() override { fs::remove_all(g_dir); }
+
+  static void WritePin(const fs::path& p, const std::string& text,
+                       mode_t mode) {
+    std::ofstream f(p);
+    f << text;
+    f.close();
+    ::chmod(p.c_str(), mode);
+  }
+};
+
+const auto* const g_env = ::testing::AddGlobalTestEnvironment(new Env);
+
+P11Config BaseConfig() {
+  P11Config c;
+  c.name = "hsm";
+  c.module = kModule;
+  c.allowed_modules = {kModule};
+  c.token_label = kLabel;
+  c.pin_file = (g_dir / "pin").string();
+  c.sessions = 2;
+  return c;
+}
+
+SslPtr<EVP_PKEY> ParseSpki(const std::vector<uint8_t>& der) {
+  const unsigned char* p = der.data();
+  return SslPtr<EVP_PKEY>(
+      d2i_PUBKEY(nullptr, &p, static_cast<long>(der.size())));
+}
+
+std::vector<uint8_t> Sha256(std::string_view msg) {
+  std::vector<uint8_t> d(32);
+  unsigned int len = 0;
+  EVP_Digest(msg.data(), msg.size(), d.data(), &len, EVP_sha256(), nullptr);
+  return d;
+}
+
+class P11BackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto b = P11Backend::Create(BaseConfig());
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    backend_ = std::move(*b);
+  }
+
+  KeyHandle Handle(const CreatedKey& k, uint64_t id) {
+    KeyHandle h;
+    h.id = id;
+    h.ref = daemon::KeyRef{1000, "k" + std::to_string(id)};
+    h.type = k.type;
+    h.blob = k.blob;
+    return h;
+  }
+
+  std::unique_ptr<P11Backend> backend_;
+};
+
+TEST(P11ConfigTest, ParsesAndRejects) {
+  auto c = ParseP11Config(
+      "name = 'hsm'\nmodule = '/m.so'\nallowed_modules = ['/m.so']\n"
+      "token_label = 't'\npin_file = '/p'\nsessions = 8\n");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->sessions, 8u);
+  EXPECT_EQ(c->allowed_modules.size(), 1u);
+  EXPECT_EQ(ParseP11Config("name = 'h'\nmodule = '/m'\ntoken_label = 't'\n"
+                           "pin_file = '/p'\npin = '1234'\n")
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(ParseP11Config("name = 'h'\nmodule = '/m'\npin_file = '/p'\n")
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(ParseP11Config("name = 'h'\nmodule = '/m'\ntoken_label = 't'\n"
+                           "pin_file = '/p'\nsessions = 0\n")
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+}
+
+TEST(P11StartTest, ModuleMustBeAllowListed) {
+  P11Config c = BaseConfig();
+  c.allowed_modules = {"/usr/lib/other.so"};
+  auto b = P11Backend::Create(c);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), Code::kPermissionDenied);
+  EXPECT_NE(b.status().message().find("allowed_modules"), std::string::npos);
+}
+
+TEST(P11StartTest, MissingModule) {
+  P11Config c = BaseConfig();
+  c.module = "/nonexistent/libmissing.so";
+  c.allowed_modules = {c.module};
+  auto b = P11Backend::Create(c);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), Code::kBackendUnavailable);
+}
+
+TEST(P11StartTest, WrongPinAndBadPinFile) {
+  P11Config c = BaseConfig();
+  c.pin_file = (g_dir / "badpin").string();
+  auto b = P11Backend::Create(c);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), Code::kPermissionDenied);
+  EXPECT_NE(b.status().message().find("CKR_PIN_INCORRECT"), std::string::npos);
+  EXPECT_EQ(b.status().message().find("9999"), std::string::npos);
+
+  c.pin_file = (g_dir / "openpin").string();
+  b = P11Backend::Create(c);
+  ASSERT_FALSE(b.ok());
+  EXPECT_NE(b.status().message().find("group or others"), std::string::npos);
+
+  c.pin_file = (g_dir / "nope").string();
+  EXPECT_FALSE(P11Backend::Create(c).ok());
+}
+
+TEST(P11StartTest, UnknownToken) {
+  P11Config c = BaseConfig();
+  c.token_label = "no-such-token";
+  auto b = P11Backend::Create(c);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), Code::kBackendUnavailable);
+}
+
+TEST_F(P11BackendTest, EcdsaAllCurves) {
+  uint64_t id = 1;
+  for (v1::KeyType t : {v1::EC_P256, v1::EC_P384, v1::EC_P521}) {
+    auto k = backend_->Generate({1000, "ec"}, t);
+    ASSERT_TRUE(k.ok()) << k.status().ToString();
+    const std::vector<uint8_t> digest = Sha256("hello");
+    SignParams p;
+    p.algorithm = v1::ECDSA;
+    p.digest = v1::SHA256;
+    auto sig = backend_->Sign(Handle(*k, id), p, digest);
+    ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+    SslPtr<EVP_PKEY> pub = ParseSpki(k->public_key);
+    ASSERT_NE(pub, nullptr);
+    SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(pub.get(), nullptr));
+    ASSERT_EQ(EVP_PKEY_verify_init(ctx.get()), 1);
+    EXPECT_EQ(EVP_PKEY_verify(ctx.get(), sig->data(), sig->size(),
+                              digest.data(), digest.size()),
+              1)
+        << KeyTypeName(t);
+    EXPECT_TRUE(backend_->Destroy(Handle(*k, id)).ok());
+    ++id;
+  }
+}
+
+TEST_F(P11BackendTest, RsaPkcs1PssAndDecrypt) {
+  auto k = backend_->Generate({1000, "rsa"}, v1::RSA_2048);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 10);
+  SslPtr<EVP_PKEY> pub = ParseSpki(k->public_key);
+  ASSERT_NE(pub, nullptr);
+  const std::vector<uint8_t> digest = Sha256("message");
+  for (v1::SignAlgorithm alg : {v1::RSA_PKCS1, v1::RSA_PSS}) {
+    SignParams p;
+    p.algorithm = alg;
+    p.digest = v1::SHA256;
+    auto sig = backend_->Sign(h, p, digest);
+    ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+    SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(pub.get(), nullptr));
+    ASSERT_EQ(EVP_PKEY_verify_init(ctx.get()), 1);
+    ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(
+                  ctx.get(), alg == v1::RSA_PSS ? RSA_PKCS1_PSS_PADDING
+                                                : RSA_PKCS1_PADDING),
+              1);
+    ASSERT_EQ(EVP_PKEY_CTX_set_signature_md(ctx.get(), EVP_sha256()), 1);
+    if (alg == v1::RSA_PSS) {
+      ASSERT_EQ(EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx.get(), 32), 1);
+    }
+    EXPECT_EQ(EVP_PKEY_verify(ctx.get(), sig->data(), sig->size(),
+                              digest.data(), digest.size()),
+              1);
+  }
+  // Decrypt: OAEP (SHA-1) and PKCS#1 v1.5.
+  const std::string secret = "top secret";
+  for (v1::DecryptAlgorithm alg : {v1::RSA_OAEP, v1::RSA_PKCS1_V15}) {
+    SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(pub.get(), nullptr));
+    ASSERT_EQ(EVP_PKEY_encrypt_init(ctx.get()), 1);
+    ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(
+                  ctx.get(), alg == v1::RSA_OAEP ? RSA_PKCS1_OAEP_PADDING
+                                                 : RSA_PKCS1_PADDING),
+              1);
+    std::vector<uint8_t> ct(256);
+    std::size_t ct_len = ct.size();
+    ASSERT_EQ(EVP_PKEY_encrypt(ctx.get(), ct.data(), &ct_len,
+                               reinterpret_cast<const uint8_t*>(secret.data()),
+                               secret.size()),
+              1);
+    DecryptParams dp;
+    dp.algorithm = alg;
+    auto pt = backend_->Decrypt(h, dp, ct);
+    ASSERT_TRUE(pt.ok()) << pt.status().ToString();
+    const auto bytes = pt->Expose(SecretAccess::kToken);
+    EXPECT_EQ(std::string(bytes.begin(), bytes.end()), secret);
+    ct[5] ^= 1;
+    EXPECT_EQ(backend_->Decrypt(h, dp, ct).status().code(),
+              Code::kInvalidArgument);
+  }
+  DecryptParams tls;
+  tls.algorithm = v1::RSA_TLS_PREMASTER;
+  tls.tls_client_version = 0x0303;
+  EXPECT_EQ(
+      backend_->Decrypt(h, tls, std::vector<uint8_t>(256, 1)).status().code(),
+      Code::kUnsupported);
+  // Wrong algorithm for the key type.
+  SignParams ec;
+  ec.algorithm = v1::ECDSA;
+  EXPECT_EQ(backend_->Sign(h, ec, digest).status().code(),
+            Code::kInvalidArgument);
+  EXPECT_TRUE(backend_->Destroy(h).ok());
+  SignParams p;
+  p.algorithm = v1::RSA_PKCS1;
+  p.digest = v1::SHA256;
+  EXPECT_EQ(backend_->Sign(h, p, digest).status().code(), Code::kNotFound);
+}
+
+TEST_F(P11BackendTest, Ed25519OrClearUnsupported) {
+  auto k = backend_->Generate({1000, "ed"}, v1::ED25519);
+  if (!backend_->SupportsEd25519()) {
+    ASSERT_FALSE(k.ok());
+    EXPECT_EQ(k.status().code(), Code::kUnsupported);
+    GTEST_SKIP() << "token has no CKM_EDDSA";
+  }
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const std::string msg = "a whole message";
+  SignParams p;
+  p.algorithm = v1::ED25519_PURE;
+  auto sig = backend_->Sign(
+      Handle(*k, 20), p,
+      std::span(reinterpret_cast<const uint8_t*>(msg.data()), msg.size()));
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  SslPtr<EVP_PKEY> pub = ParseSpki(k->public_key);
+  SslPtr<EVP_MD_CTX> ctx(EVP_MD_CTX_new());
+  ASSERT_EQ(
+      EVP_DigestVerifyInit(ctx.get(), nullptr, nullptr, nullptr, pub.get()), 1);
+  EXPECT_EQ(EVP_DigestVerify(ctx.get(), sig->data(), sig->size(),
+                             reinterpret_cast<const uint8_t*>(msg.data()),
+                             msg.size()),
+            1);
+  EXPECT_TRUE(backend_->Destroy(Handle(*k, 20)).ok());
+}
+
+TEST_F(P11BackendTest, EcdhMatchesOpenSsl) {
+  auto k = backend_->Generate({1000, "dh"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  SslPtr<EVP_PKEY> peer(EVP_EC_gen("P-256"));
+  ASSERT_NE(peer, nullptr);
+  const int len = i2d_PUBKEY(peer.get(), nullptr);
+  std::vector<uint8_t> peer_der(static_cast<std::size_t>(len));
+  unsigned char* q = peer_der.data();
+  i2d_PUBKEY(peer.get(), &q);
+  auto secret = backend_->Derive(Handle(*k, 30), peer_der);
+  ASSERT_TRUE(secret.ok()) << secret.status().ToString();
+
+  SslPtr<EVP_PKEY> ours = ParseSpki(k->public_key);
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(peer.get(), nullptr));
+  ASSERT_EQ(EVP_PKEY_derive_init(ctx.get()), 1);
+  ASSERT_EQ(EVP_PKEY_derive_set_peer(ctx.get(), ours.get()), 1);
+  std::vector<uint8_t> expect(32);
+  std::size_t elen = expect.size();
+  ASSERT_EQ(EVP_PKEY_derive(ctx.get(), expect.data(), &elen), 1);
+  const auto got = secret->Expose(SecretAccess::kToken);
+  EXPECT_EQ(std::vector<uint8_t>(got.begin(), got.end()), expect);
+  // A point on another curve is refused.
+  SslPtr<EVP_PKEY> other(EVP_EC_gen("P-384"));
+  std::vector<uint8_t> other_der(
+      static_cast<std::size_t>(i2d_PUBKEY(other.get(), nullptr)));
+  q = other_der.data();
+  i2d_PUBKEY(other.get(), &q);
+  EXPECT_EQ(backend_->Derive(Handle(*k, 30), other_der).status().code(),
+            Code::kInvalidArgument);
+  EXPECT_TRUE(backend_->Destroy(Handle(*k, 30)).ok());
+}
+
+TEST_F(P11BackendTest, ImportEcAndRsa) {
+  for (const char* alg : {"EC", "RSA"}) {
+    SslPtr<EVP_PKEY> key(std::string(alg) == "EC" ? EVP_EC_gen("P-384")
+                                                  : EVP_RSA_gen(2048));
+    ASSERT_NE(key, nullptr);
+    SslPtr<BIO> bio(BIO_new(BIO_s_mem()));
+    ASSERT_EQ(PEM_write_bio_PrivateKey(bio.get(), key.get(), nullptr, nullptr,
+                                       0, nullptr, nullptr),
+              1);
+    char* data = nullptr;
+    const long n = BIO_get_mem_data(bio.get(), &data);
+    SecretBytes pem(std::span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(data), static_cast<std::size_t>(n)));
+    auto k = backend_->Import({1000, "imp"}, pem);
+    ASSERT_TRUE(k.ok()) << k.status().ToString();
+    const std::vector<uint8_t> digest = Sha256("imported");
+    SignParams p;
+    p.algorithm = std::string(alg) == "EC" ? v1::ECDSA : v1::RSA_PKCS1;
+    p.digest = v1::SHA256;
+    auto sig = backend_->Sign(Handle(*k, 40), p, digest);
+    ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+    SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(key.get(), nullptr));
+    ASSERT_EQ(EVP_PKEY_verify_init(ctx.get()), 1);
+    if (std::string(alg) == "RSA") {
+      ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_PADDING), 1);
+      ASSERT_EQ(EVP_PKEY_CTX_set_signature_md(ctx.get(), EVP_sha256()), 1);
+    }
+    EXPECT_EQ(EVP_PKEY_verify(ctx.get(), sig->data(), sig->size(),
+                              digest.data(), digest.size()),
+              1);
+    EXPECT_TRUE(backend_->Destroy(Handle(*k, 40)).ok());
+  }
+  SecretBytes junk(
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>("junk"), 4));
+  EXPECT_EQ(backend_->Import({1000, "j"}, junk).status().code(),
+            Code::kInvalidArgument);
+}
+
+TEST_F(P11BackendTest, ReconcileRemovesUnrecordedAndKeepsRecorded) {
+  auto kept = backend_->Generate({1000, "kept"}, v1::EC_P256);
+  auto orphan = backend_->Generate({1000, "orphan"}, v1::EC_P256);
+  ASSERT_TRUE(kept.ok() && orphan.ok());
+  const KeyHandle hk = Handle(*kept, 50);
+  const KeyHandle ho = Handle(*orphan, 51);
+  ASSERT_TRUE(backend_->Reconcile(std::span(&hk, 1)).ok());
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> digest = Sha256("x");
+  EXPECT_TRUE(backend_->Sign(hk, p, digest).ok());
+  EXPECT_EQ(backend_->Sign(ho, p, digest).status().code(), Code::kNotFound);
+  // A recorded key whose object is gone is reported, not an error.
+  EXPECT_TRUE(backend_->Reconcile(std::vector<KeyHandle>{hk, ho}).ok());
+  EXPECT_TRUE(backend_->Destroy(hk).ok());
+}
+
+TEST_F(P11BackendTest, ConcurrentSigning) {
+  auto k = backend_->Generate({1000, "conc"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok());
+  const KeyHandle h = Handle(*k, 60);
+  std::vector<std::thread> threads;
+  std::atomic<int> good{0};
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&] {
+      SignParams p;
+      p.algorithm = v1::ECDSA;
+      p.digest = v1::SHA256;
+      const std::vector<uint8_t> digest = Sha256("c");
+      for (int i = 0; i < 20; ++i) {
+        if (backend_->Sign(h, p, digest).ok()) {
+          ++good;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  EXPECT_EQ(good.load(), 120);
+  EXPECT_TRUE(backend_->Destroy(h).ok());
+}
+
+}  // namespace
+}  // namespace keyhold::backend::pkcs11

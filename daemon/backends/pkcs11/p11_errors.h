@@ -1,0 +1,30 @@
+// CK_RV -> Status: the one place a PKCS#11 return value becomes a Status.
+#ifndef KEYHOLD_DAEMON_BACKENDS_PKCS11_P11_ERRORS_H_
+#define KEYHOLD_DAEMON_BACKENDS_PKCS11_P11_ERRORS_H_
+
+#include <p11-kit/pkcs11.h>
+
+#include <string>
+#include <string_view>
+
+#include "common/status.h"
+
+namespace keyhold::backend::pkcs11 {
+
+// "CKR_PIN_INCORRECT"; "CKR_0x..." for values we do not name.
+std::string CkrName(CK_RV rv);
+
+// The status for a failed call; what says what was attempted ("C_Sign").
+// The message names the CKR_ value and never carries data or PINs.
+Status P11Error(CK_RV rv, std::string_view what);
+
+// True if rv means the session (or the token behind it) is gone, so the
+// session should be reopened and the call retried once.
+bool IsSessionLost(CK_RV rv);
+
+// True if rv means an object handle is stale (look the object up again).
+bool IsHandleStale(CK_RV rv);
+
+}  // namespace keyhold::backend::pkcs11
+
+#endif  // KEYHOLD_DAEMON_BACKENDS_PKCS11_P11_ERRORS_H_
