@@ -369,10 +369,11 @@ class Session : public std::enable_shared_from_this<Session> {
   bool registered_ = false;
 };
 
-Server::Server(asio::io_context& io, asio::thread_pool& workers,
+Server::Server(std::vector<asio::io_context*> io, asio::thread_pool& workers,
                Dispatcher& dispatcher, ClientRegistry& clients, Limits limits,
                std::vector<uint32_t> admin_uids)
-    : io_(io),
+    : io_(*io.at(0)),
+      io_contexts_(std::move(io)),
       workers_(workers),
       dispatcher_(dispatcher),
       clients_(clients),
@@ -469,10 +470,13 @@ void Server::Accept() {
   if (stopped_ || !acceptor_) {
     return;
   }
-  // Each connection gets its own strand: its handlers never run
-  // concurrently, while different connections run on different I/O threads.
+  // Each connection gets its own strand on the next I/O thread's context:
+  // its handlers never run concurrently and never change threads, while
+  // different connections spread over the I/O threads.
+  asio::io_context& home = *io_contexts_[next_context_];
+  next_context_ = (next_context_ + 1) % io_contexts_.size();
   acceptor_->async_accept(
-      asio::make_strand(io_),
+      asio::make_strand(home),
       [this](const boost::system::error_code& ec, Socket socket) {
         std::unique_lock<std::mutex> lock(mu_);
         if (stopped_ || ec == asio::error::operation_aborted) {
