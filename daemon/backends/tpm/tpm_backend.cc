@@ -1055,10 +1055,11 @@ struct TpmBackend::Impl {
     if (rc != TSS2_RC_SUCCESS) {
       *rc_out = rc;
       if (BaseRc(rc) == TPM2_RC_INTEGRITY || BaseRc(rc) == TPM2_RC_BINDING) {
-        return Status(Code::kInternal,
-                      "TPM: key blob was not wrapped by this TPM's storage "
-                      "key (" +
-                          std::string(Tss2_RC_Decode(rc)) + ")");
+        // Not transient and not a daemon bug: the key belongs to another
+        // TPM (or another storage key), which the caller should be told.
+        return PermissionDenied(
+            "TPM refuses the key: it was not created under this TPM's "
+            "storage key");
       }
       return TpmError(rc, "cannot load key");
     }

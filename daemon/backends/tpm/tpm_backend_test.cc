@@ -602,7 +602,9 @@ TEST_F(TpmBackendTest, CopiedKeyStoreCannotSignOnAFreshTpm) {
   p.algorithm = v1::ECDSA;
   p.digest = v1::SHA256;
   auto sig = other->Sign(k.handle, p, Sha(EVP_sha256(), "x"));
-  EXPECT_FALSE(sig.ok());
+  ASSERT_FALSE(sig.ok());
+  EXPECT_EQ(sig.status().code(), Code::kPermissionDenied)
+      << sig.status().ToString();
   // And without the master key the original TPM refuses the blob too.
   const fs::path other_master = dir_ / "other.key";
   WriteMasterKey(other_master);
