@@ -157,6 +157,7 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
     KH_RETURN_IF_ERROR(CheckKeys(
         *t,
         {"max_frame_bytes", "max_in_flight_per_connection", "max_connections",
+         "max_connections_per_uid",
          "idle_timeout_seconds", "io_timeout_seconds"},
         "limits."));
     Limits& l = c.limits;
@@ -165,6 +166,9 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
     KH_RETURN_IF_ERROR(ReadUint(*t, "max_in_flight_per_connection",
                                 &l.max_in_flight_per_connection, "limits.", 1,
                                 1024));
+    KH_RETURN_IF_ERROR(ReadUint(*t, "max_connections_per_uid",
+                                &l.max_connections_per_uid, "limits.", 1,
+                                1000000));
     KH_RETURN_IF_ERROR(ReadUint(*t, "max_connections", &l.max_connections,
                                 "limits.", 1, 1000000));
     KH_RETURN_IF_ERROR(ReadUint(*t, "idle_timeout_seconds",

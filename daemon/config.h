@@ -15,6 +15,10 @@ struct Limits {
   uint32_t max_frame_bytes = 64 * 1024;
   uint32_t max_in_flight_per_connection = 16;
   uint32_t max_connections = 1024;
+  // Open connections one uid may hold; its further connections are closed
+  // at once, so one user cannot take every slot (Parsec U-0). Far above
+  // what a client needs (the client library pools a few per process).
+  uint32_t max_connections_per_uid = 128;
   // A connection with nothing in flight that sends nothing for this long is
   // closed (clients reconnect transparently). 0 disables.
   uint32_t idle_timeout_seconds = 300;

@@ -46,6 +46,7 @@ class Session : public std::enable_shared_from_this<Session> {
         principal_(std::move(principal)) {}
 
   asio::any_io_executor executor() { return socket_.get_executor(); }
+  uint32_t uid() const { return principal_.uid; }
 
   void Start() {
     clients_.Add(principal_.uid, principal_.pid);
@@ -505,6 +506,21 @@ void Server::Accept() {
         auto cred = GetPeerCred(socket.native_handle(), /*with_groups=*/true);
         if (!cred.ok()) {
           spdlog::warn("connection refused: {}", cred.status().message());
+          Accept();
+          return;
+        }
+        const auto same_uid = static_cast<uint32_t>(std::count_if(
+            sessions_.begin(), sessions_.end(),
+            [&](const std::shared_ptr<Session>& s) {
+              return s->uid() == cred->uid;
+            }));
+        if (same_uid >= limits_.max_connections_per_uid) {
+          spdlog::warn(
+              "connection refused: uid {} already has {} connections "
+              "(limits.max_connections_per_uid)",
+              cred->uid, same_uid);
+          boost::system::error_code ignored;
+          socket.close(ignored);
           Accept();
           return;
         }

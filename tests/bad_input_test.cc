@@ -365,6 +365,69 @@ TEST(IdleTimeoutTest, IdleConnectionIsClosedAfterUse) {
   EXPECT_TRUE(c.Ping().ok());
 }
 
+// One uid holding its quota of connections (Parsec U-0) cannot take the
+// daemon from others: its next connection is closed at once, another uid is
+// served as usual, and a freed slot is usable again.
+TEST(PerUidConnectionLimitTest, OneUidCannotTakeEverySlot) {
+  if (geteuid() != 0) {
+    GTEST_SKIP() << "needs root to act as a second uid";
+  }
+  DaemonProcess daemon("[limits]\nmax_connections_per_uid = 8\n");
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  std::vector<std::unique_ptr<RawConnection>> hog;
+  for (int i = 0; i < 8; ++i) {
+    hog.push_back(std::make_unique<RawConnection>(daemon.socket_path()));
+    ASSERT_TRUE(hog.back()->ok());
+  }
+  // The daemon registers connections as it accepts them; one round trip on
+  // the last makes sure all eight are counted.
+  v1::Request ping;
+  ping.set_id(1);
+  ping.mutable_ping();
+  ASSERT_TRUE(hog.back()->Send(Frame(ping)));
+  v1::Response r;
+  ASSERT_TRUE(hog.back()->ReadResponse(&r));
+  RawConnection ninth(daemon.socket_path());
+  ASSERT_TRUE(ninth.ok());
+  EXPECT_TRUE(ninth.ClosedByPeer(3000));
+  EXPECT_NE(daemon.log().find("max_connections_per_uid"), std::string::npos);
+
+  // Another uid: creates a key and signs, unaffected.
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (setgid(64103) != 0 || setuid(64103) != 0) {
+      _exit(10);
+    }
+    client::Client other(daemon.ClientOptions());
+    if (!other.GenerateKey(client::MakeKeyRef("mine"), v1::EC_P256).ok()) {
+      _exit(11);
+    }
+    v1::SignRequest req;
+    *req.mutable_key() = client::MakeKeyRef("mine");
+    req.set_algorithm(v1::ECDSA);
+    req.set_digest(v1::SHA256);
+    req.set_data(std::string(32, '\x22'));
+    _exit(other.Sign(req).ok() ? 0 : 12);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+
+  // A slot freed is a slot usable again.
+  hog.pop_back();
+  bool served = false;
+  for (int attempt = 0; attempt < 50 && !served; ++attempt) {
+    client::Client again(daemon.ClientOptions());
+    served = again.Ping().ok();
+    if (!served) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  }
+  EXPECT_TRUE(served);
+}
+
 TEST(SocketDirectoryTest, DaemonRefusesAWorldWritableDirectory) {
   char tmpl[] = "/tmp/keyhold-ww-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
