@@ -197,8 +197,9 @@ int Run(int argc, char** argv) {
     keep_running.push_back(boost::asio::make_work_guard(*more_io.back()));
   }
   boost::asio::thread_pool blocking(blocking_threads);
-  keyhold::daemon::Server server(all_io, blocking, dispatcher, clients,
-                                 config.limits, config.admin_uids);
+  keyhold::daemon::Server server(all_io, blocking, blocking_threads,
+                                 dispatcher, clients, config.limits,
+                                 config.admin_uids);
   if (Status st = server.Listen(config.socket_path); !st.ok()) {
     spdlog::critical("{}", st.message());
     return 1;

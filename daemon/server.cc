@@ -243,15 +243,24 @@ class Session : public std::enable_shared_from_this<Session> {
     if (response) {
       Queue(Encode(*request, *response));
     } else {
-      asio::post(workers_, [self = shared_from_this(), request] {
-        self->Work(*request);
-      });
+      server_.blocking_queue().Post(
+          principal_.uid,
+          [self = shared_from_this(), request] { self->Work(*request); });
     }
   }
 
-  // Runs on the blocking pool.
+  // Runs on the blocking pool, when it is this uid's turn (FairQueue).
   void Work(v1::Request& request) {
-    v1::Response response = dispatcher_.Handle(principal_, request);
+    v1::Response response;
+    if (server_.stopping()) {
+      // Queued work is not started once the daemon stops: a flood of
+      // queued generations must not hold up the exit.
+      response.set_id(request.id());
+      response.set_code(v1::UNAVAILABLE);
+      response.set_message("daemon shutting down");
+    } else {
+      response = dispatcher_.Handle(principal_, request);
+    }
     asio::post(socket_.get_executor(),
                [self = shared_from_this(),
                 bytes = Encode(request, response)]() mutable {
@@ -371,11 +380,13 @@ class Session : public std::enable_shared_from_this<Session> {
 };
 
 Server::Server(std::vector<asio::io_context*> io, asio::thread_pool& workers,
-               Dispatcher& dispatcher, ClientRegistry& clients, Limits limits,
+               unsigned blocking_threads, Dispatcher& dispatcher,
+               ClientRegistry& clients, Limits limits,
                std::vector<uint32_t> admin_uids)
     : io_(*io.at(0)),
       io_contexts_(std::move(io)),
       workers_(workers),
+      blocking_queue_(workers, blocking_threads),
       dispatcher_(dispatcher),
       clients_(clients),
       limits_(limits),
@@ -560,6 +571,7 @@ void Server::Stop() {
     return;
   }
   stopped_ = true;
+  stopping_ = true;
   if (acceptor_) {
     boost::system::error_code ignored;
     acceptor_->close(ignored);

@@ -23,6 +23,7 @@
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -33,6 +34,7 @@
 #include "daemon/client_registry.h"
 #include "daemon/config.h"
 #include "daemon/dispatcher.h"
+#include "daemon/fair_queue.h"
 
 namespace keyhold::daemon {
 
@@ -41,8 +43,10 @@ class Session;
 class Server {
  public:
   // io: at least one context; io[0] accepts. Each must be run by one thread.
+  // blocking_threads: the thread count of `blocking`, shared fairly between
+  // uids (FairQueue).
   Server(std::vector<boost::asio::io_context*> io,
-         boost::asio::thread_pool& blocking,
+         boost::asio::thread_pool& blocking, unsigned blocking_threads,
          Dispatcher& dispatcher, ClientRegistry& clients, Limits limits,
          std::vector<uint32_t> admin_uids);
   ~Server();
@@ -58,6 +62,8 @@ class Server {
 
   // Called by sessions.
   void Forget(Session* session);
+  FairQueue& blocking_queue() { return blocking_queue_; }
+  bool stopping() const { return stopping_.load(); }
 
  private:
   void Accept();  // with mu_ held
@@ -66,6 +72,8 @@ class Server {
   std::vector<boost::asio::io_context*> io_contexts_;
   std::size_t next_context_ = 0;  // guarded by mu_
   boost::asio::thread_pool& workers_;
+  FairQueue blocking_queue_;
+  std::atomic<bool> stopping_{false};
   Dispatcher& dispatcher_;
   ClientRegistry& clients_;
   Limits limits_;

@@ -428,6 +428,76 @@ TEST(PerUidConnectionLimitTest, OneUidCannotTakeEverySlot) {
   EXPECT_TRUE(served);
 }
 
+// One uid flooding the blocking pool with RSA-4096 generations (Parsec U-0)
+// does not make another uid wait behind the flood: the victim's key
+// creation (a blocking job too) is answered while most of the flood is
+// still queued. An ordering check, not a timing one.
+TEST(FairnessTest, FloodOfGenerationsDoesNotStarveAnotherUid) {
+  if (geteuid() != 0) {
+    GTEST_SKIP() << "needs root to act as a second uid";
+  }
+  DaemonProcess daemon("blocking_threads = 2\n");
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  constexpr int kAttackers = 4;
+  constexpr int kPerAttacker = 3;
+  client::Client attacker(daemon.ClientOptions());
+  std::atomic<int> generated{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kAttackers; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerAttacker; ++i) {
+        const std::string name =
+            "flood-" + std::to_string(t) + "-" + std::to_string(i);
+        if (attacker.GenerateKey(client::MakeKeyRef(name), v1::RSA_4096)
+                .ok()) {
+          ++generated;
+        }
+      }
+    });
+  }
+  // Let the flood reach the daemon's queue.
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  int to_parent[2];
+  ASSERT_EQ(pipe(to_parent), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(to_parent[0]);
+    char verdict = 'x';
+    if (setgid(64104) == 0 && setuid(64104) == 0) {
+      client::Client victim(daemon.ClientOptions());
+      v1::SignRequest req;
+      *req.mutable_key() = client::MakeKeyRef("victim");
+      req.set_algorithm(v1::ECDSA);
+      req.set_digest(v1::SHA256);
+      req.set_data(std::string(32, '\x33'));
+      verdict = victim.GenerateKey(req.key(), v1::EC_P256).ok() &&
+                        victim.Sign(req).ok()
+                    ? 'y'
+                    : 'n';
+    }
+    _exit(write(to_parent[1], &verdict, 1) == 1 ? 0 : 1);
+  }
+  close(to_parent[1]);
+  char verdict = 0;
+  ASSERT_EQ(read(to_parent[0], &verdict, 1), 1);
+  const int done_when_served = generated.load();
+  close(to_parent[0]);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_EQ(verdict, 'y');
+  // First come, first served would have answered the victim after all
+  // kAttackers * kPerAttacker generations; its turn came after at most
+  // the two running ones and one more per attacker connection's turn.
+  EXPECT_LT(done_when_served, kAttackers * kPerAttacker / 2)
+      << "the victim waited behind the flood";
+  // Stopping the daemon drops the queued flood instead of working it off.
+  daemon.Stop();
+  for (auto& t : threads) {
+    t.join();
+  }
+}
+
 TEST(SocketDirectoryTest, DaemonRefusesAWorldWritableDirectory) {
   char tmpl[] = "/tmp/keyhold-ww-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
