@@ -5,8 +5,8 @@
 # cross-checked by the plain openssl CLI. Also: software and TPM keys side by
 # side, a daemon restart, a TPM restart (clear error, then recovery), and a
 # copy of the state directory used with a fresh TPM (cannot sign).
-# Optional: KEYHOLD_PROVIDER (dev builds) also signs through the OpenSSL
-# provider with a TPM-backed key. docs/tpm.md shows the same steps.
+# Optional: KEYHOLD_PROVIDER and KEYHOLD_PKCS11 (dev builds) also sign
+# through the OpenSSL provider and the PKCS#11 module with TPM-backed keys. docs/tpm.md shows the same steps.
 source "$(dirname "$0")/../lib.sh"
 if ! command -v swtpm >/dev/null; then
   echo "SKIP: swtpm is not installed"
@@ -164,6 +164,21 @@ if [ -n "${KEYHOLD_PROVIDER:-}" ]; then
     check "openssl verifies provider signature $type" openssl dgst -sha256 -verify "$W/t-$type.pub" \
       -signature "$W/sig" "$W/msg"
   done
+fi
+
+# Through the PKCS#11 module (dev builds set KEYHOLD_PKCS11).
+if [ -n "${KEYHOLD_PKCS11:-}" ] && command -v pkcs11-tool >/dev/null; then
+  key_id() {  # CKA_ID = SHA-256 of the DER SubjectPublicKeyInfo
+    openssl pkey -pubin -in "$W/$1.pub" -outform DER | sha256sum | cut -c1-64
+  }
+  check "pkcs11-tool signs with TPM key ec-p256" timeout 20 pkcs11-tool --module "$KEYHOLD_PKCS11" \
+    --sign -m ECDSA-SHA256 --id "$(key_id t-ec-p256)" -i "$W/msg" -o "$W/sig" --signature-format openssl
+  check "openssl verifies the PKCS#11 signature" openssl dgst -sha256 -verify "$W/t-ec-p256.pub" \
+    -signature "$W/sig" "$W/msg"
+  check "pkcs11-tool signs with TPM key rsa-2048" timeout 20 pkcs11-tool --module "$KEYHOLD_PKCS11" \
+    --sign -m SHA256-RSA-PKCS --id "$(key_id t-rsa-2048)" -i "$W/msg" -o "$W/sig"
+  check "openssl verifies the PKCS#11 RSA signature" openssl dgst -sha256 -verify "$W/t-rsa-2048.pub" \
+    -signature "$W/sig" "$W/msg"
 fi
 
 # A copy of the state directory (key store and master key) with a fresh TPM:
