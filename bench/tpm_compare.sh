@@ -34,7 +34,10 @@ swtpm socket --tpm2 --server "type=tcp,port=$PORT,bindaddr=127.0.0.1" \
   --ctrl "type=tcp,port=$((PORT + 1)),bindaddr=127.0.0.1" \
   --tpmstate "dir=$DIR/tpm" --flags not-need-init,startup-clear >"$DIR/swtpm.log" 2>&1 &
 SWTPM_PID=$!
-sleep 0.5
+for _ in $(seq 1 200); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi
+  sleep 0.05
+done
 TCTI="swtpm:host=127.0.0.1,port=$PORT"
 cat >"$DIR/keyholdd.toml" <<TOML
 [[backend.tpm]]
