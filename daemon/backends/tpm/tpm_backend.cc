@@ -124,8 +124,12 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
   } catch (const toml::parse_error& e) {
     return InvalidArgument("[[backend.tpm]]: " + std::string(e.description()));
   }
-  const std::set<std::string> known = {"name", "tcti", "owner_auth_file",
-                                       "persistent_handle", "max_loaded_keys"};
+  const std::set<std::string> known = {"name",
+                                       "tcti",
+                                       "owner_auth_file",
+                                       "persistent_handle",
+                                       "max_loaded_keys",
+                                       "encrypted_sessions"};
   for (const auto& [key, value] : t) {
     if (!known.contains(std::string(key.str()))) {
       return InvalidArgument("unknown setting 'backend.tpm." +
@@ -156,6 +160,14 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
           "handle from 0x81000000 to 0x81ffffff");
     }
     o.persistent_handle = static_cast<uint32_t>(*v);
+  }
+  if (const toml::node* n = t.get("encrypted_sessions")) {
+    const toml::value<bool>* v = n->as_boolean();
+    if (v == nullptr) {
+      return InvalidArgument(
+          "setting 'backend.tpm.encrypted_sessions' must be true or false");
+    }
+    o.encrypted_sessions = v->get();
   }
   if (const toml::node* n = t.get("max_loaded_keys")) {
     auto v = n->value<int64_t>();
@@ -765,6 +777,12 @@ struct TpmBackend::Impl {
   TSS2_TCTI_CONTEXT* tcti = nullptr;
   ESYS_CONTEXT* esys = nullptr;
   ESYS_TR primary = ESYS_TR_NONE;
+  // ESYS_TR_PASSWORD, or with encrypted_sessions an HMAC session salted
+  // with the storage key, with command and response parameter encryption:
+  // key auth values never cross the TCTI in clear, and neither do digests,
+  // ciphertexts, plaintexts, ECDH points or the sensitive area of a key
+  // being created.
+  ESYS_TR session = ESYS_TR_NONE;
   bool primary_transient = true;
   std::size_t capacity = 1;
   std::unordered_map<uint64_t, LoadedEntry> loaded;
@@ -787,6 +805,9 @@ struct TpmBackend::Impl {
           (void)Esys_FlushContext(esys, entry.handle);
         }
       }
+      if (session != ESYS_TR_NONE && session != ESYS_TR_PASSWORD && flush) {
+        (void)Esys_FlushContext(esys, session);
+      }
       if (primary != ESYS_TR_NONE) {
         if (flush && primary_transient) {
           (void)Esys_FlushContext(esys, primary);
@@ -799,6 +820,7 @@ struct TpmBackend::Impl {
     loaded.clear();
     lru.clear();
     primary = ESYS_TR_NONE;
+    session = ESYS_TR_NONE;
     if (tcti != nullptr) {
       Tss2_TctiLdr_Finalize(&tcti);
     }
@@ -820,6 +842,10 @@ struct TpmBackend::Impl {
       return TpmError(rc, "Esys_Initialize");
     }
     Status st = SetUpPrimary();
+    session = ESYS_TR_PASSWORD;
+    if (st.ok() && options.encrypted_sessions) {
+      st = StartSession();
+    }
     if (st.ok() && !capabilities_read) {
       st = ReadCapabilities();
     }
@@ -879,6 +905,27 @@ struct TpmBackend::Impl {
       }
     }
     return TpmError(rc, "cannot create the storage primary key");
+  }
+
+  Status StartSession() {
+    TPMT_SYM_DEF sym{};
+    sym.algorithm = TPM2_ALG_AES;
+    sym.keyBits.aes = 128;
+    sym.mode.aes = TPM2_ALG_CFB;
+    TSS2_RC rc = Esys_StartAuthSession(
+        esys, primary, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+        nullptr, TPM2_SE_HMAC, &sym, TPM2_ALG_SHA256, &session);
+    if (rc != TSS2_RC_SUCCESS) {
+      session = ESYS_TR_NONE;
+      return TpmError(rc, "cannot start an HMAC session");
+    }
+    const TPMA_SESSION attrs = TPMA_SESSION_CONTINUESESSION |
+                               TPMA_SESSION_DECRYPT | TPMA_SESSION_ENCRYPT;
+    rc = Esys_TRSess_SetAttributes(esys, session, attrs, 0xff);
+    if (rc != TSS2_RC_SUCCESS) {
+      return TpmError(rc, "cannot set session attributes");
+    }
+    return Status::Ok();
   }
 
   Status ReadCapabilities() {
@@ -1044,8 +1091,8 @@ struct TpmBackend::Impl {
     ESYS_TR handle = ESYS_TR_NONE;
     TSS2_RC rc = TSS2_RC_SUCCESS;
     for (;;) {
-      rc = Esys_Load(esys, primary, ESYS_TR_PASSWORD, ESYS_TR_NONE,
-                     ESYS_TR_NONE, &b->priv, &b->pub, &handle);
+      rc = Esys_Load(esys, primary, session, ESYS_TR_NONE, ESYS_TR_NONE,
+                     &b->priv, &b->pub, &handle);
       // Someone else (no resource manager) holds slots: make room.
       if (BaseRc(rc) == TPM2_RC_OBJECT_MEMORY && EvictOldest()) {
         continue;
@@ -1094,7 +1141,7 @@ struct TpmBackend::Impl {
     scheme.scheme = TPM2_ALG_NULL;
     TPM2B_DATA label{};
     TPM2B_PUBLIC_KEY_RSA* raw = nullptr;
-    TSS2_RC rc = Esys_RSA_Decrypt(esys, handle, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+    TSS2_RC rc = Esys_RSA_Decrypt(esys, handle, session, ESYS_TR_NONE,
                                   ESYS_TR_NONE, &c, &scheme, &label, &raw);
     if (rc != TSS2_RC_SUCCESS) {
       *rc_out = rc;
@@ -1147,8 +1194,8 @@ struct TpmBackend::Impl {
       ticket.tag = TPM2_ST_HASHCHECK;
       ticket.hierarchy = TPM2_RH_NULL;
       TPMT_SIGNATURE* raw = nullptr;
-      TSS2_RC rc = Esys_Sign(esys, handle, ESYS_TR_PASSWORD, ESYS_TR_NONE,
-                             ESYS_TR_NONE, &digest, &scheme, &ticket, &raw);
+      TSS2_RC rc = Esys_Sign(esys, handle, session, ESYS_TR_NONE, ESYS_TR_NONE,
+                             &digest, &scheme, &ticket, &raw);
       if (rc != TSS2_RC_SUCCESS) {
         *rc_out = rc;
         return TpmError(rc, "RSASSA signing failed");
@@ -1233,8 +1280,8 @@ struct TpmBackend::Impl {
     ticket.tag = TPM2_ST_HASHCHECK;
     ticket.hierarchy = TPM2_RH_NULL;
     TPMT_SIGNATURE* raw = nullptr;
-    TSS2_RC rc = Esys_Sign(esys, handle, ESYS_TR_PASSWORD, ESYS_TR_NONE,
-                           ESYS_TR_NONE, &digest, &scheme, &ticket, &raw);
+    TSS2_RC rc = Esys_Sign(esys, handle, session, ESYS_TR_NONE, ESYS_TR_NONE,
+                           &digest, &scheme, &ticket, &raw);
     if (rc != TSS2_RC_SUCCESS) {
       *rc_out = rc;
       return TpmError(rc, "ECDSA signing failed");
@@ -1354,7 +1401,7 @@ StatusOr<CreatedKey> TpmBackend::Generate(const daemon::KeyRef& ref,
     }
     TSS2_RC rc = TSS2_RC_SUCCESS;
     for (;;) {
-      rc = Esys_Create(im.esys, im.primary, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+      rc = Esys_Create(im.esys, im.primary, im.session, ESYS_TR_NONE,
                        ESYS_TR_NONE, &sensitive, &tmpl, &outside, &pcrs,
                        &priv_raw, &pub_raw, nullptr, nullptr, nullptr);
       if (BaseRc(rc) == TPM2_RC_OBJECT_MEMORY && im.EvictOldest()) {
@@ -1524,7 +1571,7 @@ StatusOr<SecretBytes> TpmBackend::Decrypt(const KeyHandle& key,
     std::memcpy(c.buffer, ciphertext.data(), ciphertext.size());
     TPM2B_DATA label{};
     TPM2B_PUBLIC_KEY_RSA* raw = nullptr;
-    TSS2_RC rc = Esys_RSA_Decrypt(im.esys, *h, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+    TSS2_RC rc = Esys_RSA_Decrypt(im.esys, *h, im.session, ESYS_TR_NONE,
                                   ESYS_TR_NONE, &c, &scheme, &label, &raw);
     if (rc != TSS2_RC_SUCCESS) {
       *rc_out = rc;
@@ -1562,7 +1609,7 @@ StatusOr<SecretBytes> TpmBackend::Derive(const KeyHandle& key,
       return h.status();
     }
     TPM2B_ECC_POINT* raw = nullptr;
-    TSS2_RC rc = Esys_ECDH_ZGen(im.esys, *h, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+    TSS2_RC rc = Esys_ECDH_ZGen(im.esys, *h, im.session, ESYS_TR_NONE,
                                 ESYS_TR_NONE, &*point, &raw);
     if (rc != TSS2_RC_SUCCESS) {
       *rc_out = rc;

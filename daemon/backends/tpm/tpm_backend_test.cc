@@ -244,11 +244,13 @@ class TpmBackendTest : public ::testing::Test {
 
   std::unique_ptr<TpmBackend> MakeBackend(const std::string& tcti,
                                           const fs::path& master,
-                                          uint32_t max_loaded = 8) {
+                                          uint32_t max_loaded = 8,
+                                          bool encrypted_sessions = false) {
     TpmOptions o;
     o.name = "tpm";
     o.tcti = tcti;
     o.max_loaded_keys = max_loaded;
+    o.encrypted_sessions = encrypted_sessions;
     auto b = TpmBackend::Create(std::move(o), master);
     EXPECT_TRUE(b.ok()) << b.status().ToString();
     return b.ok() ? std::move(*b) : nullptr;
@@ -288,11 +290,13 @@ TEST(TpmSettingsTest, ParsesAndRejectsUnknownKeys) {
   EXPECT_EQ(o->persistent_handle, 0u);
   o = ParseTpmSettings(
       "name = \"t\"\ntcti = \"swtpm:port=1\"\nmax_loaded_keys = 3\n"
-      "persistent_handle = 0x81000001\n");
+      "persistent_handle = 0x81000001\nencrypted_sessions = true\n");
   ASSERT_TRUE(o.ok()) << o.status().ToString();
   EXPECT_EQ(o->tcti, "swtpm:port=1");
   EXPECT_EQ(o->max_loaded_keys, 3u);
   EXPECT_EQ(o->persistent_handle, 0x81000001u);
+  EXPECT_TRUE(o->encrypted_sessions);
+  EXPECT_FALSE(ParseTpmSettings("name = \"t\"\nencrypted_sessions = 1\n").ok());
   EXPECT_EQ(ParseTpmSettings("name = \"t\"\ntcit = \"x\"\n").status().code(),
             Code::kInvalidArgument);
   EXPECT_EQ(
@@ -318,8 +322,12 @@ TEST_F(TpmBackendTest, UnreadableOwnerAuthFileIsRejected) {
   ASSERT_FALSE(b.ok());
 }
 
-TEST_F(TpmBackendTest, EveryTypeAndOperationVerifiedWithOpenSsl) {
-  backend_ = MakeBackend(tpm_->Tcti(), master_);
+class TpmBackendOpsTest : public TpmBackendTest,
+                          public ::testing::WithParamInterface<bool> {};
+
+// Parameter: encrypted (HMAC, parameter-encrypted) sessions or passwords.
+TEST_P(TpmBackendOpsTest, EveryTypeAndOperationVerifiedWithOpenSsl) {
+  backend_ = MakeBackend(tpm_->Tcti(), master_, 8, GetParam());
   ASSERT_NE(backend_, nullptr);
   std::vector<v1::KeyType> types = backend_->SupportedKeyTypes();
   auto has = [&](v1::KeyType t) {
@@ -479,6 +487,8 @@ TEST_F(TpmBackendTest, EveryTypeAndOperationVerifiedWithOpenSsl) {
   EXPECT_EQ(backend_->Import({1000, "x"}, SecretBytes(10)).status().code(),
             Code::kUnsupported);
 }
+
+INSTANTIATE_TEST_SUITE_P(Sessions, TpmBackendOpsTest, ::testing::Bool());
 
 TEST_F(TpmBackendTest, BlobIsBoundToItsReference) {
   backend_ = MakeBackend(tpm_->Tcti(), master_);
