@@ -557,6 +557,13 @@ TEST_F(TpmBackendTest, ManyKeysThousandsOfOperations) {
     EXPECT_EQ(f, 0);
   }
   EXPECT_LE(backend_->LoadedKeyCount(), backend_->LoadedKeyCapacity());
+  // Shutdown flushes every slot it used: a new backend on the same TPM (no
+  // resource manager) finds as many free slots as the first one did.
+  const std::size_t capacity = backend_->LoadedKeyCapacity();
+  backend_.reset();
+  backend_ = MakeBackend(tpm_->Tcti(), master_, 64);
+  ASSERT_NE(backend_, nullptr);
+  EXPECT_EQ(backend_->LoadedKeyCapacity(), capacity);
 }
 
 TEST_F(TpmBackendTest, RestartedBackendKeepsKeysUsable) {
