@@ -213,6 +213,52 @@ check "concurrent client 2" wait "$C2"
 check "concurrent client 3" wait "$C3"
 check "concurrent client 4" wait "$C4"
 
+# --- the front-ends against HSM-backed keys ---------------------------------
+if [ -n "${KEYHOLD_PROVIDER:-}" ]; then
+  CNF="$KH_DIR/openssl-keyhold.cnf"
+  sed "s|^# module = .*|module = $(realpath "$KEYHOLD_PROVIDER")|" \
+    "$(dirname "$0")/../../conf/openssl-keyhold.cnf" >"$CNF"
+  for k in h-ec-p256 h-rsa-2048; do
+    check "provider: openssl dgst -sign keyhold:$k" env OPENSSL_CONF="$CNF" \
+      openssl dgst -sha256 -sign "keyhold:$k" -out "$W/psig" "$W/msg"
+    check "plain openssl verifies the provider's $k signature" env -u OPENSSL_CONF \
+      openssl dgst -sha256 -verify "$W/$k.pub" -signature "$W/psig" "$W/msg"
+  done
+  # openssl dgst signs PSS with the longest salt (222 bytes for rsa-2048).
+  check "provider: RSA-PSS with keyhold:h-rsa-2048" env OPENSSL_CONF="$CNF" \
+    openssl dgst -sha256 -sign keyhold:h-rsa-2048 -sigopt rsa_padding_mode:pss \
+    -out "$W/psig" "$W/msg"
+  check "plain openssl verifies the provider's PSS signature" env -u OPENSSL_CONF \
+    openssl dgst -sha256 -sigopt rsa_padding_mode:pss -sigopt rsa_pss_saltlen:222 \
+    -verify "$W/h-rsa-2048.pub" -signature "$W/psig" "$W/msg"
+fi
+if [ -n "${KEYHOLD_PKCS11:-}" ]; then
+  kid() { openssl pkey -pubin -in "$W/$1.pub" -outform DER | sha256sum | cut -c1-64; }
+  check "module: C_Sign SHA256-RSA-PKCS with h-rsa-2048" timeout 20 pkcs11-tool \
+    --module "$KEYHOLD_PKCS11" --sign -m SHA256-RSA-PKCS --id "$(kid h-rsa-2048)" \
+    -i "$W/msg" -o "$W/msig"
+  check "plain openssl verifies the module's RSA signature" \
+    openssl dgst -sha256 -verify "$W/h-rsa-2048.pub" -signature "$W/msig" "$W/msg"
+  openssl dgst -sha256 -binary "$W/msg" >"$W/msg.sha256"
+  check "module: C_Sign ECDSA with h-ec-p256" timeout 20 pkcs11-tool \
+    --module "$KEYHOLD_PKCS11" --sign -m ECDSA --id "$(kid h-ec-p256)" \
+    -i "$W/msg.sha256" -o "$W/msig"
+  check "plain openssl verifies the module's ECDSA signature" python3 - "$W/msig" "$W/msig.der" <<'PY'
+import sys
+raw = open(sys.argv[1], "rb").read()
+half = len(raw) // 2
+def integer(b):
+    b = b.lstrip(b"\0") or b"\0"
+    if b[0] & 0x80:
+        b = b"\0" + b
+    return b"\x02" + bytes([len(b)]) + b
+body = integer(raw[:half]) + integer(raw[half:])
+open(sys.argv[2], "wb").write(b"\x30" + bytes([len(body)]) + body)
+PY
+  check "ECDSA signature verifies" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" \
+    -signature "$W/msig.der" "$W/msg"
+fi
+
 # --- delete removes the token object ---------------------------------------
 check "delete an HSM key" "$KEYHOLD" key delete h-rsa-3072
 check "pkcs11-tool lists the private keys again" p11 --list-objects --type privkey
