@@ -111,7 +111,7 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
       CheckKeys(root,
                 {"socket", "state_dir", "admins", "log_level",
                  "default_backend", "worker_threads", "blocking_threads",
-                 "inline_crypto", "limits", "backend"},
+                 "inline_crypto", "audit_key_use", "limits", "backend"},
                 ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
@@ -127,6 +127,13 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
       return InvalidArgument("setting 'inline_crypto' must be true or false");
     }
     c.inline_crypto = v->get();
+  }
+  if (const toml::node* node = root.get("audit_key_use")) {
+    const toml::value<bool>* v = node->as_boolean();
+    if (v == nullptr) {
+      return InvalidArgument("setting 'audit_key_use' must be true or false");
+    }
+    c.audit_key_use = v->get();
   }
   if (const toml::node* admins = root.get("admins")) {
     const toml::array* arr = admins->as_array();

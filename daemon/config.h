@@ -51,6 +51,9 @@ struct Config {
   // decrypt, derive) on the I/O threads, saving a thread hop per request.
   // false: every key operation goes through the blocking pool.
   bool inline_crypto = true;
+  // Record every private-key use (sign, decrypt, derive) in the audit log,
+  // not only key management and admin operations.
+  bool audit_key_use = true;
   Limits limits;
   // Device backends besides the built-in "software" one, in file order.
   std::vector<BackendSection> backends;

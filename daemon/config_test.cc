@@ -118,6 +118,7 @@ TEST(ConfigTest, ShippedExampleMatchesDefaults) {
   EXPECT_EQ(c->worker_threads, d.worker_threads);
   EXPECT_EQ(c->blocking_threads, d.blocking_threads);
   EXPECT_EQ(c->inline_crypto, d.inline_crypto);
+  EXPECT_EQ(c->audit_key_use, d.audit_key_use);
   EXPECT_EQ(c->limits.max_frame_bytes, d.limits.max_frame_bytes);
   EXPECT_EQ(c->limits.max_in_flight_per_connection,
             d.limits.max_in_flight_per_connection);

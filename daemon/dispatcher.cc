@@ -18,7 +18,7 @@ using R = v1::Request;
 // Every operation the daemon accepts. Reviewers audit this table: an
 // operation missing here does not exist, and its permission is enforced by
 // Dispatcher::Handle before the handler sees the request.
-constexpr std::array<OpEntry, 15> kOps = {{
+constexpr std::array<OpEntry, 16> kOps = {{
     {R::kHello, "hello", Permission::kAnyone, Execution::kInline, HandleHello,
      nullptr},
     {R::kPing, "ping", Permission::kAnyone, Execution::kInline, HandlePing,
@@ -49,6 +49,8 @@ constexpr std::array<OpEntry, 15> kOps = {{
      HandleListClients, nullptr},
     {R::kDeleteClient, "delete-client", Permission::kAdmin,
      Execution::kBlocking, HandleDeleteClient, nullptr},
+    {R::kAudit, "audit", Permission::kAdmin, Execution::kBlocking, HandleAudit,
+     nullptr},
 }};
 
 #undef KH_KEY_OF
@@ -148,6 +150,78 @@ std::optional<v1::Response> Dispatcher::TryHandleInline(const Principal& caller,
   return Handle(caller, request);
 }
 
+namespace {
+
+// What the audit log records: everything that changes keys, grants or
+// clients, every admin operation, and (audit_key_use) every private-key use;
+// not the reads a client makes all the time (hello, ping, public key, list).
+bool Audited(const OpContext& ctx, v1::Request::OpCase op) {
+  switch (op) {
+    case R::kHello:
+    case R::kPing:
+    case R::kGetPublicKey:
+    case R::kListKeys:
+    case R::OP_NOT_SET:
+      return false;
+    case R::kSign:
+    case R::kDecrypt:
+    case R::kDerive:
+      return ctx.audit_key_use;
+    default:
+      return true;
+  }
+}
+
+std::string AuditDetail(const v1::Request& request) {
+  const v1::Grant* g = nullptr;
+  if (request.has_grant_use()) {
+    g = &request.grant_use().grantee();
+  } else if (request.has_revoke_use()) {
+    g = &request.revoke_use().grantee();
+  }
+  if (g != nullptr) {
+    return std::string(g->kind() == v1::Grant::GROUP ? "gid " : "uid ") +
+           std::to_string(g->id());
+  }
+  if (request.has_delete_client()) {
+    return "uid " + std::to_string(request.delete_client().uid());
+  }
+  if (request.has_set_certificate()) {
+    return request.set_certificate().certificate().empty() ? "removed"
+                                                           : "stored";
+  }
+  if (request.has_audit()) {
+    return request.audit().verify() ? "verify" : "show";
+  }
+  return "";
+}
+
+}  // namespace
+
+void Dispatcher::Audit(const Principal& caller, const v1::Request& request,
+                       const OpEntry* entry, const Status& status) {
+  if (ctx_->audit == nullptr || entry == nullptr ||
+      !Audited(*ctx_, request.op_case())) {
+    return;
+  }
+  AuditEvent e;
+  e.uid = caller.uid;
+  e.pid = caller.pid;
+  e.exe = caller.exe;
+  e.op = std::string(entry->name);
+  if (entry->key_of != nullptr) {
+    const v1::KeyRef& wire = entry->key_of(request);
+    e.key = std::to_string(wire.has_owner() ? wire.owner() : caller.uid) +
+            "/" + wire.name();
+  }
+  e.result = status.ok() ? "ok" : std::string(CodeName(status.code()));
+  e.detail = AuditDetail(request);
+  if (Status st = ctx_->audit->Append(e); !st.ok()) {
+    spdlog::error("audit log: {} (op {} by uid {} not recorded)",
+                  st.message(), e.op, e.uid);
+  }
+}
+
 v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
   v1::Response response;
   response.set_id(request.id());
@@ -168,6 +242,7 @@ v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
       status = Internal("internal error");
     }
   }
+  Audit(caller, request, entry, status);
   if (!status.ok()) {
     // Details of internal failures stay in the log; the client gets the
     // category.

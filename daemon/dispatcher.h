@@ -59,6 +59,10 @@ class Dispatcher {
                                               v1::Request& request);
 
  private:
+  // Records the request in the audit log if it is one that is audited.
+  void Audit(const Principal& caller, const v1::Request& request,
+             const OpEntry* entry, const Status& status);
+
   OpContext* ctx_;
 };
 

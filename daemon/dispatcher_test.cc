@@ -94,9 +94,9 @@ class DispatcherTest : public ::testing::Test {
   FakeBackend backend_;
   ClientRegistry clients_;
   OpContext ctx_;
-  Principal alice_{1001, 1001, {}, 10, false};
-  Principal bob_{1002, 1002, {}, 11, false};
-  Principal root_{0, 0, {}, 1, true};
+  Principal alice_{1001, 1001, {}, 10, false, ""};
+  Principal bob_{1002, 1002, {}, 11, false, ""};
+  Principal root_{0, 0, {}, 1, true, ""};
 };
 
 TEST_F(DispatcherTest, EveryOperationIsInTheTableOnce) {

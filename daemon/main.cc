@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "daemon/backends/software/software_backend.h"
+#include "daemon/audit_log.h"
 #include "daemon/config.h"
 #include "daemon/dispatcher.h"
 #include "daemon/keystore/key_store.h"
@@ -130,6 +131,11 @@ int Run(int argc, char** argv) {
     spdlog::critical("key store: {}", store.status().message());
     return 1;
   }
+  auto audit = keyhold::daemon::AuditLog::Open(config.state_dir);
+  if (!audit.ok()) {
+    spdlog::critical("audit log: {}", audit.status().message());
+    return 1;
+  }
   auto software = keyhold::backend::software::SoftwareBackend::Create(
       "software", fs::path(config.state_dir) / "master.key");
   if (!software.ok()) {
@@ -169,6 +175,8 @@ int Run(int argc, char** argv) {
   ctx.clients = &clients;
   ctx.limits = config.limits;
   ctx.inline_crypto = config.inline_crypto;
+  ctx.audit = audit->get();
+  ctx.audit_key_use = config.audit_key_use;
   if (!ctx.backends.contains(ctx.default_backend)) {
     spdlog::critical("default_backend '{}' is not a configured backend",
                      ctx.default_backend);

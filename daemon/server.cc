@@ -396,6 +396,18 @@ Server::~Server() = default;
 
 namespace {
 
+// The caller's executable for the audit log (informative: a process can
+// exec something else after connecting); "" when it cannot be read.
+std::string ExecutableOf(int32_t pid) {
+  if (pid <= 0) {
+    return "";
+  }
+  char buf[4096];
+  const std::string link = "/proc/" + std::to_string(pid) + "/exe";
+  const ssize_t n = ::readlink(link.c_str(), buf, sizeof(buf) - 1);
+  return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : "";
+}
+
 // True if something accepts connections at path.
 bool SomeoneListens(const std::string& path) {
   const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -540,6 +552,7 @@ void Server::Accept() {
         who.gid = cred->gid;
         who.groups.assign(cred->groups.begin(), cred->groups.end());
         who.pid = cred->pid;
+        who.exe = ExecutableOf(cred->pid);
         who.is_admin = std::find(admin_uids_.begin(), admin_uids_.end(),
                                  cred->uid) != admin_uids_.end();
         auto session = std::make_shared<Session>(

@@ -162,6 +162,42 @@ check "state files are private" sh -c \
   "test \$(stat -c %a '$KH_DIR/state/keys.db') = 600 && test \$(stat -c %a '$KH_DIR/state/master.key') = 600 && test \$(stat -c %a '$KH_DIR/state') = 700"
 check "socket is world-connectable" test "$(stat -c %a "$KEYHOLD_SOCKET")" = 666
 
+# The audit log: who did what with which key, hash-chained and keyed.
+check "create a key to audit" "$KEYHOLD" key create k-audit --type ec-p256
+check "use it" "$KEYHOLD" sign k-audit --in "$W/msg" --out "$W/sig"
+check "delete a missing key (refused, and recorded)" sh -c \
+  "! '$KEYHOLD' key delete k-none 2>/dev/null"
+check "delete it" "$KEYHOLD" key delete k-audit
+check "admin audit show --key k-audit" "$KEYHOLD" admin audit show --key k-audit
+cp "$KH_DIR/out" "$W/audit"
+check "creation, use and deletion are recorded, in order" python3 - "$W/audit" "$KEYHOLD" <<'PY'
+import json, os, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+ops = [r["op"] for r in recs]
+assert ops == ["generate-key", "sign", "destroy-key"], ops
+for r in recs:
+    assert r["uid"] == 0 and r["key"] == "0/k-audit" and r["result"] == "ok", r
+    assert r["exe"] == os.path.realpath(sys.argv[2]), r["exe"]
+    assert r["pid"] > 0 and r["time"].endswith("Z")
+PY
+check "a refused operation is recorded with its result" sh -c \
+  "'$KEYHOLD' admin audit show --key k-none | grep -q '\"result\":\"not found\"'"
+check "no secret in the audit log" sh -c "! grep -qi 'private' '$KH_DIR/state/audit.log'"
+check "admin audit verify" "$KEYHOLD" admin audit verify
+check "... says intact" grep -q "audit log intact" "$KH_DIR/out"
+check "audit files are private" sh -c \
+  "test \$(stat -c %a '$KH_DIR/state/audit.log') = 600 && test \$(stat -c %a '$KH_DIR/state/audit.key') = 600"
+# Tampering: blame another uid for the deletion.
+cp "$KH_DIR/state/audit.log" "$W/audit.bak"
+sed -i '/"op":"destroy-key","key":"0\/k-audit"/s/"uid":0,/"uid":1000,/' "$KH_DIR/state/audit.log"
+check "the edit happened" sh -c "! cmp -s '$KH_DIR/state/audit.log' '$W/audit.bak'"
+fails "an edited record is found" "NOT intact" "$KEYHOLD" admin audit verify
+check "... and named" grep -q "edited" "$KH_DIR/err"
+cp "$W/audit.bak" "$KH_DIR/state/audit.log"
+sed -i '2d' "$KH_DIR/state/audit.log"
+fails "a removed record is found" "out of sequence" "$KEYHOLD" admin audit verify
+cp "$W/audit.bak" "$KH_DIR/state/audit.log"
+
 # The daemon log never holds key material: no PEM blocks, no hex of the
 # imported private key.
 check "no secrets in the log" sh -c "! grep -q 'PRIVATE KEY' '$KH_DIR/keyholdd.log'"

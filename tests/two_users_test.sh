@@ -81,6 +81,9 @@ fails "B outside G cannot sign" "not found" as_b "$KEYHOLD" sign "$A/secret" --i
 # Admin operations: refused to users, allowed to root (the default admin).
 fails "A cannot list clients" "permission denied" as_a "$KEYHOLD" admin clients
 fails "B cannot delete A" "permission denied" as_b "$KEYHOLD" admin delete-client $A
+fails "A cannot read the audit log" "permission denied" as_a "$KEYHOLD" admin audit show
+check "root reads B's uses of A's key in the audit log" sh -c \
+  "'$KEYHOLD' admin audit show --user $B --key $A/secret | grep -q '\"op\":\"sign\"'"
 check "A still has the key" as_a "$KEYHOLD" key public secret
 check "root lists clients" "$KEYHOLD" admin clients
 check "client list shows A" grep -q "$A" "$KH_DIR/out"

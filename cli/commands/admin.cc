@@ -1,4 +1,5 @@
-// keyhold ping | admin clients | admin delete-client
+// keyhold ping | admin clients | admin delete-client | admin audit
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
@@ -61,6 +62,65 @@ int RunDeleteClient(Context& ctx, const DeleteClientOptions& o) {
                std::to_string(*uid) + "\n");
 }
 
+struct AuditShowOptions {
+  std::string key;
+  std::string user;
+  uint32_t limit = 100;
+};
+
+int RunAuditShow(Context& ctx, const AuditShowOptions& o) {
+  const std::string what = "admin audit show";
+  v1::AuditRequest req;
+  if (!o.key.empty()) {
+    auto ref = ResolveKeyRef(o.key);
+    if (!ref.ok()) {
+      return Fail(what, ref.status());
+    }
+    // Records name keys by owner uid: NAME alone is the caller's own.
+    auto self = ctx.client().Hello();
+    if (!self.ok()) {
+      return Fail(what, self.status());
+    }
+    req.set_key(std::to_string(ref->has_owner() ? ref->owner()
+                                                : self->caller_uid()) +
+                "/" + ref->name());
+  }
+  if (!o.user.empty()) {
+    auto uid = ResolveUser(o.user);
+    if (!uid.ok()) {
+      return Fail(what, uid.status());
+    }
+    req.set_uid(*uid);
+  }
+  req.set_limit(o.limit);
+  auto r = ctx.client().Audit(req);
+  if (!r.ok()) {
+    return Fail(what, r.status());
+  }
+  std::string out;
+  for (const std::string& record : r->records()) {
+    out += record + "\n";
+  }
+  return Print(out);
+}
+
+int RunAuditVerify(Context& ctx) {
+  v1::AuditRequest req;
+  req.set_verify(true);
+  auto r = ctx.client().Audit(req);
+  if (!r.ok()) {
+    return Fail("admin audit verify", r.status());
+  }
+  if (!r->intact()) {
+    std::fprintf(stderr, "keyhold: audit log NOT intact after %llu records: %s\n",
+                 static_cast<unsigned long long>(r->checked()),
+                 r->problem().c_str());
+    return 1;
+  }
+  return Print("audit log intact: " + std::to_string(r->checked()) +
+               " records\n");
+}
+
 }  // namespace
 
 void AddPingCommand(CLI::App& app, Action* action) {
@@ -86,6 +146,26 @@ void AddAdminCommands(CLI::App& app, Action* action) {
         ->option_text("UID|USER REQUIRED");
     SetAction(sub, action,
               [o](Context& ctx) { return RunDeleteClient(ctx, *o); });
+  }
+  {
+    auto* audit = admin->add_subcommand(
+        "audit", "Read or verify the daemon's audit log");
+    audit->require_subcommand(1);
+    auto* show = audit->add_subcommand(
+        "show", "Print audit records (JSON lines), newest last");
+    auto o = std::make_shared<AuditShowOptions>();
+    show->add_option("--key", o->key, "Only this key: NAME or OWNER/NAME")
+        ->option_text("KEYREF");
+    show->add_option("--user", o->user, "Only this caller: user name or uid")
+        ->option_text("USER|UID");
+    show->add_option("--limit", o->limit, "At most this many (default 100)")
+        ->check(CLI::Range(1, 10000));
+    SetAction(show, action, [o](Context& ctx) { return RunAuditShow(ctx, *o); });
+    auto* verify = audit->add_subcommand(
+        "verify",
+        "Check every record's chain and MAC; exit 1 if any was edited, "
+        "removed or reordered");
+    SetAction(verify, action, RunAuditVerify);
   }
 }
 

@@ -568,6 +568,16 @@ StatusOr<v1::KeyInfo> Client::SetCertificate(const v1::KeyRef& key,
   return r->set_certificate().info();
 }
 
+StatusOr<v1::AuditResponse> Client::Audit(const v1::AuditRequest& request) {
+  v1::Request req;
+  *req.mutable_audit() = request;
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return std::move(*r->mutable_audit());
+}
+
 StatusOr<std::string> Client::Sign(const v1::SignRequest& request) {
   v1::Request req;
   *req.mutable_sign() = request;

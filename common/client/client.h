@@ -86,6 +86,7 @@ class Client {
   Status RevokeUse(const v1::KeyRef& key, const v1::Grant& grantee);
   StatusOr<v1::ListClientsResponse> ListClients();
   StatusOr<uint32_t> DeleteClient(uint32_t uid);
+  StatusOr<v1::AuditResponse> Audit(const v1::AuditRequest& request);
 
   struct Impl;  // implementation detail (public for the fork handlers)
 

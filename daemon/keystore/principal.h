@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace keyhold::daemon {
@@ -16,6 +17,7 @@ struct Principal {
   std::vector<uint32_t> groups;  // supplementary groups
   int32_t pid = 0;
   bool is_admin = false;
+  std::string exe;  // /proc/PID/exe at accept, "" if unreadable
 
   bool InGroup(uint32_t g) const {
     return g == gid || std::find(groups.begin(), groups.end(), g) != groups.end();

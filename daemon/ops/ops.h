@@ -10,6 +10,7 @@
 #include <string>
 
 #include "common/status.h"
+#include "daemon/audit_log.h"
 #include "daemon/backends/backend.h"
 #include "daemon/client_registry.h"
 #include "daemon/config.h"
@@ -26,6 +27,8 @@ struct OpContext {
   ClientRegistry* clients = nullptr;
   Limits limits;
   bool inline_crypto = true;
+  AuditLog* audit = nullptr;  // null: no audit log (unit tests)
+  bool audit_key_use = true;  // also record sign/decrypt/derive
 };
 
 struct OpArgs {
@@ -52,6 +55,8 @@ Status HandleGetPublicKey(OpContext&, const OpArgs&, v1::Request&,
 Status HandleListKeys(OpContext&, const OpArgs&, v1::Request&, v1::Response*);
 Status HandleDestroyKey(OpContext&, const OpArgs&, v1::Request&,
                         v1::Response*);
+// audit_ops.cc
+Status HandleAudit(OpContext&, const OpArgs&, v1::Request&, v1::Response*);
 // cert_ops.cc
 Status HandleSetCertificate(OpContext&, const OpArgs&, v1::Request&,
                             v1::Response*);

@@ -1,0 +1,300 @@
+#include "daemon/audit_log.h"
+
+#include <fcntl.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <deque>
+#include <fstream>
+
+#include "common/key_types.h"
+
+namespace keyhold::daemon {
+namespace {
+
+constexpr std::size_t kMacKeySize = 32;
+constexpr char kGenesis[] =
+    "0000000000000000000000000000000000000000000000000000000000000000";
+constexpr std::string_view kMacMark = ",\"mac\":\"";
+
+std::string Errno(const std::string& what, int err) {
+  return what + ": " + std::strerror(err);
+}
+
+std::string JsonEscaped(const std::string& s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  for (const char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(c);
+    } else if (u < 0x20 || u == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", u);
+      out += buf;
+    } else {
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+std::string UtcNow() {
+  const auto now = std::chrono::system_clock::now();
+  const std::time_t secs = std::chrono::system_clock::to_time_t(now);
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      now.time_since_epoch())
+                      .count() %
+                  1000;
+  std::tm tm{};
+  gmtime_r(&secs, &tm);
+  char buf[96];
+  std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+                tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                tm.tm_min, tm.tm_sec, static_cast<int>(ms));
+  return buf;
+}
+
+// The MAC key: 32 random bytes made at first start, then only read; the
+// file must be ours and private.
+StatusOr<SecretBytes> LoadOrCreateKey(const std::filesystem::path& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0 && errno == ENOENT) {
+    SecretBytes key(kMacKeySize);
+    if (RAND_priv_bytes(key.ExposeMutable(SecretAccess::kToken).data(),
+                        static_cast<int>(kMacKeySize)) != 1) {
+      return Internal("cannot make the audit MAC key");
+    }
+    const int out = ::open(path.c_str(),
+                           O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW,
+                           0600);
+    if (out < 0) {
+      return Internal(Errno("cannot create " + path.string(), errno));
+    }
+    const auto bytes = key.Expose(SecretAccess::kToken);
+    const bool ok = ::write(out, bytes.data(), bytes.size()) ==
+                        static_cast<ssize_t>(bytes.size()) &&
+                    ::fsync(out) == 0;
+    const int err = errno;
+    ::close(out);
+    if (!ok) {
+      ::unlink(path.c_str());
+      return Internal(Errno("cannot write " + path.string(), err));
+    }
+    return key;
+  }
+  if (fd < 0) {
+    return Internal(Errno("cannot open " + path.string(), errno));
+  }
+  struct stat st {};
+  SecretBytes key(kMacKeySize);
+  ssize_t got = -1;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+      st.st_uid == ::geteuid() && (st.st_mode & 077) == 0) {
+    got = ::read(fd, key.ExposeMutable(SecretAccess::kToken).data(),
+                 kMacKeySize);
+  }
+  ::close(fd);
+  if (got != static_cast<ssize_t>(kMacKeySize)) {
+    return Internal(path.string() +
+                    " must be a 32-byte regular file owned by the daemon's "
+                    "uid, mode 0600");
+  }
+  return key;
+}
+
+}  // namespace
+
+std::string AuditField(const std::string& line, const std::string& name) {
+  const std::string mark = "\"" + name + "\":";
+  const std::size_t at = line.find(mark);
+  if (at == std::string::npos) {
+    return "";
+  }
+  std::size_t i = at + mark.size();
+  if (i < line.size() && line[i] == '"') {
+    std::string out;
+    for (++i; i < line.size() && line[i] != '"'; ++i) {
+      if (line[i] == '\\' && i + 1 < line.size()) {
+        ++i;
+      }
+      out.push_back(line[i]);
+    }
+    return out;
+  }
+  const std::size_t end = line.find_first_of(",}", i);
+  return line.substr(i, end == std::string::npos ? std::string::npos : end - i);
+}
+
+AuditLog::AuditLog(std::filesystem::path path, int fd, SecretBytes mac_key)
+    : path_(std::move(path)), fd_(fd), mac_key_(std::move(mac_key)) {}
+
+AuditLog::~AuditLog() { ::close(fd_); }
+
+StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
+    const std::filesystem::path& dir) {
+  auto key = LoadOrCreateKey(dir / "audit.key");
+  if (!key.ok()) {
+    return key.status();
+  }
+  const std::filesystem::path path = dir / "audit.log";
+  const int fd =
+      ::open(path.c_str(),
+             O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) {
+    return Internal(Errno("cannot open " + path.string(), errno));
+  }
+  std::unique_ptr<AuditLog> log(
+      new AuditLog(path, fd, std::move(*key)));
+  log->head_ = kGenesis;
+  // Continue after the last complete record.
+  std::ifstream in(path);
+  std::string line;
+  std::string last;
+  while (std::getline(in, line)) {
+    if (!line.empty()) {
+      last = line;
+    }
+  }
+  if (!last.empty()) {
+    const std::string mac = AuditField(last, "mac");
+    const std::string seq = AuditField(last, "seq");
+    char* end = nullptr;
+    const unsigned long long n = std::strtoull(seq.c_str(), &end, 10);
+    if (mac.size() != 64 || end == seq.c_str() || *end != '\0') {
+      return Internal(path.string() +
+                      ": the last record is unreadable; move the file "
+                      "aside (and keep it) to start a new log");
+    }
+    log->seq_ = n;
+    log->head_ = mac;
+  }
+  return log;
+}
+
+std::string AuditLog::Mac(const std::string& prefix) const {
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  const auto key = mac_key_.Expose(SecretAccess::kToken);
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+       reinterpret_cast<const unsigned char*>(prefix.data()), prefix.size(),
+       mac, &len);
+  return HexEncode(std::span<const uint8_t>(mac, len));
+}
+
+Status AuditLog::Append(const AuditEvent& e) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t seq = seq_ + 1;
+  std::string line = "{\"seq\":" + std::to_string(seq) + ",\"time\":\"" +
+                     UtcNow() + "\",\"uid\":" + std::to_string(e.uid) +
+                     ",\"pid\":" + std::to_string(e.pid) + ",\"exe\":\"" +
+                     JsonEscaped(e.exe) + "\",\"op\":\"" + JsonEscaped(e.op) +
+                     "\",\"key\":\"" + JsonEscaped(e.key) +
+                     "\",\"result\":\"" + JsonEscaped(e.result) + "\"";
+  if (!e.detail.empty()) {
+    line += ",\"detail\":\"" + JsonEscaped(e.detail) + "\"";
+  }
+  line += ",\"prev\":\"" + head_ + "\"";
+  const std::string mac = Mac(line);
+  line += std::string(kMacMark) + mac + "\"}\n";
+  const ssize_t n = ::write(fd_, line.data(), line.size());
+  if (n != static_cast<ssize_t>(line.size())) {
+    const int err = n < 0 ? errno : ENOSPC;
+    if (n > 0) {
+      // A torn record: end it so the next one starts on its own line
+      // (Verify reports the torn one).
+      (void)::write(fd_, "\n", 1);
+    }
+    return Internal(Errno("audit log " + path_.string(), err));
+  }
+  seq_ = seq;
+  head_ = mac;
+  return Status::Ok();
+}
+
+StatusOr<AuditCheck> AuditLog::Verify() {
+  std::lock_guard<std::mutex> lock(mu_);
+  AuditCheck check;
+  std::ifstream in(path_);
+  if (!in) {
+    return Internal("cannot read " + path_.string());
+  }
+  std::string line;
+  std::string prev = kGenesis;
+  uint64_t expect = 1;
+  while (std::getline(in, line)) {
+    const std::string where = "record " + std::to_string(expect) + ": ";
+    const std::size_t mark = line.rfind(kMacMark);
+    if (mark == std::string::npos) {
+      check.problem = where + "not a record (torn or edited)";
+      return check;
+    }
+    const std::string prefix = line.substr(0, mark);
+    const std::string mac = AuditField(line, "mac");
+    if (AuditField(line, "seq") != std::to_string(expect)) {
+      check.problem = where + "out of sequence (found seq " +
+                      AuditField(line, "seq") +
+                      "): records removed, inserted or moved";
+      return check;
+    }
+    if (AuditField(line, "prev") != prev) {
+      check.problem = where + "does not follow the record before it";
+      return check;
+    }
+    const std::string want = Mac(prefix);
+    if (mac.size() != want.size() ||
+        CRYPTO_memcmp(mac.data(), want.data(), want.size()) != 0) {
+      check.problem = where + "edited (its MAC does not match)";
+      return check;
+    }
+    prev = mac;
+    ++expect;
+    ++check.records;
+  }
+  if (check.records != seq_ || prev != head_) {
+    check.problem = "the log ends at record " + std::to_string(check.records) +
+                    " but this daemon wrote up to record " +
+                    std::to_string(seq_) + ": records removed from the end";
+    return check;
+  }
+  check.intact = true;
+  return check;
+}
+
+StatusOr<std::vector<std::string>> AuditLog::Read(
+    const std::optional<std::string>& key, std::optional<uint32_t> uid,
+    std::size_t limit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::ifstream in(path_);
+  if (!in) {
+    return Internal("cannot read " + path_.string());
+  }
+  std::deque<std::string> kept;
+  std::string line;
+  const std::string want_uid = uid ? std::to_string(*uid) : "";
+  while (std::getline(in, line)) {
+    if (key && AuditField(line, "key") != *key) {
+      continue;
+    }
+    if (uid && AuditField(line, "uid") != want_uid) {
+      continue;
+    }
+    kept.push_back(line);
+    if (kept.size() > limit) {
+      kept.pop_front();
+    }
+  }
+  return std::vector<std::string>(kept.begin(), kept.end());
+}
+
+}  // namespace keyhold::daemon

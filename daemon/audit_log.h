@@ -1,0 +1,93 @@
+// The audit log (Parsec U-7, repudiation): one line per key creation,
+// import, deletion, grant, revoke, certificate change, admin operation and
+// (configurable) private-key use, with time, uid, pid, executable, key,
+// operation and result. Never a secret: no key bytes, no plaintext, no
+// signature, no PIN.
+//
+// Append-only, hash-chained and keyed: every line carries the MAC of the
+// line before it ("prev") and its own MAC ("mac" = HMAC-SHA256 over the
+// line up to the MAC, with a key kept in the state directory, 0600). So
+// Verify() finds any record that was edited, removed, inserted or moved
+// (the chain or a MAC breaks at it), and, against the head this daemon
+// keeps in memory, records cut off the end. Someone who can read the MAC key
+// (root, the daemon's uid) could rewrite the whole chain: ship the log off
+// the host for that threat.
+//
+// Each record is one write(2) on an O_APPEND descriptor, without fsync:
+// a daemon crash loses nothing written, a power loss may lose the last
+// records (the chain up to there stays verifiable).
+//
+// Thread-safe.
+#ifndef KEYHOLD_DAEMON_AUDIT_LOG_H_
+#define KEYHOLD_DAEMON_AUDIT_LOG_H_
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/secret.h"
+#include "common/status.h"
+
+namespace keyhold::daemon {
+
+struct AuditEvent {
+  uint32_t uid = 0;
+  int32_t pid = 0;
+  std::string exe;     // the caller's executable, "" if unknown
+  std::string op;      // "sign", "generate-key", ...
+  std::string key;     // "OWNER_UID/NAME", "" for operations without a key
+  std::string result;  // "ok" or the status code's name
+  std::string detail;  // operation specifics (grantee, uid deleted), or ""
+};
+
+struct AuditCheck {
+  bool intact = false;
+  uint64_t records = 0;  // records checked
+  std::string problem;   // the first problem found, if not intact
+};
+
+class AuditLog {
+ public:
+  // Opens (or creates) dir/audit.log and its MAC key dir/audit.key, and
+  // continues the chain after the last record.
+  static StatusOr<std::unique_ptr<AuditLog>> Open(
+      const std::filesystem::path& dir);
+  ~AuditLog();
+  AuditLog(const AuditLog&) = delete;
+  AuditLog& operator=(const AuditLog&) = delete;
+
+  // Appends one record; on failure (full disk) the chain does not advance.
+  Status Append(const AuditEvent& event);
+
+  // Checks every record from the first and the last against this daemon's
+  // head.
+  StatusOr<AuditCheck> Verify();
+
+  // The last `limit` records matching key ("OWNER_UID/NAME") and uid, if
+  // given, oldest first.
+  StatusOr<std::vector<std::string>> Read(const std::optional<std::string>& key,
+                                          std::optional<uint32_t> uid,
+                                          std::size_t limit);
+
+ private:
+  AuditLog(std::filesystem::path path, int fd, SecretBytes mac_key);
+  std::string Mac(const std::string& prefix) const;
+
+  const std::filesystem::path path_;
+  const int fd_;
+  const SecretBytes mac_key_;
+  std::mutex mu_;
+  uint64_t seq_ = 0;     // last record's
+  std::string head_;     // last record's MAC (hex); 64 zeros before the first
+};
+
+// For tests and the CLI: the fields of one record line ("" if absent).
+std::string AuditField(const std::string& line, const std::string& name);
+
+}  // namespace keyhold::daemon
+
+#endif  // KEYHOLD_DAEMON_AUDIT_LOG_H_

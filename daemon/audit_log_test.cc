@@ -1,0 +1,189 @@
+#include "daemon/audit_log.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace keyhold::daemon {
+namespace {
+
+namespace fs = std::filesystem;
+
+class AuditLogTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/keyhold-audit-test-XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::unique_ptr<AuditLog> Open() {
+    auto log = AuditLog::Open(dir_);
+    EXPECT_TRUE(log.ok()) << log.status().ToString();
+    return log.ok() ? std::move(*log) : nullptr;
+  }
+  static AuditEvent Event(uint32_t uid, std::string op, std::string key) {
+    AuditEvent e;
+    e.uid = uid;
+    e.pid = 42;
+    e.exe = "/usr/bin/\"odd\" name";
+    e.op = std::move(op);
+    e.key = std::move(key);
+    e.result = "ok";
+    return e;
+  }
+  std::vector<std::string> Lines() {
+    std::ifstream in(dir_ / "audit.log");
+    std::vector<std::string> out;
+    std::string line;
+    while (std::getline(in, line)) {
+      out.push_back(line);
+    }
+    return out;
+  }
+  void Write(const std::vector<std::string>& lines) {
+    std::ofstream out(dir_ / "audit.log", std::ios::trunc);
+    for (const auto& l : lines) {
+      out << l << "\n";
+    }
+  }
+  // Appends five records: uid 1000 creates, signs twice, deletes; root
+  // lists clients.
+  void Fill(AuditLog& log) {
+    ASSERT_TRUE(log.Append(Event(1000, "generate-key", "1000/web")).ok());
+    ASSERT_TRUE(log.Append(Event(1000, "sign", "1000/web")).ok());
+    ASSERT_TRUE(log.Append(Event(1000, "sign", "1000/web")).ok());
+    ASSERT_TRUE(log.Append(Event(0, "list-clients", "")).ok());
+    ASSERT_TRUE(log.Append(Event(1000, "destroy-key", "1000/web")).ok());
+  }
+  std::string Problem(AuditLog& log) {
+    auto check = log.Verify();
+    EXPECT_TRUE(check.ok());
+    EXPECT_FALSE(check->intact);
+    return check->problem;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(AuditLogTest, RecordsChainAndVerify) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  Fill(*log);
+  auto check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+  EXPECT_EQ(check->records, 5u);
+  const auto lines = Lines();
+  ASSERT_EQ(lines.size(), 5u);
+  EXPECT_EQ(AuditField(lines[0], "seq"), "1");
+  EXPECT_EQ(AuditField(lines[1], "op"), "sign");
+  EXPECT_EQ(AuditField(lines[1], "exe"), "/usr/bin/\"odd\" name");
+  EXPECT_EQ(AuditField(lines[1], "prev"), AuditField(lines[0], "mac"));
+  struct stat st {};
+  ASSERT_EQ(stat((dir_ / "audit.log").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  ASSERT_EQ(stat((dir_ / "audit.key").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  // Filters: by key, by uid, newest `limit`.
+  auto by_key = log->Read(std::string("1000/web"), std::nullopt, 100);
+  ASSERT_TRUE(by_key.ok());
+  EXPECT_EQ(by_key->size(), 4u);
+  auto by_uid = log->Read(std::nullopt, 0u, 100);
+  ASSERT_TRUE(by_uid.ok());
+  ASSERT_EQ(by_uid->size(), 1u);
+  EXPECT_EQ(AuditField(by_uid->front(), "op"), "list-clients");
+  auto last2 = log->Read(std::nullopt, std::nullopt, 2);
+  ASSERT_TRUE(last2.ok());
+  ASSERT_EQ(last2->size(), 2u);
+  EXPECT_EQ(AuditField(last2->back(), "op"), "destroy-key");
+
+  // A restarted daemon continues the chain.
+  log.reset();
+  log = Open();
+  ASSERT_NE(log, nullptr);
+  ASSERT_TRUE(log->Append(Event(7, "grant-use", "1000/web")).ok());
+  check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+  EXPECT_EQ(check->records, 6u);
+}
+
+TEST_F(AuditLogTest, EditedRecordIsFound) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  Fill(*log);
+  auto lines = Lines();
+  const std::size_t at = lines[2].find("\"uid\":1000");
+  ASSERT_NE(at, std::string::npos);
+  lines[2].replace(at, 10, "\"uid\":1001");  // blame someone else
+  Write(lines);
+  EXPECT_NE(Problem(*log).find("record 3: edited"), std::string::npos);
+}
+
+TEST_F(AuditLogTest, RemovedRecordIsFound) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  Fill(*log);
+  auto lines = Lines();
+  lines.erase(lines.begin() + 1);
+  Write(lines);
+  EXPECT_NE(Problem(*log).find("record 2: out of sequence"),
+            std::string::npos);
+}
+
+TEST_F(AuditLogTest, ReorderedRecordsAreFound) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  Fill(*log);
+  auto lines = Lines();
+  std::swap(lines[3], lines[4]);
+  Write(lines);
+  EXPECT_NE(Problem(*log).find("record 4"), std::string::npos);
+}
+
+TEST_F(AuditLogTest, RenumberedRecordsDoNotVerify) {
+  // Removing a record and renumbering the rest still breaks the chain.
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  Fill(*log);
+  auto lines = Lines();
+  lines.erase(lines.begin() + 1);
+  for (std::size_t i = 1; i < lines.size(); ++i) {
+    const std::string from = "{\"seq\":" + std::to_string(i + 2) + ",";
+    const std::string to = "{\"seq\":" + std::to_string(i + 1) + ",";
+    ASSERT_EQ(lines[i].rfind(from, 0), 0u);
+    lines[i].replace(0, from.size(), to);
+  }
+  Write(lines);
+  EXPECT_NE(Problem(*log).find("record 2"), std::string::npos);
+}
+
+TEST_F(AuditLogTest, CutOffTailIsFound) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  Fill(*log);
+  auto lines = Lines();
+  lines.pop_back();
+  Write(lines);
+  EXPECT_NE(Problem(*log).find("removed from the end"), std::string::npos);
+}
+
+TEST_F(AuditLogTest, UnsafeKeyFileIsRefused) {
+  { ASSERT_NE(Open(), nullptr); }
+  ASSERT_EQ(chmod((dir_ / "audit.key").c_str(), 0644), 0);
+  auto log = AuditLog::Open(dir_);
+  ASSERT_FALSE(log.ok());
+  EXPECT_NE(log.status().message().find("0600"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace keyhold::daemon
