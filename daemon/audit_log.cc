@@ -75,9 +75,9 @@ StatusOr<SecretBytes> LoadOrCreateKey(const std::filesystem::path& path) {
                         static_cast<int>(kMacKeySize)) != 1) {
       return Internal("cannot make the audit MAC key");
     }
-    const int out = ::open(path.c_str(),
-                           O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW,
-                           0600);
+    const int out =
+        ::open(path.c_str(),
+               O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (out < 0) {
       return Internal(Errno("cannot create " + path.string(), errno));
     }
@@ -101,8 +101,8 @@ StatusOr<SecretBytes> LoadOrCreateKey(const std::filesystem::path& path) {
   ssize_t got = -1;
   if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
       st.st_uid == ::geteuid() && (st.st_mode & 077) == 0) {
-    got = ::read(fd, key.ExposeMutable(SecretAccess::kToken).data(),
-                 kMacKeySize);
+    got =
+        ::read(fd, key.ExposeMutable(SecretAccess::kToken).data(), kMacKeySize);
   }
   ::close(fd);
   if (got != static_cast<ssize_t>(kMacKeySize)) {
@@ -154,8 +154,7 @@ StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
   if (fd < 0) {
     return Internal(Errno("cannot open " + path.string(), errno));
   }
-  std::unique_ptr<AuditLog> log(
-      new AuditLog(path, fd, std::move(*key)));
+  std::unique_ptr<AuditLog> log(new AuditLog(path, fd, std::move(*key)));
   log->head_ = kGenesis;
   // Continue after the last complete record.
   std::ifstream in(path);
@@ -199,8 +198,8 @@ Status AuditLog::Append(const AuditEvent& e) {
                      UtcNow() + "\",\"uid\":" + std::to_string(e.uid) +
                      ",\"pid\":" + std::to_string(e.pid) + ",\"exe\":\"" +
                      JsonEscaped(e.exe) + "\",\"op\":\"" + JsonEscaped(e.op) +
-                     "\",\"key\":\"" + JsonEscaped(e.key) +
-                     "\",\"result\":\"" + JsonEscaped(e.result) + "\"";
+                     "\",\"key\":\"" + JsonEscaped(e.key) + "\",\"result\":\"" +
+                     JsonEscaped(e.result) + "\"";
   if (!e.detail.empty()) {
     line += ",\"detail\":\"" + JsonEscaped(e.detail) + "\"";
   }

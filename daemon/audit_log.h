@@ -81,8 +81,8 @@ class AuditLog {
   const int fd_;
   const SecretBytes mac_key_;
   std::mutex mu_;
-  uint64_t seq_ = 0;     // last record's
-  std::string head_;     // last record's MAC (hex); 64 zeros before the first
+  uint64_t seq_ = 0;  // last record's
+  std::string head_;  // last record's MAC (hex); 64 zeros before the first
 };
 
 // For tests and the CLI: the fields of one record line ("" if absent).

@@ -136,8 +136,7 @@ TEST_F(AuditLogTest, RemovedRecordIsFound) {
   auto lines = Lines();
   lines.erase(lines.begin() + 1);
   Write(lines);
-  EXPECT_NE(Problem(*log).find("record 2: out of sequence"),
-            std::string::npos);
+  EXPECT_NE(Problem(*log).find("record 2: out of sequence"), std::string::npos);
 }
 
 TEST_F(AuditLogTest, ReorderedRecordsAreFound) {

@@ -161,12 +161,12 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
     if (t == nullptr) {
       return InvalidArgument("'limits' must be a table");
     }
-    KH_RETURN_IF_ERROR(CheckKeys(
-        *t,
-        {"max_frame_bytes", "max_in_flight_per_connection", "max_connections",
-         "max_connections_per_uid",
-         "idle_timeout_seconds", "io_timeout_seconds"},
-        "limits."));
+    KH_RETURN_IF_ERROR(
+        CheckKeys(*t,
+                  {"max_frame_bytes", "max_in_flight_per_connection",
+                   "max_connections", "max_connections_per_uid",
+                   "idle_timeout_seconds", "io_timeout_seconds"},
+                  "limits."));
     Limits& l = c.limits;
     KH_RETURN_IF_ERROR(ReadUint(*t, "max_frame_bytes", &l.max_frame_bytes,
                                 "limits.", 1024, 16 * 1024 * 1024));

@@ -211,14 +211,14 @@ void Dispatcher::Audit(const Principal& caller, const v1::Request& request,
   e.op = std::string(entry->name);
   if (entry->key_of != nullptr) {
     const v1::KeyRef& wire = entry->key_of(request);
-    e.key = std::to_string(wire.has_owner() ? wire.owner() : caller.uid) +
-            "/" + wire.name();
+    e.key = std::to_string(wire.has_owner() ? wire.owner() : caller.uid) + "/" +
+            wire.name();
   }
   e.result = status.ok() ? "ok" : std::string(CodeName(status.code()));
   e.detail = AuditDetail(request);
   if (Status st = ctx_->audit->Append(e); !st.ok()) {
-    spdlog::error("audit log: {} (op {} by uid {} not recorded)",
-                  st.message(), e.op, e.uid);
+    spdlog::error("audit log: {} (op {} by uid {} not recorded)", st.message(),
+                  e.op, e.uid);
   }
 }
 

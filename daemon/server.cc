@@ -532,11 +532,11 @@ void Server::Accept() {
           Accept();
           return;
         }
-        const auto same_uid = static_cast<uint32_t>(std::count_if(
-            sessions_.begin(), sessions_.end(),
-            [&](const std::shared_ptr<Session>& s) {
-              return s->uid() == cred->uid;
-            }));
+        const auto same_uid = static_cast<uint32_t>(
+            std::count_if(sessions_.begin(), sessions_.end(),
+                          [&](const std::shared_ptr<Session>& s) {
+                            return s->uid() == cred->uid;
+                          }));
         if (same_uid >= limits_.max_connections_per_uid) {
           spdlog::warn(
               "connection refused: uid {} already has {} connections "

@@ -19,11 +19,11 @@
 #ifndef KEYHOLD_DAEMON_SERVER_H_
 #define KEYHOLD_DAEMON_SERVER_H_
 
+#include <atomic>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
-#include <atomic>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -68,7 +68,7 @@ class Server {
  private:
   void Accept();  // with mu_ held
 
-  boost::asio::io_context& io_;              // io_contexts_[0]
+  boost::asio::io_context& io_;  // io_contexts_[0]
   std::vector<boost::asio::io_context*> io_contexts_;
   std::size_t next_context_ = 0;  // guarded by mu_
   boost::asio::thread_pool& workers_;

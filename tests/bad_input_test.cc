@@ -448,8 +448,7 @@ TEST(FairnessTest, FloodOfGenerationsDoesNotStarveAnotherUid) {
       for (int i = 0; i < kPerAttacker; ++i) {
         const std::string name =
             "flood-" + std::to_string(t) + "-" + std::to_string(i);
-        if (attacker.GenerateKey(client::MakeKeyRef(name), v1::RSA_4096)
-                .ok()) {
+        if (attacker.GenerateKey(client::MakeKeyRef(name), v1::RSA_4096).ok()) {
           ++generated;
         }
       }

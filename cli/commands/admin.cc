@@ -81,9 +81,9 @@ int RunAuditShow(Context& ctx, const AuditShowOptions& o) {
     if (!self.ok()) {
       return Fail(what, self.status());
     }
-    req.set_key(std::to_string(ref->has_owner() ? ref->owner()
-                                                : self->caller_uid()) +
-                "/" + ref->name());
+    req.set_key(
+        std::to_string(ref->has_owner() ? ref->owner() : self->caller_uid()) +
+        "/" + ref->name());
   }
   if (!o.user.empty()) {
     auto uid = ResolveUser(o.user);
@@ -112,9 +112,9 @@ int RunAuditVerify(Context& ctx) {
     return Fail("admin audit verify", r.status());
   }
   if (!r->intact()) {
-    std::fprintf(stderr, "keyhold: audit log NOT intact after %llu records: %s\n",
-                 static_cast<unsigned long long>(r->checked()),
-                 r->problem().c_str());
+    std::fprintf(
+        stderr, "keyhold: audit log NOT intact after %llu records: %s\n",
+        static_cast<unsigned long long>(r->checked()), r->problem().c_str());
     return 1;
   }
   return Print("audit log intact: " + std::to_string(r->checked()) +
@@ -148,8 +148,8 @@ void AddAdminCommands(CLI::App& app, Action* action) {
               [o](Context& ctx) { return RunDeleteClient(ctx, *o); });
   }
   {
-    auto* audit = admin->add_subcommand(
-        "audit", "Read or verify the daemon's audit log");
+    auto* audit =
+        admin->add_subcommand("audit", "Read or verify the daemon's audit log");
     audit->require_subcommand(1);
     auto* show = audit->add_subcommand(
         "show", "Print audit records (JSON lines), newest last");
@@ -160,7 +160,8 @@ void AddAdminCommands(CLI::App& app, Action* action) {
         ->option_text("USER|UID");
     show->add_option("--limit", o->limit, "At most this many (default 100)")
         ->check(CLI::Range(1, 10000));
-    SetAction(show, action, [o](Context& ctx) { return RunAuditShow(ctx, *o); });
+    SetAction(show, action,
+              [o](Context& ctx) { return RunAuditShow(ctx, *o); });
     auto* verify = audit->add_subcommand(
         "verify",
         "Check every record's chain and MAC; exit 1 if any was edited, "
