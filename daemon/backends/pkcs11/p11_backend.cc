@@ -1,5 +1,6 @@
 #include "daemon/backends/pkcs11/p11_backend.h"
 
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
@@ -677,8 +678,12 @@ struct P11Backend::Impl {
       if ((!config.token_label.empty() && label == config.token_label) ||
           (!config.token_serial.empty() && sn == config.token_serial)) {
         std::lock_guard lock(slot_mu);
+        if (serial.empty()) {
+          serial = sn;  // first start; never changes afterwards
+        } else if (sn != serial) {
+          continue;  // another token under the same label: not ours
+        }
         slot = s;
-        serial = sn;
         return Status::Ok();
       }
     }
@@ -1035,6 +1040,13 @@ StatusOr<std::unique_ptr<P11Backend>> P11Backend::Create(
     const char* msg = p11_kit_message();
     return BackendUnavailable(where + "cannot load module '" + config.module +
                               "': " + (msg != nullptr ? msg : "unknown"));
+  }
+  // Keep the module mapped until exit even after p11_kit_module_release():
+  // some modules (SoftHSM2 among them) leave atexit handlers and threads
+  // behind, and leak reports need its symbols.
+  if (void* pin = ::dlopen(config.module.c_str(),
+                           RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE)) {
+    ::dlclose(pin);
   }
   CK_RV rv = p11_kit_module_initialize(impl->fn);
   if (rv != CKR_OK) {
