@@ -19,8 +19,10 @@
 #include <thread>
 #include <vector>
 
-#include "daemon/backends/software/software_backend.h"
 #include "daemon/audit_log.h"
+#include "daemon/backends/pkcs11/p11_backend.h"
+#include "daemon/backends/software/software_backend.h"
+#include "daemon/backends/tpm/tpm_backend.h"
 #include "daemon/config.h"
 #include "daemon/dispatcher.h"
 #include "daemon/keystore/key_store.h"
@@ -152,9 +154,10 @@ int Run(int argc, char** argv) {
         keyhold::Unavailable("backend kind '" + section.kind +
                              "' is not available in this build");
     if (section.kind == "pkcs11") {
-      // issue 5: made = ...pkcs11 backend factory...(section);
+      made = keyhold::backend::pkcs11::CreateP11Backend(section.settings);
     } else if (section.kind == "tpm") {
-      // issue 6: made = ...tpm backend factory...(section);
+      made = keyhold::backend::tpm::CreateTpmBackend(
+          section.settings, fs::path(config.state_dir) / "master.key");
     }
     if (!made.ok()) {
       spdlog::critical("backend '{}': {}", section.name,
@@ -162,6 +165,24 @@ int Run(int argc, char** argv) {
       return 1;
     }
     devices.push_back(std::move(*made));
+  }
+  // Each device backend learns which of its keys the store records (an HSM
+  // removes objects it created but never saw recorded, reports lost ones).
+  for (const auto& device : devices) {
+    auto rows = (*store)->ListByBackend(std::string(device->Name()));
+    if (!rows.ok()) {
+      spdlog::critical("key store: {}", rows.status().message());
+      return 1;
+    }
+    std::vector<keyhold::backend::KeyHandle> handles;
+    for (const keyhold::daemon::KeyRecord& row : *rows) {
+      handles.push_back({row.id, row.ref, row.type, row.blob});
+    }
+    if (Status st = device->Reconcile(handles); !st.ok()) {
+      spdlog::critical("backend '{}': reconciliation: {}", device->Name(),
+                       st.message());
+      return 1;
+    }
   }
 
   keyhold::daemon::ClientRegistry clients;

@@ -438,8 +438,9 @@ TEST(FairnessTest, FloodOfGenerationsDoesNotStarveAnotherUid) {
   }
   DaemonProcess daemon("blocking_threads = 2\n");
   ASSERT_TRUE(daemon.Start()) << daemon.log();
-  constexpr int kAttackers = 4;
-  constexpr int kPerAttacker = 3;
+  // One call per thread: all of them queued in the daemon at once.
+  constexpr int kAttackers = 12;
+  constexpr int kPerAttacker = 1;
   client::Client attacker(daemon.ClientOptions());
   std::atomic<int> generated{0};
   std::vector<std::thread> threads;
