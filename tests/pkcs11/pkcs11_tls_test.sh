@@ -61,7 +61,10 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 # -www answers "GET /" with a page naming the protocol and the client
 # certificate; -Verify 1 -verify_return_error refuses clients without a
 # certificate the CA issued, or whose CertificateVerify does not check out.
-plain s_server -accept "127.0.0.1:$PORT" -cert "$W/server.pem" \
+# Not through plain(): $! must be openssl's own pid (env execs it), so that
+# stop_server stops the server and not a subshell.
+env -u OPENSSL_CONF -u OPENSSL_MODULES openssl s_server -accept "127.0.0.1:$PORT" \
+  -cert "$W/server.pem" \
   -key "$W/server.key" -CAfile "$W/ca.pem" -Verify 1 -verify_return_error \
   -www >"$W/s_server.log" 2>&1 </dev/null &
 SERVER_PID=$!

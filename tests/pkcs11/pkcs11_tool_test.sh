@@ -279,7 +279,9 @@ for t in ec-p256 rsa-2048; do
   for v in tls1.3 tls1.2; do
     port=$((port + 1))
     : >"$W/srv.log"
-    plain_ossl s_server -www -accept "127.0.0.1:$port" -cert "$W/srv.pem" -key "$W/srv.key" \
+    # Not through plain_ossl(): $! must be openssl's own pid (env execs it).
+    env -u OPENSSL_CONF -u OPENSSL_MODULES openssl s_server -www -accept "127.0.0.1:$port" \
+      -cert "$W/srv.pem" -key "$W/srv.key" \
       -Verify 1 -verify_return_error -CAfile "$W/ca.pem" >"$W/srv.log" 2>&1 < <(sleep 30) &
     srv=$!
     for _ in $(seq 1 100); do grep -q ACCEPT "$W/srv.log" && break; sleep 0.05; done
