@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <climits>
@@ -633,6 +634,7 @@ struct P11Backend::Impl {
   std::vector<CK_SESSION_HANDLE> idle;
   uint32_t open = 0;
   std::mutex slot_mu;  // guards slot during re-discovery
+  std::atomic<bool> pin_refused{false};
 
   // key id -> (CKA_ID, private key handle)
   std::shared_mutex cache_mu;
@@ -721,6 +723,14 @@ struct P11Backend::Impl {
     if (rv == CKR_OK && info.state == CKS_RW_USER_FUNCTIONS) {
       return h;
     }
+    if (pin_refused.load()) {
+      // Each C_Login with a wrong PIN spends one of the token's few tries;
+      // after a refusal no more are spent until the daemon restarts.
+      fn->C_CloseSession(h);
+      return PermissionDenied(Where() +
+                              "the token refused the PIN from pin_file; fix "
+                              "the file and restart keyholdd");
+    }
     StatusOr<SecretBytes> pin = ReadPinFile(config.pin_file);
     if (!pin.ok()) {
       fn->C_CloseSession(h);
@@ -729,6 +739,11 @@ struct P11Backend::Impl {
     rv = fn->C_Login(h, CKU_USER, pin->data(SecretAccess::kToken), pin->size());
     pin = Status(Code::kInternal, "wiped");  // SecretBytes wipes on free
     if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+      if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED ||
+          rv == CKR_PIN_EXPIRED || rv == CKR_PIN_INVALID ||
+          rv == CKR_PIN_LEN_RANGE) {
+        pin_refused = true;
+      }
       fn->C_CloseSession(h);
       return P11Error(rv, Where() + "C_Login (user PIN from pin_file)");
     }
@@ -817,10 +832,16 @@ struct P11Backend::Impl {
       if (rv == CKR_OK) {
         return Status::Ok();
       }
-      if (IsSessionLost(rv) && attempt == 0) {
-        spdlog::warn("{}session lost ({}); reopening", Where(), CkrName(rv));
+      if (IsSessionLost(rv)) {
+        // Object handles are only promised while a session that found them
+        // is open; after a lost session (token removed, re-login) the same
+        // number may name another object, so every cached handle goes.
         lease->MarkDead();
-        continue;
+        ForgetAllHandles();
+        if (attempt == 0) {
+          spdlog::warn("{}session lost ({}); reopening", Where(), CkrName(rv));
+          continue;
+        }
       }
       return P11Error(rv, Where() + what);
     }
@@ -872,8 +893,10 @@ struct P11Backend::Impl {
   }
 
   // The private key object of blob, from the cache unless fresh.
+  // The object must carry the key's own label too, so a blob copied to
+  // another key reference finds nothing.
   CK_RV FindKey(CK_SESSION_HANDLE s, uint64_t key_id, const Blob& blob,
-                bool fresh, CK_OBJECT_HANDLE* out) {
+                const std::string& label, bool fresh, CK_OBJECT_HANDLE* out) {
     if (!fresh) {
       std::shared_lock lock(cache_mu);
       auto it = handles.find(key_id);
@@ -886,6 +909,8 @@ struct P11Backend::Impl {
     t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
     t.Bool(CKA_TOKEN, true);
     t.Bytes(CKA_ID, blob.id);
+    const std::vector<uint8_t> label_bytes(label.begin(), label.end());
+    t.Bytes(CKA_LABEL, label_bytes);  // outlives the search below
     std::vector<CK_OBJECT_HANDLE> found;
     const CK_RV rv = FindObjects(s, t, &found);
     if (rv != CKR_OK) {
@@ -904,6 +929,11 @@ struct P11Backend::Impl {
   void Forget(uint64_t key_id) {
     std::unique_lock lock(cache_mu);
     handles.erase(key_id);
+  }
+
+  void ForgetAllHandles() {
+    std::unique_lock lock(cache_mu);
+    handles.clear();
   }
 
   StatusOr<Blob> BlobOf(const KeyHandle& key) const {
@@ -931,7 +961,7 @@ struct P11Backend::Impl {
       for (int i = 0; i < 2; ++i) {
         CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
         *what = "find key object";
-        CK_RV rv = FindKey(s, key.id, *blob, i == 1, &h);
+        CK_RV rv = FindKey(s, key.id, *blob, LabelFor(key.ref), i == 1, &h);
         if (rv != CKR_OK) {
           return rv;
         }
@@ -1659,16 +1689,22 @@ Status P11Backend::Destroy(const KeyHandle& key) {
 Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
   Impl& im = *impl_;
   std::map<std::vector<uint8_t>, const KeyHandle*> wanted;
+  // Deleting an unrecorded object is only safe when the recorded set is
+  // complete: a blob this daemon cannot read (say, from a newer version)
+  // or a key of another token means the list may miss live keys.
+  bool may_delete = true;
   for (const KeyHandle& k : recorded) {
     StatusOr<Blob> blob = DecodeBlob(k.blob);
     if (!blob.ok()) {
       spdlog::error("{}key '{}': {}", im.Where(), k.ref.ToString(),
                     blob.status().message());
+      may_delete = false;
       continue;
     }
     if (blob->serial != im.serial) {
       spdlog::error("{}key '{}' lives on token serial '{}', not on '{}'",
                     im.Where(), k.ref.ToString(), blob->serial, im.serial);
+      may_delete = false;
       continue;
     }
     wanted.emplace(blob->id, &k);
@@ -1700,6 +1736,16 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
       }
       if (wanted.contains(id)) {
         present.insert(id);
+        continue;
+      }
+      if (!may_delete || wanted.empty()) {
+        // No recorded key at all for this backend while keyhold objects
+        // exist looks like a renamed [[backend.pkcs11]] section or another
+        // keyhold sharing the token, not a crash: report, touch nothing.
+        spdlog::warn(
+            "{}token key '{}' (id {}) is not recorded for this backend; "
+            "left in place",
+            im.Where(), std::string(l), HexEncode(id));
         continue;
       }
       // Created by keyhold but never recorded: a crash (or failed insert)

@@ -114,10 +114,12 @@ class P11BackendTest : public ::testing::Test {
     backend_ = std::move(*b);
   }
 
-  KeyHandle Handle(const CreatedKey& k, uint64_t id) {
+  // The handle of a key made for {1000, name}: the blob only works under
+  // the reference it was made for.
+  KeyHandle Handle(const CreatedKey& k, uint64_t id, const std::string& name) {
     KeyHandle h;
     h.id = id;
-    h.ref = daemon::KeyRef{1000, "k" + std::to_string(id)};
+    h.ref = daemon::KeyRef{1000, name};
     h.type = k.type;
     h.blob = k.blob;
     return h;
@@ -202,7 +204,7 @@ TEST_F(P11BackendTest, EcdsaAllCurves) {
     SignParams p;
     p.algorithm = v1::ECDSA;
     p.digest = v1::SHA256;
-    auto sig = backend_->Sign(Handle(*k, id), p, digest);
+    auto sig = backend_->Sign(Handle(*k, id, "ec"), p, digest);
     ASSERT_TRUE(sig.ok()) << sig.status().ToString();
     SslPtr<EVP_PKEY> pub = ParseSpki(k->public_key);
     ASSERT_NE(pub, nullptr);
@@ -212,7 +214,7 @@ TEST_F(P11BackendTest, EcdsaAllCurves) {
                               digest.data(), digest.size()),
               1)
         << KeyTypeName(t);
-    EXPECT_TRUE(backend_->Destroy(Handle(*k, id)).ok());
+    EXPECT_TRUE(backend_->Destroy(Handle(*k, id, "ec")).ok());
     ++id;
   }
 }
@@ -220,7 +222,7 @@ TEST_F(P11BackendTest, EcdsaAllCurves) {
 TEST_F(P11BackendTest, RsaPkcs1PssAndDecrypt) {
   auto k = backend_->Generate({1000, "rsa"}, v1::RSA_2048);
   ASSERT_TRUE(k.ok()) << k.status().ToString();
-  const KeyHandle h = Handle(*k, 10);
+  const KeyHandle h = Handle(*k, 10, "rsa");
   SslPtr<EVP_PKEY> pub = ParseSpki(k->public_key);
   ASSERT_NE(pub, nullptr);
   const std::vector<uint8_t> digest = Sha256("message");
@@ -299,7 +301,7 @@ TEST_F(P11BackendTest, Ed25519OrClearUnsupported) {
   SignParams p;
   p.algorithm = v1::ED25519_PURE;
   auto sig = backend_->Sign(
-      Handle(*k, 20), p,
+      Handle(*k, 20, "ed"), p,
       std::span(reinterpret_cast<const uint8_t*>(msg.data()), msg.size()));
   ASSERT_TRUE(sig.ok()) << sig.status().ToString();
   SslPtr<EVP_PKEY> pub = ParseSpki(k->public_key);
@@ -310,7 +312,7 @@ TEST_F(P11BackendTest, Ed25519OrClearUnsupported) {
                              reinterpret_cast<const uint8_t*>(msg.data()),
                              msg.size()),
             1);
-  EXPECT_TRUE(backend_->Destroy(Handle(*k, 20)).ok());
+  EXPECT_TRUE(backend_->Destroy(Handle(*k, 20, "ed")).ok());
 }
 
 TEST_F(P11BackendTest, EcdhMatchesOpenSsl) {
@@ -322,7 +324,7 @@ TEST_F(P11BackendTest, EcdhMatchesOpenSsl) {
   std::vector<uint8_t> peer_der(static_cast<std::size_t>(len));
   unsigned char* q = peer_der.data();
   i2d_PUBKEY(peer.get(), &q);
-  auto secret = backend_->Derive(Handle(*k, 30), peer_der);
+  auto secret = backend_->Derive(Handle(*k, 30, "dh"), peer_der);
   ASSERT_TRUE(secret.ok()) << secret.status().ToString();
 
   SslPtr<EVP_PKEY> ours = ParseSpki(k->public_key);
@@ -340,9 +342,9 @@ TEST_F(P11BackendTest, EcdhMatchesOpenSsl) {
       static_cast<std::size_t>(i2d_PUBKEY(other.get(), nullptr)));
   q = other_der.data();
   i2d_PUBKEY(other.get(), &q);
-  EXPECT_EQ(backend_->Derive(Handle(*k, 30), other_der).status().code(),
+  EXPECT_EQ(backend_->Derive(Handle(*k, 30, "dh"), other_der).status().code(),
             Code::kInvalidArgument);
-  EXPECT_TRUE(backend_->Destroy(Handle(*k, 30)).ok());
+  EXPECT_TRUE(backend_->Destroy(Handle(*k, 30, "dh")).ok());
 }
 
 TEST_F(P11BackendTest, ImportEcAndRsa) {
@@ -364,7 +366,7 @@ TEST_F(P11BackendTest, ImportEcAndRsa) {
     SignParams p;
     p.algorithm = std::string(alg) == "EC" ? v1::ECDSA : v1::RSA_PKCS1;
     p.digest = v1::SHA256;
-    auto sig = backend_->Sign(Handle(*k, 40), p, digest);
+    auto sig = backend_->Sign(Handle(*k, 40, "imp"), p, digest);
     ASSERT_TRUE(sig.ok()) << sig.status().ToString();
     SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(key.get(), nullptr));
     ASSERT_EQ(EVP_PKEY_verify_init(ctx.get()), 1);
@@ -375,7 +377,7 @@ TEST_F(P11BackendTest, ImportEcAndRsa) {
     EXPECT_EQ(EVP_PKEY_verify(ctx.get(), sig->data(), sig->size(),
                               digest.data(), digest.size()),
               1);
-    EXPECT_TRUE(backend_->Destroy(Handle(*k, 40)).ok());
+    EXPECT_TRUE(backend_->Destroy(Handle(*k, 40, "imp")).ok());
   }
   SecretBytes junk(
       std::span<const uint8_t>(reinterpret_cast<const uint8_t*>("junk"), 4));
@@ -387,8 +389,8 @@ TEST_F(P11BackendTest, ReconcileRemovesUnrecordedAndKeepsRecorded) {
   auto kept = backend_->Generate({1000, "kept"}, v1::EC_P256);
   auto orphan = backend_->Generate({1000, "orphan"}, v1::EC_P256);
   ASSERT_TRUE(kept.ok() && orphan.ok());
-  const KeyHandle hk = Handle(*kept, 50);
-  const KeyHandle ho = Handle(*orphan, 51);
+  const KeyHandle hk = Handle(*kept, 50, "kept");
+  const KeyHandle ho = Handle(*orphan, 51, "orphan");
   ASSERT_TRUE(backend_->Reconcile(std::span(&hk, 1)).ok());
   SignParams p;
   p.algorithm = v1::ECDSA;
@@ -401,10 +403,51 @@ TEST_F(P11BackendTest, ReconcileRemovesUnrecordedAndKeepsRecorded) {
   EXPECT_TRUE(backend_->Destroy(hk).ok());
 }
 
+// Deleting unrecorded objects needs a trustworthy recorded set: with no
+// recorded key at all (a renamed backend section, another keyhold on the
+// token) or an unreadable blob, nothing is deleted.
+TEST_F(P11BackendTest, ReconcileDeletesNothingWhenTheRecordIsIncomplete) {
+  auto a = backend_->Generate({1000, "a"}, v1::EC_P256);
+  auto b = backend_->Generate({1000, "b"}, v1::EC_P256);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const KeyHandle ha = Handle(*a, 70, "a");
+  const KeyHandle hb = Handle(*b, 71, "b");
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> digest = Sha256("r");
+  ASSERT_TRUE(backend_->Reconcile({}).ok());
+  EXPECT_TRUE(backend_->Sign(ha, p, digest).ok());
+  EXPECT_TRUE(backend_->Sign(hb, p, digest).ok());
+  const std::vector<uint8_t> garbage = {0xff, 0x00, 0x01};
+  KeyHandle unreadable = hb;
+  unreadable.id = 72;
+  unreadable.blob = garbage;
+  const std::vector<KeyHandle> recorded = {ha, unreadable};
+  ASSERT_TRUE(backend_->Reconcile(recorded).ok());
+  EXPECT_TRUE(backend_->Sign(hb, p, digest).ok());  // b was not deleted
+  EXPECT_TRUE(backend_->Destroy(ha).ok());
+  EXPECT_TRUE(backend_->Destroy(hb).ok());
+}
+
+// A blob only works under the key reference it was made for.
+TEST_F(P11BackendTest, BlobIsBoundToItsKeyReference) {
+  auto k = backend_->Generate({1000, "mine"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok());
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> digest = Sha256("b");
+  EXPECT_TRUE(backend_->Sign(Handle(*k, 80, "mine"), p, digest).ok());
+  EXPECT_EQ(backend_->Sign(Handle(*k, 81, "stolen"), p, digest).status().code(),
+            Code::kNotFound);
+  EXPECT_TRUE(backend_->Destroy(Handle(*k, 80, "mine")).ok());
+}
+
 TEST_F(P11BackendTest, ConcurrentSigning) {
   auto k = backend_->Generate({1000, "conc"}, v1::EC_P256);
   ASSERT_TRUE(k.ok());
-  const KeyHandle h = Handle(*k, 60);
+  const KeyHandle h = Handle(*k, 60, "conc");
   std::vector<std::thread> threads;
   std::atomic<int> good{0};
   for (int t = 0; t < 6; ++t) {
