@@ -9,7 +9,6 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
@@ -211,20 +210,10 @@ int Run(int argc, char** argv) {
   const unsigned blocking_threads = config.blocking_threads != 0
                                         ? config.blocking_threads
                                         : std::max(2u, cores);
-  // One single-threaded io_context per I/O thread (see server.h). io runs on
-  // this thread and accepts; the others are kept running by work guards
-  // until io's work (the listener, then the last session) is done.
-  boost::asio::io_context io(1);
-  std::vector<std::unique_ptr<boost::asio::io_context>> more_io;
+  // One io_context run by every I/O thread (see server.h for why not one
+  // context per thread).
+  boost::asio::io_context io(static_cast<int>(io_threads));
   std::vector<boost::asio::io_context*> all_io = {&io};
-  using WorkGuard =
-      boost::asio::executor_work_guard<boost::asio::io_context::executor_type>;
-  std::vector<WorkGuard> keep_running;
-  for (unsigned i = 1; i < io_threads; ++i) {
-    more_io.push_back(std::make_unique<boost::asio::io_context>(1));
-    all_io.push_back(more_io.back().get());
-    keep_running.push_back(boost::asio::make_work_guard(*more_io.back()));
-  }
   boost::asio::thread_pool blocking(blocking_threads);
   keyhold::daemon::Server server(all_io, blocking, blocking_threads,
                                  dispatcher, clients, config.limits,
@@ -258,13 +247,10 @@ int Run(int argc, char** argv) {
       KEYHOLD_VERSION, config.socket_path, config.state_dir, io_threads,
       blocking_threads);
   std::vector<std::thread> threads;
-  for (auto& context : more_io) {
-    threads.emplace_back([c = context.get()] { c->run(); });
+  for (unsigned i = 1; i < io_threads; ++i) {
+    threads.emplace_back([&io] { io.run(); });
   }
   io.run();
-  // The server has stopped and its sessions are gone (io's stop timer waits
-  // for them); let the other contexts finish what is left and return.
-  keep_running.clear();
   for (auto& t : threads) {
     t.join();
   }

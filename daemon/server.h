@@ -1,11 +1,12 @@
 // The listener and its sessions.
 //
-// Threads: one io_context per I/O thread (one per core by default). The
-// first also accepts and runs the server's timers; each new connection is
-// given to the next context in turn and stays on that thread for its life,
-// so a request never hops between I/O threads (measured: a second thread
-// taking turns on one connection cost the daemon a third more CPU per
-// signature). Each connection's handlers are serialized on its own strand. A
+// Threads: keyholdd runs one io_context on one thread per core (the Server
+// also accepts several contexts, handing connections out in turn, but that
+// was measured slower: with a connection pinned to one thread, a client on
+// the other core pays a cross-CPU wakeup per request, and one-thread
+// ec-p256 signing went from ~87 to ~125 us p50 on the 2-core VM; see
+// bench/RESULTS.md). Each connection's handlers are serialized on its own
+// strand. A
 // request whose cost is bounded CPU (a software-backend signature, a ping) is
 // answered inline on the I/O thread that read it, which saves a thread hop
 // per operation; anything that may wait (key generation, key store writes,
