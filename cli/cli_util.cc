@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <pwd.h>
 #include <sys/stat.h>
@@ -567,6 +568,15 @@ bool WriteStdout(std::string_view bytes) {
     return false;
   }
   return std::fflush(stdout) == 0;
+}
+
+int PrintBio(std::string_view what, BIO* bio, const char* encode_error) {
+  char* data = nullptr;
+  const long len = BIO_get_mem_data(bio, &data);
+  if (len <= 0 || data == nullptr) {
+    return Fail(what, Internal(encode_error));
+  }
+  return Print(std::string_view(data, static_cast<std::size_t>(len)));
 }
 
 }  // namespace keyhold::cli

@@ -105,6 +105,9 @@ int PrintTable(const std::vector<std::vector<std::string>>& rows);
 bool WriteStdout(std::string_view bytes);
 // Writes text to stdout: kExitOk, or kExitFailure after reporting the error.
 int Print(std::string_view text);
+// Prints a memory BIO's contents (a PEM block) to stdout; an empty BIO is
+// reported as `encode_error` for `what`.
+int PrintBio(std::string_view what, BIO* bio, const char* encode_error);
 
 // Bytes of a std::string as a span.
 inline std::span<const uint8_t> AsBytes(std::string_view s) {

@@ -89,12 +89,7 @@ int RunShow(Context& ctx, const ShowOptions& o) {
   if (!cert || !bio || PEM_write_bio_X509(bio.get(), cert.get()) != 1) {
     return Fail(what, Internal("cannot PEM-encode the certificate"));
   }
-  char* data = nullptr;
-  const long len = BIO_get_mem_data(bio.get(), &data);
-  if (len <= 0 || data == nullptr) {
-    return Fail(what, Internal("cannot PEM-encode the certificate"));
-  }
-  return Print(std::string_view(data, static_cast<std::size_t>(len)));
+  return PrintBio(what, bio.get(), "cannot PEM-encode the certificate");
 }
 
 struct DeleteOptions {

@@ -16,16 +16,6 @@
 namespace keyhold::cli {
 namespace {
 
-// Prints a memory BIO's contents (a PEM block) to stdout.
-int PrintBio(std::string_view what, BIO* bio, const char* encode_error) {
-  char* data = nullptr;
-  const long len = BIO_get_mem_data(bio, &data);
-  if (len <= 0 || data == nullptr) {
-    return Fail(what, Internal(encode_error));
-  }
-  return Print(std::string_view(data, static_cast<std::size_t>(len)));
-}
-
 std::vector<std::string> KeyTypeNames() {
   std::vector<std::string> out;
   for (v1::KeyType t : AllKeyTypes()) {
