@@ -20,12 +20,15 @@ mkdir -p "$H/tokens" "$W"
 export SOFTHSM2_CONF="$H/softhsm2.conf"
 printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
   "$H/tokens" >"$SOFTHSM2_CONF"
-softhsm2-util --init-token --free --label kh-hsm --pin 1234 --so-pin 5678 >/dev/null
-printf '1234\n' >"$H/pin"
+# Random PINs, so "the PIN is not in the log" cannot match a timestamp or a pid.
+PIN="pin-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+BADPIN="bad-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+softhsm2-util --init-token --free --label kh-hsm --pin "$PIN" --so-pin 5678 >/dev/null
+printf '%s\n' "$PIN" >"$H/pin"
 chmod 600 "$H/pin"
-printf '9999\n' >"$H/badpin"
+printf '%s\n' "$BADPIN" >"$H/badpin"
 chmod 600 "$H/badpin"
-printf '1234\n' >"$H/openpin"
+printf '%s\n' "$PIN" >"$H/openpin"
 chmod 644 "$H/openpin"
 head -c 10000 /dev/urandom >"$W/msg"
 ME="$(id -u)"
@@ -65,13 +68,13 @@ start_fails() {
 }
 
 p11() {  # pkcs11-tool straight at the SoftHSM2 token
-  pkcs11-tool --module "$M" --token-label kh-hsm --login --pin 1234 "$@"
+  pkcs11-tool --module "$M" --token-label kh-hsm --login --pin "$PIN" "$@"
 }
 
 # --- start-up errors ---------------------------------------------------------
 write_config "$M" "$M" "$H/badpin"
 start_fails "wrong PIN" "CKR_PIN_INCORRECT"
-check "the PIN is not in the log" sh -c "! grep -q 9999 '$W/start.log'"
+check "the PIN is not in the log" sh -c "! grep -qF -- '$BADPIN' '$W/start.log'"
 write_config "$M" "/usr/lib/other/module.so" "$H/pin"
 start_fails "module not allow-listed" "not in allowed_modules"
 write_config "/nonexistent/libnope.so" "/nonexistent/libnope.so" "$H/pin"
@@ -180,16 +183,16 @@ ID="$(awk '/keyhold:'"$ME"'\/h-ec-p256/{f=1} f&&/ID:/{print $2; exit}' "$W/objec
 check "found the CKA_ID of h-ec-p256" test -n "$ID"
 check "CKA_ID is 16 random bytes" test "${#ID}" = 32
 check "pkcs11-tool cannot read the private key out" sh -c \
-  "pkcs11-tool --module '$M' --token-label kh-hsm --login --pin 1234 --read-object \
+  "pkcs11-tool --module '$M' --token-label kh-hsm --login --pin '$PIN' --read-object \
      --type privkey --id '$ID' -o '$W/leak' 2>&1 | grep -q 'not (yet) supported'"
 check "nothing was written" sh -c "! test -s '$W/leak'"
 URL_ID="$(echo "$ID" | sed 's/../%&/g')"
 fails_export=0
-GNUTLS_PIN=1234 p11tool --provider "$M" --login --export \
+GNUTLS_PIN="$PIN" p11tool --provider "$M" --login --export \
   "pkcs11:token=kh-hsm;id=$URL_ID;type=private" >"$W/leak2" 2>&1 || fails_export=1
 check "p11tool --export of the private key fails" test "$fails_export" = 1
 check "p11tool sees CKA_SENSITIVE and CKA_NEVER_EXTRACTABLE" sh -c \
-  "GNUTLS_PIN=1234 p11tool --provider '$M' --login --list-all-privkeys \
+  "GNUTLS_PIN='$PIN' p11tool --provider '$M' --login --list-all-privkeys \
      'pkcs11:token=kh-hsm;id=$URL_ID' | grep Flags: | grep CKA_SENSITIVE | grep -q CKA_NEVER_EXTRACTABLE"
 check "no private key bytes in the key store" python3 - "$KH_DIR/state" "$W/imp.key" <<'PY'
 import glob, subprocess, sys
@@ -323,5 +326,5 @@ print(' '.join(k['name'] for k in keys if k['name'].startswith('crash-')))"); do
   check "recorded $n is usable" "$KEYHOLD" sign "$n" --in "$W/msg" --out "$W/sig"
 done
 
-check "the PIN never reaches the log" sh -c "! grep -q 1234 '$KH_DIR/keyholdd.log'"
+check "the PIN never reaches the log" sh -c "! grep -qF -- '$PIN' '$KH_DIR/keyholdd.log'"
 kh_summary

@@ -48,7 +48,7 @@ check "rsa server certificate" env OPENSSL_CONF="$CNF" openssl req -new -x509 \
 check "client certificate" env OPENSSL_CONF="$CNF" openssl req -new -x509 \
   -key "$W/client.ref.pem" -subj /CN=client -days 1 -out "$W/client.crt"
 
-P1=$((20000 + RANDOM % 20000))
+P1=$(kh_free_port 3)
 P2=$((P1 + 1))
 P3=$((P1 + 2))
 mkdir -p "$KH_DIR/nginx/logs"

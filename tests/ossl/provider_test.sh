@@ -207,7 +207,7 @@ tls_check() {  # tls_check PORT CERT EXPECTED_SIG client options...
   grep -q "Verification: OK" "$W/cli.log" && grep -q "Peer signature type: $sig" "$W/cli.log"
 }
 
-port=$((20000 + RANDOM % 20000))
+port=$(kh_free_port 16)
 for type in ec-p256 rsa-2048 ed25519; do
   case "$type" in ec-p256) sig=ECDSA ;; rsa-2048) sig=RSA-PSS ;; ed25519) sig=ed25519 ;; esac
   for v in tls1_3 tls1_2; do

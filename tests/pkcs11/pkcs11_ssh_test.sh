@@ -46,7 +46,7 @@ cp "$W/keygen-D" "$W/authorized_keys"
 start_sshd() {
   local port
   for _ in 1 2 3 4 5; do
-    port=$((20000 + RANDOM % 30000))
+    port=$(kh_free_port)
     cat >"$W/sshd_config" <<EOF
 Port $port
 ListenAddress 127.0.0.1

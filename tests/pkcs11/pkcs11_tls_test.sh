@@ -57,7 +57,7 @@ for t in ec-p256 rsa-2048; do
 done
 check "create k-other" "$KEYHOLD" key create k-other --type ec-p256
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$(kh_free_port)
 # -www answers "GET /" with a page naming the protocol and the client
 # certificate; -Verify 1 -verify_return_error refuses clients without a
 # certificate the CA issued, or whose CertificateVerify does not check out.

@@ -274,7 +274,7 @@ plain_ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout 
   -days 1 2>/dev/null
 check "NSS trusts the test server's certificate" certutil -A -d "sql:$W/nssdb" -n srv -t "P,," \
   -i "$W/srv.pem"
-port=$((20000 + RANDOM % 20000))
+port=$(kh_free_port 16)
 for t in ec-p256 rsa-2048; do
   for v in tls1.3 tls1.2; do
     port=$((port + 1))

@@ -17,22 +17,6 @@ W="$KH_DIR/work"
 mkdir -p "$W"
 head -c 10000 /dev/urandom >"$W/msg"
 
-# A free TCP port P with P+1 free too (swtpm's server and control ports).
-free_port() {
-  python3 - <<'EOF'
-import socket
-for _ in range(100):
-    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
-    b = socket.socket()
-    try:
-        b.bind(("127.0.0.1", p + 1)); print(p); break
-    except OSError:
-        pass
-    finally:
-        a.close(); b.close()
-EOF
-}
-
 SWTPM_PID=""
 # start_swtpm STATE_DIR PORT
 start_swtpm() {
@@ -59,7 +43,7 @@ stop_swtpm() {
 }
 trap 'kh_cleanup; stop_swtpm' EXIT
 
-PORT="$(free_port)"
+PORT="$(kh_free_port 2)"
 start_swtpm "$KH_DIR/tpm" "$PORT"
 cat >"$KH_DIR/keyholdd.toml" <<EOF
 [[backend.tpm]]
@@ -187,7 +171,7 @@ kh_stop
 stop_swtpm
 mv "$KH_DIR/state" "$KH_DIR/state.orig"
 cp -a "$KH_DIR/state.orig" "$KH_DIR/state"
-PORT2="$(free_port)"
+PORT2="$(kh_free_port 2)"
 start_swtpm "$KH_DIR/fresh-tpm" "$PORT2"
 sed "s/port=$PORT/port=$PORT2/" "$KH_DIR/keyholdd.toml" >"$KH_DIR/fresh.toml"
 kh_start --config "$KH_DIR/fresh.toml"
