@@ -53,6 +53,11 @@ constexpr uint8_t kBlobVersion = 0x01;
 constexpr std::size_t kMaxPinSize = 256;
 // Largest output of any operation we run (RSA-4096 is 512 bytes).
 constexpr std::size_t kMaxOutput = 1024;
+// Largest attribute value we read (an RSA-4096 modulus is 512 bytes, a P-521
+// CKA_EC_POINT 136); a module that reports more is faulty.
+constexpr CK_ULONG kMaxAttribute = 16 * 1024;
+// Most slots or mechanisms a module may list.
+constexpr CK_ULONG kMaxListCount = 4096;
 
 // DER OIDs for CKA_EC_PARAMS.
 constexpr uint8_t kOidP256[] = {0x06, 0x08, 0x2a, 0x86, 0x48,
@@ -635,6 +640,9 @@ struct P11Backend::Impl {
   uint32_t open = 0;
   std::mutex slot_mu;  // guards slot during re-discovery
   std::atomic<bool> pin_refused{false};
+  // Bumped when a session is found lost; sessions of older generations are
+  // closed instead of pooled (guarded by pool_mu).
+  uint64_t generation = 0;
 
   // key id -> (CKA_ID, private key handle)
   std::shared_mutex cache_mu;
@@ -660,11 +668,17 @@ struct P11Backend::Impl {
   Status FindSlot() {
     CK_ULONG count = 0;
     CK_RV rv = fn->C_GetSlotList(CK_TRUE, nullptr, &count);
+    if (rv == CKR_OK && count > kMaxListCount) {
+      rv = kCkrBadModuleOutput;
+    }
     if (rv != CKR_OK) {
       return P11Error(rv, Where() + "C_GetSlotList");
     }
     std::vector<CK_SLOT_ID> slots(count);
     rv = fn->C_GetSlotList(CK_TRUE, slots.data(), &count);
+    if (rv == CKR_OK && count > slots.size()) {
+      rv = kCkrBadModuleOutput;
+    }
     if (rv != CKR_OK) {
       return P11Error(rv, Where() + "C_GetSlotList");
     }
@@ -689,11 +703,12 @@ struct P11Backend::Impl {
         return Status::Ok();
       }
     }
-    return BackendUnavailable(Where() + "no token with " +
+    return BackendUnavailable(Where() + "the token with " +
                               (config.token_label.empty()
                                    ? "serial '" + config.token_serial
                                    : "label '" + config.token_label) +
-                              "' in module " + config.module);
+                              "' is not present in module " + config.module +
+                              (serial.empty() ? "" : " (removed?)"));
   }
 
   // Opens a read-write session and makes sure the token is logged in. The
@@ -752,15 +767,19 @@ struct P11Backend::Impl {
 
   class Lease {
    public:
-    Lease(Impl* impl, CK_SESSION_HANDLE h) : impl_(impl), h_(h) {}
+    Lease(Impl* impl, CK_SESSION_HANDLE h, uint64_t gen)
+        : impl_(impl), h_(h), generation_(gen) {}
     Lease(Lease&& o) noexcept
-        : impl_(std::exchange(o.impl_, nullptr)), h_(o.h_), dead_(o.dead_) {}
+        : impl_(std::exchange(o.impl_, nullptr)),
+          h_(o.h_),
+          generation_(o.generation_),
+          dead_(o.dead_) {}
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
     Lease& operator=(Lease&&) = delete;
     ~Lease() {
       if (impl_ != nullptr) {
-        impl_->Release(h_, dead_);
+        impl_->Release(h_, generation_, dead_);
       }
     }
     CK_SESSION_HANDLE get() const { return h_; }
@@ -769,22 +788,49 @@ struct P11Backend::Impl {
    private:
     Impl* impl_;
     CK_SESSION_HANDLE h_;
+    uint64_t generation_;
     bool dead_ = false;
   };
 
-  void Release(CK_SESSION_HANDLE h, bool dead) {
-    if (dead) {
-      fn->C_CloseSession(h);
-    }
+  // A session goes back to the pool unless it died or was opened before the
+  // last loss (DropIdleSessions): then it is closed and a later Acquire
+  // opens a fresh one.
+  void Release(CK_SESSION_HANDLE h, uint64_t gen, bool dead) {
+    bool close = dead;
     {
       std::lock_guard lock(pool_mu);
-      if (dead) {
+      if (gen != generation) {
+        close = true;
+      }
+      if (close) {
         --open;
       } else {
         idle.push_back(h);
       }
     }
+    if (close) {
+      fn->C_CloseSession(h);
+    }
     pool_cv.notify_one();
+  }
+
+  // After one session was lost, the others are most likely gone too (token
+  // removed, or logged out: login state is per token, not per session).
+  // Retrying on another pooled session would spend the one retry on a dead
+  // session, so every idle session is closed and leased ones are closed
+  // when they come back; the retry opens (and logs in) a fresh session.
+  void DropIdleSessions() {
+    std::vector<CK_SESSION_HANDLE> stale;
+    {
+      std::lock_guard lock(pool_mu);
+      ++generation;
+      stale.swap(idle);
+      open -= static_cast<uint32_t>(stale.size());
+    }
+    for (CK_SESSION_HANDLE h : stale) {
+      fn->C_CloseSession(h);  // may fail: the session is likely gone
+    }
+    pool_cv.notify_all();
   }
 
   StatusOr<Lease> Acquire() {
@@ -801,9 +847,10 @@ struct P11Backend::Impl {
     if (!idle.empty()) {
       CK_SESSION_HANDLE h = idle.back();
       idle.pop_back();
-      return Lease(this, h);
+      return Lease(this, h, generation);
     }
     ++open;
+    const uint64_t gen = generation;
     lock.unlock();
     StatusOr<CK_SESSION_HANDLE> h = OpenSession();
     if (!h.ok()) {
@@ -814,7 +861,7 @@ struct P11Backend::Impl {
       pool_cv.notify_one();
       return h.status();
     }
-    return Lease(this, *h);
+    return Lease(this, *h, gen);
   }
 
   // Runs f(session, &what) -> CK_RV on a pooled session. A lost session is
@@ -837,6 +884,7 @@ struct P11Backend::Impl {
         // is open; after a lost session (token removed, re-login) the same
         // number may name another object, so every cached handle goes.
         lease->MarkDead();
+        DropIdleSessions();
         ForgetAllHandles();
         if (attempt == 0) {
           spdlog::warn("{}session lost ({}); reopening", Where(), CkrName(rv));
@@ -854,7 +902,9 @@ struct P11Backend::Impl {
     return Status::Ok();
   }
 
-  // Reads one variable-length attribute.
+  // Reads one variable-length attribute. The module's lengths are checked:
+  // more than kMaxAttribute, or a second answer longer than the buffer the
+  // first one sized, is kCkrBadModuleOutput, never a larger read.
   CK_RV GetAttr(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t,
                 std::vector<uint8_t>* out) {
     CK_ATTRIBUTE a{t, nullptr, 0};
@@ -865,11 +915,22 @@ struct P11Backend::Impl {
     if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION) {
       return CKR_ATTRIBUTE_TYPE_INVALID;
     }
-    out->resize(a.ulValueLen);
+    if (a.ulValueLen > kMaxAttribute) {
+      return kCkrBadModuleOutput;
+    }
+    out->assign(a.ulValueLen, 0);
     a.pValue = out->data();
     rv = fn->C_GetAttributeValue(s, o, &a, 1);
+    if (rv != CKR_OK) {
+      out->clear();
+      return rv;
+    }
+    if (a.ulValueLen > out->size()) {
+      out->clear();
+      return kCkrBadModuleOutput;
+    }
     out->resize(a.ulValueLen);
-    return rv;
+    return CKR_OK;
   }
 
   // Token private keys matching tmpl.
@@ -883,6 +944,9 @@ struct P11Backend::Impl {
     for (;;) {
       CK_ULONG n = 0;
       rv = fn->C_FindObjects(s, batch, 64, &n);
+      if (rv == CKR_OK && n > 64) {
+        rv = kCkrBadModuleOutput;
+      }
       if (rv != CKR_OK || n == 0) {
         break;
       }
@@ -1058,10 +1122,25 @@ StatusOr<std::unique_ptr<P11Backend>> P11Backend::Create(
     return PermissionDenied(where + "module '" + config.module +
                             "' is not in allowed_modules");
   }
+  // p11-kit resolves a relative name in its own module directory, so only
+  // an absolute path names the file the allow-list names.
+  if (config.module.empty() || config.module.front() != '/') {
+    return PermissionDenied(where + "module '" + config.module +
+                            "' must be an absolute path");
+  }
   struct stat st {};
   if (::stat(config.module.c_str(), &st) != 0) {
     return BackendUnavailable(where + "module '" + config.module +
                               "': " + std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    return PermissionDenied(where + "module '" + config.module +
+                            "' is not a regular file");
+  }
+  // Code loaded into the daemon: nobody but its owner may replace it.
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return PermissionDenied(where + "module '" + config.module +
+                            "' is writable by group or others");
   }
   // p11-kit loads the module (managed: it coordinates C_Initialize with other
   // users of the same module in this process).
@@ -1087,9 +1166,15 @@ StatusOr<std::unique_ptr<P11Backend>> P11Backend::Create(
 
   CK_ULONG count = 0;
   rv = impl->fn->C_GetMechanismList(impl->slot, nullptr, &count);
-  std::vector<CK_MECHANISM_TYPE> mechs(count);
+  if (rv == CKR_OK && count > kMaxListCount) {
+    rv = kCkrBadModuleOutput;
+  }
+  std::vector<CK_MECHANISM_TYPE> mechs(rv == CKR_OK ? count : 0);
   if (rv == CKR_OK) {
     rv = impl->fn->C_GetMechanismList(impl->slot, mechs.data(), &count);
+  }
+  if (rv == CKR_OK && count > mechs.size()) {
+    rv = kCkrBadModuleOutput;
   }
   if (rv != CKR_OK) {
     return P11Error(rv, where + "C_GetMechanismList");
@@ -1459,14 +1544,30 @@ StatusOr<std::vector<uint8_t>> P11Backend::Sign(const KeyHandle& key,
   if (!st.ok()) {
     return st;
   }
+  // The module's length is checked before anything reads the buffer: never
+  // more than it was given, and exactly what the mechanism produces (RSA:
+  // the modulus size; ECDSA: r || s, each the curve's field size; Ed25519:
+  // 64 bytes), so a faulty module cannot make us return garbage.
+  std::size_t expected = 0;
+  if (IsRsa(type)) {
+    expected = RsaBits(type) / 8;
+  } else if (p.algorithm == v1::ECDSA) {
+    expected = 2 * FieldBytes(type);
+  } else {
+    expected = 64;
+  }
+  if (sig_len > sig.size() || sig_len != expected) {
+    return Internal(im.Where() + "C_Sign: the module returned a " +
+                    std::to_string(sig_len) + "-byte signature where " +
+                    std::to_string(expected) +
+                    " bytes are expected (faulty PKCS#11 module)");
+  }
   sig.resize(sig_len);
   if (p.algorithm != v1::ECDSA) {
     return sig;
   }
-  // PKCS#11 gives r || s; the protocol answers a DER ECDSA-Sig-Value.
-  if (sig.empty() || sig.size() % 2 != 0) {
-    return Internal(im.Where() + "token returned a malformed ECDSA signature");
-  }
+  // PKCS#11 gives r || s (checked above: even, 2 x field size); the
+  // protocol answers a DER ECDSA-Sig-Value.
   const int half = static_cast<int>(sig.size() / 2);
   ECDSA_SIG* es = ECDSA_SIG_new();
   BIGNUM* r = BN_bin2bn(sig.data(), half, nullptr);
@@ -1576,6 +1677,12 @@ StatusOr<SecretBytes> P11Backend::Decrypt(const KeyHandle& key,
   if (!st.ok()) {
     return st;
   }
+  if (out_len > out.size() || out_len > key_bytes) {
+    return Internal(im.Where() + "C_Decrypt: the module returned " +
+                    std::to_string(out_len) + " bytes of plaintext for a " +
+                    std::to_string(key_bytes) +
+                    "-byte key (faulty PKCS#11 module)");
+  }
   out.resize(out_len);
   return out;
 }
@@ -1661,7 +1768,9 @@ StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
         rv = im.fn->C_GetAttributeValue(s, derived, &a, 1);
         im.fn->C_DestroyObject(s, derived);
         if (rv == CKR_OK && a.ulValueLen != secret.size()) {
-          rv = CKR_GENERAL_ERROR;
+          // A length other than the field size (larger than the buffer, or
+          // CK_UNAVAILABLE_INFORMATION) is never read past.
+          rv = kCkrBadModuleOutput;
         }
         return rv;
       });

@@ -13,14 +13,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/key_types.h"
 #include "common/ssl_ptr.h"
+#include "daemon/backends/pkcs11/p11_errors.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 // SoftHSM2 2.6.1 leaks a few bytes per Ed25519 key it loads (its curve name
@@ -468,6 +471,335 @@ TEST_F(P11BackendTest, ConcurrentSigning) {
   }
   EXPECT_EQ(good.load(), 120);
   EXPECT_TRUE(backend_->Destroy(h).ok());
+}
+
+// ---------------------------------------------------------------------------
+// Against p11_fault_module: SoftHSM2 behind a module that misbehaves on cue.
+
+struct FaultControls {
+  void (*fail)(const char*, CK_RV, int) = nullptr;
+  void (*lie)(const char*, CK_ULONG, int) = nullptr;
+  void (*logout)(int) = nullptr;
+  void (*absent)(int) = nullptr;
+  unsigned long (*count)(const char*) = nullptr;
+  void (*reset)() = nullptr;
+};
+
+// The test maps the module itself (and keeps it mapped), so p11-kit's
+// dlopen() of the same path shares its state and the controls reach it.
+const FaultControls& Faults() {
+  static const FaultControls controls = [] {
+    FaultControls c;
+    void* lib = ::dlopen(KH_P11_FAULT_MODULE, RTLD_NOW | RTLD_NODELETE);
+    if (lib == nullptr) {
+      return c;
+    }
+    c.fail = reinterpret_cast<decltype(c.fail)>(::dlsym(lib, "kh_fault_fail"));
+    c.lie = reinterpret_cast<decltype(c.lie)>(::dlsym(lib, "kh_fault_lie"));
+    c.logout =
+        reinterpret_cast<decltype(c.logout)>(::dlsym(lib, "kh_fault_logout"));
+    c.absent =
+        reinterpret_cast<decltype(c.absent)>(::dlsym(lib, "kh_fault_absent"));
+    c.count =
+        reinterpret_cast<decltype(c.count)>(::dlsym(lib, "kh_fault_count"));
+    c.reset =
+        reinterpret_cast<decltype(c.reset)>(::dlsym(lib, "kh_fault_reset"));
+    return c;
+  }();
+  return controls;
+}
+
+P11Config FaultConfig() {
+  P11Config c = BaseConfig();
+  c.module = KH_P11_FAULT_MODULE;
+  c.allowed_modules = {c.module};
+  return c;
+}
+
+SignParams EcdsaSha256() {
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  return p;
+}
+
+bool Verifies(const std::vector<uint8_t>& spki, const std::vector<uint8_t>& sig,
+              const std::vector<uint8_t>& digest) {
+  SslPtr<EVP_PKEY> pub = ParseSpki(spki);
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(pub.get(), nullptr));
+  return ctx != nullptr && EVP_PKEY_verify_init(ctx.get()) == 1 &&
+         EVP_PKEY_verify(ctx.get(), sig.data(), sig.size(), digest.data(),
+                         digest.size()) == 1;
+}
+
+class P11FaultTest : public P11BackendTest {
+ protected:
+  void SetUp() override {
+    ASSERT_NE(Faults().reset, nullptr) << "cannot load " KH_P11_FAULT_MODULE;
+    Faults().reset();
+    auto b = P11Backend::Create(FaultConfig());
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    backend_ = std::move(*b);
+  }
+  void TearDown() override {
+    if (Faults().reset != nullptr) {
+      Faults().reset();
+    }
+  }
+};
+
+TEST(P11StartTest, ModulePathRules) {
+  P11Config c = FaultConfig();
+  c.module = "libkh-p11-fault.so";
+  c.allowed_modules = {c.module};
+  auto b = P11Backend::Create(c);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), Code::kPermissionDenied);
+  EXPECT_NE(b.status().message().find("absolute path"), std::string::npos);
+
+  c.module = g_dir.string();
+  c.allowed_modules = {c.module};
+  b = P11Backend::Create(c);
+  ASSERT_FALSE(b.ok());
+  EXPECT_NE(b.status().message().find("not a regular file"), std::string::npos);
+
+  const fs::path copy = g_dir / "writable-module.so";
+  fs::copy_file(KH_P11_FAULT_MODULE, copy);
+  ::chmod(copy.c_str(), 0666);
+  c.module = copy.string();
+  c.allowed_modules = {c.module};
+  b = P11Backend::Create(c);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), Code::kPermissionDenied);
+  EXPECT_NE(b.status().message().find("writable by group or others"),
+            std::string::npos);
+  fs::remove(copy);
+}
+
+// Impossible counts at start: clear start-up errors, no huge allocation.
+TEST(P11StartTest, ImpossibleListCountsFailTheStart) {
+  ASSERT_NE(Faults().reset, nullptr);
+  for (const char* fn : {"C_GetSlotList", "C_GetMechanismList"}) {
+    for (CK_ULONG lie : {CK_ULONG{1} << 40, ~CK_ULONG{0}}) {
+      Faults().reset();
+      Faults().lie(fn, lie, 1);
+      auto b = P11Backend::Create(FaultConfig());
+      ASSERT_FALSE(b.ok()) << fn;
+      EXPECT_EQ(b.status().code(), Code::kInternal) << fn;
+      EXPECT_NE(b.status().message().find("faulty"), std::string::npos)
+          << b.status().ToString();
+    }
+  }
+  Faults().reset();
+}
+
+TEST_F(P11FaultTest, SignLengthsAreChecked) {
+  auto ec = backend_->Generate({1000, "len-ec"}, v1::EC_P256);
+  ASSERT_TRUE(ec.ok()) << ec.status().ToString();
+  auto rsa = backend_->Generate({1000, "len-rsa"}, v1::RSA_2048);
+  ASSERT_TRUE(rsa.ok()) << rsa.status().ToString();
+  const KeyHandle hec = Handle(*ec, 300, "len-ec");
+  const KeyHandle hrsa = Handle(*rsa, 301, "len-rsa");
+  const std::vector<uint8_t> digest = Sha256("lengths");
+  SignParams pkcs1;
+  pkcs1.algorithm = v1::RSA_PKCS1;
+  pkcs1.digest = v1::SHA256;
+  // Larger than the buffer, absurd, odd (r || s cannot be split), even but
+  // not 2 x 32 for P-256; for RSA-2048 anything but 256.
+  for (CK_ULONG lie : {CK_ULONG{5000}, ~CK_ULONG{0} - 1, CK_ULONG{63},
+                       CK_ULONG{96}, CK_ULONG{0}}) {
+    Faults().lie("C_Sign", lie, 1);
+    auto sig = backend_->Sign(hec, EcdsaSha256(), digest);
+    ASSERT_FALSE(sig.ok()) << lie;
+    EXPECT_EQ(sig.status().code(), Code::kInternal);
+    EXPECT_NE(sig.status().message().find("faulty PKCS#11 module"),
+              std::string::npos)
+        << sig.status().ToString();
+  }
+  for (CK_ULONG lie : {CK_ULONG{255}, CK_ULONG{1025}, ~CK_ULONG{0}}) {
+    Faults().lie("C_Sign", lie, 1);
+    auto sig = backend_->Sign(hrsa, pkcs1, digest);
+    ASSERT_FALSE(sig.ok()) << lie;
+    EXPECT_EQ(sig.status().code(), Code::kInternal);
+  }
+  // The sessions are still good.
+  auto sig = backend_->Sign(hec, EcdsaSha256(), digest);
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  EXPECT_TRUE(Verifies(ec->public_key, *sig, digest));
+  EXPECT_TRUE(backend_->Sign(hrsa, pkcs1, digest).ok());
+}
+
+TEST_F(P11FaultTest, DecryptLengthIsChecked) {
+  auto k = backend_->Generate({1000, "len-dec"}, v1::RSA_2048);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 310, "len-dec");
+  SslPtr<EVP_PKEY> pub = ParseSpki(k->public_key);
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(pub.get(), nullptr));
+  ASSERT_EQ(EVP_PKEY_encrypt_init(ctx.get()), 1);
+  ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_OAEP_PADDING), 1);
+  const std::string secret = "plaintext";
+  std::vector<uint8_t> ct(256);
+  std::size_t ct_len = ct.size();
+  ASSERT_EQ(EVP_PKEY_encrypt(ctx.get(), ct.data(), &ct_len,
+                             reinterpret_cast<const uint8_t*>(secret.data()),
+                             secret.size()),
+            1);
+  DecryptParams dp;
+  dp.algorithm = v1::RSA_OAEP;
+  for (CK_ULONG lie : {CK_ULONG{257}, CK_ULONG{5000}, ~CK_ULONG{0}}) {
+    Faults().lie("C_Decrypt", lie, 1);
+    auto pt = backend_->Decrypt(h, dp, ct);
+    ASSERT_FALSE(pt.ok()) << lie;
+    EXPECT_EQ(pt.status().code(), Code::kInternal);
+    EXPECT_NE(pt.status().message().find("faulty PKCS#11 module"),
+              std::string::npos)
+        << pt.status().ToString();
+  }
+  auto pt = backend_->Decrypt(h, dp, ct);
+  ASSERT_TRUE(pt.ok()) << pt.status().ToString();
+  const auto bytes = pt->Expose(SecretAccess::kToken);
+  EXPECT_EQ(std::string(bytes.begin(), bytes.end()), secret);
+}
+
+TEST_F(P11FaultTest, DerivedSecretLengthIsChecked) {
+  auto k = backend_->Generate({1000, "len-ecdh"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 320, "len-ecdh");
+  SslPtr<EVP_PKEY> peer(EVP_EC_gen("P-256"));
+  ASSERT_NE(peer, nullptr);
+  std::vector<uint8_t> peer_der(
+      static_cast<std::size_t>(i2d_PUBKEY(peer.get(), nullptr)));
+  unsigned char* q = peer_der.data();
+  i2d_PUBKEY(peer.get(), &q);
+  ASSERT_TRUE(backend_->Derive(h, peer_der).ok());  // warms the handle cache
+  for (CK_ULONG lie : {CK_ULONG{33}, CK_ULONG{5000}, CK_UNAVAILABLE_INFORMATION}) {
+    Faults().lie("C_GetAttributeValue/data", lie, 1);
+    auto z = backend_->Derive(h, peer_der);
+    ASSERT_FALSE(z.ok()) << lie;
+    EXPECT_EQ(z.status().code(), Code::kInternal);
+    EXPECT_NE(z.status().message().find("malformed answer"), std::string::npos)
+        << z.status().ToString();
+  }
+  EXPECT_TRUE(backend_->Derive(h, peer_der).ok());
+}
+
+TEST_F(P11FaultTest, AttributeAndFindLengthsAreChecked) {
+  // First call of the two-step read: an absurd size, never allocated.
+  Faults().lie("C_GetAttributeValue", CK_ULONG{1} << 40, 1);
+  auto k = backend_->Generate({1000, "attr"}, v1::EC_P256);
+  ASSERT_FALSE(k.ok());
+  EXPECT_EQ(k.status().code(), Code::kInternal);
+  // Second call: more than the buffer the first answer sized.
+  Faults().lie("C_GetAttributeValue/data", 100000, 1);
+  k = backend_->Generate({1000, "attr"}, v1::RSA_2048);
+  ASSERT_FALSE(k.ok());
+  EXPECT_EQ(k.status().code(), Code::kInternal);
+  EXPECT_NE(k.status().message().find("faulty"), std::string::npos)
+      << k.status().ToString();
+  // The failed creations left no key behind, and a normal one works.
+  k = backend_->Generate({1000, "attr"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 330, "attr");
+  const std::vector<uint8_t> digest = Sha256("find");
+  // C_FindObjects claiming more handles than the 64 it was given.
+  Faults().lie("C_FindObjects", 1000, 1);
+  auto sig = backend_->Sign(h, EcdsaSha256(), digest);
+  ASSERT_FALSE(sig.ok());
+  EXPECT_EQ(sig.status().code(), Code::kInternal);
+  sig = backend_->Sign(h, EcdsaSha256(), digest);
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  EXPECT_TRUE(Verifies(k->public_key, *sig, digest));
+  // Reconcile: only "attr" is a keyhold object left on the token by us.
+  std::vector<KeyHandle> recorded = {h};
+  EXPECT_TRUE(backend_->Reconcile(recorded).ok());
+}
+
+// A session that dies (or a token that goes and comes back) once: the
+// backend closes it, opens a fresh one and the same request succeeds.
+TEST_F(P11FaultTest, LostSessionIsReopened) {
+  auto k = backend_->Generate({1000, "lost"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 340, "lost");
+  const std::vector<uint8_t> digest = Sha256("lost");
+  for (CK_RV rv : {CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED,
+                   CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT,
+                   CKR_DEVICE_ERROR}) {
+    const unsigned long opened = Faults().count("C_OpenSession");
+    Faults().fail("C_Sign", rv, 1);
+    auto sig = backend_->Sign(h, EcdsaSha256(), digest);
+    ASSERT_TRUE(sig.ok()) << CkrName(rv) << ": " << sig.status().ToString();
+    EXPECT_TRUE(Verifies(k->public_key, *sig, digest)) << CkrName(rv);
+    EXPECT_GT(Faults().count("C_OpenSession"), opened) << CkrName(rv);
+  }
+  // Lost twice in a row: one retry only, then a clear status; the next
+  // request works again.
+  Faults().fail("C_Sign", CKR_DEVICE_REMOVED, 2);
+  auto sig = backend_->Sign(h, EcdsaSha256(), digest);
+  ASSERT_FALSE(sig.ok());
+  EXPECT_EQ(sig.status().code(), Code::kBackendUnavailable);
+  EXPECT_NE(sig.status().message().find("not present"), std::string::npos)
+      << sig.status().ToString();
+  EXPECT_TRUE(backend_->Sign(h, EcdsaSha256(), digest).ok());
+}
+
+// The token is logged out behind our back: every pooled session is logged
+// out with it (login state is per token). The retry must not land on
+// another pooled, logged-out session; it logs in again on a fresh one.
+TEST_F(P11FaultTest, LoggedOutTokenIsLoggedInAgain) {
+  auto k = backend_->Generate({1000, "relog"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 350, "relog");
+  const std::vector<uint8_t> digest = Sha256("relog");
+  const unsigned long logins = Faults().count("C_Login");
+  Faults().logout(1);
+  auto sig = backend_->Sign(h, EcdsaSha256(), digest);
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  EXPECT_TRUE(Verifies(k->public_key, *sig, digest));
+  EXPECT_GT(Faults().count("C_Login"), logins);
+  // Both pool sessions are usable afterwards, also from two threads.
+  std::atomic<int> good{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 10; ++i) {
+        if (backend_->Sign(h, EcdsaSha256(), digest).ok()) {
+          ++good;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  EXPECT_EQ(good.load(), 20);
+}
+
+// The token is removed: requests get a clear "not present" status (and no
+// crash, no hang) for as long as it is away; when it is back the backend
+// finds it again, logs in and the key works.
+TEST_F(P11FaultTest, RemovedTokenThenBack) {
+  auto k = backend_->Generate({1000, "gone"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 360, "gone");
+  const std::vector<uint8_t> digest = Sha256("gone");
+  ASSERT_TRUE(backend_->Sign(h, EcdsaSha256(), digest).ok());
+  Faults().absent(1);
+  for (int i = 0; i < 3; ++i) {
+    auto sig = backend_->Sign(h, EcdsaSha256(), digest);
+    ASSERT_FALSE(sig.ok());
+    EXPECT_EQ(sig.status().code(), Code::kBackendUnavailable);
+    EXPECT_NE(sig.status().message().find("is not present"),
+              std::string::npos)
+        << sig.status().ToString();
+  }
+  EXPECT_EQ(backend_->Generate({1000, "gone2"}, v1::EC_P256).status().code(),
+            Code::kBackendUnavailable);
+  const unsigned long logins = Faults().count("C_Login");
+  Faults().absent(0);
+  auto sig = backend_->Sign(h, EcdsaSha256(), digest);
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  EXPECT_TRUE(Verifies(k->public_key, *sig, digest));
+  EXPECT_GT(Faults().count("C_Login"), logins);
 }
 
 }  // namespace

@@ -62,6 +62,8 @@ std::string CkrName(CK_RV rv) {
     KH_CKR(CKR_CRYPTOKI_NOT_INITIALIZED);
     KH_CKR(CKR_CRYPTOKI_ALREADY_INITIALIZED);
 #undef KH_CKR
+    case kCkrBadModuleOutput:
+      return "a malformed answer of the module";
     default: {
       char buf[32];
       std::snprintf(buf, sizeof(buf), "CKR_0x%lx", rv);
@@ -95,6 +97,7 @@ Status P11Error(CK_RV rv, std::string_view what) {
       return NotFound(msg + " (the key's token object is gone)");
     case CKR_DEVICE_REMOVED:
     case CKR_TOKEN_NOT_PRESENT:
+      return BackendUnavailable(msg + " (the token is not present)");
     case CKR_DEVICE_ERROR:
     case CKR_SESSION_CLOSED:
     case CKR_SESSION_HANDLE_INVALID:
@@ -104,6 +107,10 @@ Status P11Error(CK_RV rv, std::string_view what) {
     case CKR_HOST_MEMORY:
     case CKR_DEVICE_MEMORY:
       return ResourceExhausted(msg);
+    case kCkrBadModuleOutput:
+      return Internal(msg +
+                      " (an impossible output length or count; the "
+                      "PKCS#11 module is faulty)");
     default:
       return Internal(msg);
   }

@@ -11,6 +11,12 @@
 
 namespace keyhold::backend::pkcs11 {
 
+// Not a module's code: the backend's own verdict that a module returned
+// something it cannot have (an output length larger than the buffer it was
+// given, or not the length the operation produces). Vendor-defined range, so
+// it never collides with a real CKR_ value.
+inline constexpr CK_RV kCkrBadModuleOutput = CKR_VENDOR_DEFINED | 0x4b480001UL;
+
 // "CKR_PIN_INCORRECT"; "CKR_0x..." for values we do not name.
 std::string CkrName(CK_RV rv);
 

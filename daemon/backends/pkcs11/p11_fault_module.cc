@@ -1,0 +1,318 @@
+// A PKCS#11 module for tests only: it forwards every call to a real module
+// (KH_P11_FAULT_TARGET, default SoftHSM2) and can be told to misbehave the
+// way real tokens and modules do, so the backend's handling of each case can
+// be tested (the p11-kit mock-module idea, on top of a real token):
+//
+//  - fail: the next N calls of a function return a given CKR_ value
+//    (CKR_SESSION_HANDLE_INVALID, CKR_DEVICE_REMOVED, ...);
+//  - lie: the next N calls of a function succeed but report a given output
+//    length or count (larger than the buffer, absurd, odd, ...);
+//  - logout: the next C_Sign logs the token out and says so;
+//  - absent: the token is "removed" (every real session closed, no token in
+//    the slot list) until switched back;
+//  - hang: while the file named by KH_P11_FAULT_HANG_FILE exists, C_Sign
+//    waits (it touches FILE.entered first), for the daemon-level test that a
+//    hanging module cannot hang the daemon's I/O.
+//
+// The controls are plain C functions; a test dlopen()s this module itself
+// and looks them up. Nothing here is built into keyholdd.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <p11-kit/pkcs11.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#define KH_FAULT_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+struct Fault {
+  enum Kind { kFail, kLie, kLogout } kind = kFail;
+  CK_RV rv = CKR_OK;
+  CK_ULONG len = 0;
+  int times = 0;
+};
+
+std::mutex g_mu;
+std::map<std::string, Fault> g_faults;
+std::map<std::string, unsigned long> g_counts;
+bool g_absent = false;
+
+CK_FUNCTION_LIST* g_real = nullptr;
+CK_FUNCTION_LIST g_list;
+
+// Counts the call and returns the fault to apply to it, if any.
+bool TakeFault(const std::string& fn, Fault* out) {
+  std::lock_guard lock(g_mu);
+  ++g_counts[fn];
+  auto it = g_faults.find(fn);
+  if (it == g_faults.end() || it->second.times == 0) {
+    return false;
+  }
+  *out = it->second;
+  if (--it->second.times == 0) {
+    g_faults.erase(it);
+  }
+  return true;
+}
+
+bool Absent() {
+  std::lock_guard lock(g_mu);
+  return g_absent;
+}
+
+void CloseAllRealSessions() {
+  CK_ULONG n = 0;
+  if (g_real->C_GetSlotList(CK_FALSE, nullptr, &n) != CKR_OK) {
+    return;
+  }
+  std::vector<CK_SLOT_ID> slots(n);
+  if (g_real->C_GetSlotList(CK_FALSE, slots.data(), &n) != CKR_OK) {
+    return;
+  }
+  for (CK_ULONG i = 0; i < n && i < slots.size(); ++i) {
+    g_real->C_CloseAllSessions(slots[i]);
+  }
+}
+
+void WaitWhileHangFile() {
+  const char* file = std::getenv("KH_P11_FAULT_HANG_FILE");
+  if (file == nullptr || ::access(file, F_OK) != 0) {
+    return;
+  }
+  const std::string entered = std::string(file) + ".entered";
+  const int fd = ::open(entered.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  if (fd >= 0) {
+    ::close(fd);
+  }
+  // At most two minutes, so a broken test cannot leave a daemon stuck.
+  for (int i = 0; i < 2400 && ::access(file, F_OK) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+CK_RV GetSlotList(CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count) {
+  Fault f;
+  const bool faulty = TakeFault("C_GetSlotList", &f);
+  if (faulty && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  if (present == CK_TRUE && Absent()) {
+    *count = 0;
+    return CKR_OK;
+  }
+  const CK_RV rv = g_real->C_GetSlotList(present, list, count);
+  if (rv == CKR_OK && faulty && f.kind == Fault::kLie) {
+    *count = f.len;
+  }
+  return rv;
+}
+
+CK_RV GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info) {
+  if (Absent()) {
+    return CKR_TOKEN_NOT_PRESENT;
+  }
+  return g_real->C_GetTokenInfo(slot, info);
+}
+
+CK_RV GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list,
+                       CK_ULONG_PTR count) {
+  Fault f;
+  const bool faulty = TakeFault("C_GetMechanismList", &f);
+  if (faulty && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  const CK_RV rv = g_real->C_GetMechanismList(slot, list, count);
+  if (rv == CKR_OK && faulty && f.kind == Fault::kLie) {
+    *count = f.len;
+  }
+  return rv;
+}
+
+CK_RV OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app,
+                  CK_NOTIFY notify, CK_SESSION_HANDLE_PTR h) {
+  Fault f;
+  if (TakeFault("C_OpenSession", &f) && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  if (Absent()) {
+    return CKR_TOKEN_NOT_PRESENT;
+  }
+  return g_real->C_OpenSession(slot, flags, app, notify, h);
+}
+
+CK_RV Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin,
+            CK_ULONG pin_len) {
+  Fault f;
+  if (TakeFault("C_Login", &f) && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  return g_real->C_Login(s, user, pin, pin_len);
+}
+
+CK_RV GetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o,
+                        CK_ATTRIBUTE_PTR t, CK_ULONG n) {
+  Fault f;
+  bool faulty = TakeFault("C_GetAttributeValue", &f);
+  // "C_GetAttributeValue/data": only calls that pass a buffer (the second
+  // call of a two-step read).
+  if (!faulty && n > 0 && t[0].pValue != nullptr) {
+    faulty = TakeFault("C_GetAttributeValue/data", &f);
+  }
+  if (faulty && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  const CK_RV rv = g_real->C_GetAttributeValue(s, o, t, n);
+  if (rv == CKR_OK && faulty && f.kind == Fault::kLie && n > 0) {
+    t[0].ulValueLen = f.len;
+  }
+  return rv;
+}
+
+CK_RV FindObjects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR out, CK_ULONG max,
+                  CK_ULONG_PTR n) {
+  Fault f;
+  const bool faulty = TakeFault("C_FindObjects", &f);
+  if (faulty && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  const CK_RV rv = g_real->C_FindObjects(s, out, max, n);
+  if (rv == CKR_OK && faulty && f.kind == Fault::kLie) {
+    *n = f.len;
+  }
+  return rv;
+}
+
+CK_RV SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  Fault f;
+  if (TakeFault("C_SignInit", &f) && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  return g_real->C_SignInit(s, m, k);
+}
+
+CK_RV Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
+           CK_BYTE_PTR sig, CK_ULONG_PTR sig_len) {
+  WaitWhileHangFile();
+  Fault f;
+  const bool faulty = TakeFault("C_Sign", &f);
+  if (faulty && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  if (faulty && f.kind == Fault::kLogout) {
+    g_real->C_Logout(s);
+    return CKR_USER_NOT_LOGGED_IN;
+  }
+  const CK_RV rv = g_real->C_Sign(s, data, data_len, sig, sig_len);
+  if (rv == CKR_OK && faulty && f.kind == Fault::kLie) {
+    *sig_len = f.len;
+  }
+  return rv;
+}
+
+CK_RV Decrypt(CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len,
+              CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
+  Fault f;
+  const bool faulty = TakeFault("C_Decrypt", &f);
+  if (faulty && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  const CK_RV rv = g_real->C_Decrypt(s, in, in_len, out, out_len);
+  if (rv == CKR_OK && faulty && f.kind == Fault::kLie) {
+    *out_len = f.len;
+  }
+  return rv;
+}
+
+}  // namespace
+
+KH_FAULT_EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out) {
+  if (out == nullptr) {
+    return CKR_ARGUMENTS_BAD;
+  }
+  std::lock_guard lock(g_mu);
+  if (g_real == nullptr) {
+    const char* target = std::getenv("KH_P11_FAULT_TARGET");
+    if (target == nullptr) {
+      target = "/usr/lib/softhsm/libsofthsm2.so";
+    }
+    void* lib = ::dlopen(target, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
+    if (lib == nullptr) {
+      return CKR_GENERAL_ERROR;
+    }
+    auto get = reinterpret_cast<CK_C_GetFunctionList>(
+        ::dlsym(lib, "C_GetFunctionList"));
+    CK_FUNCTION_LIST* real = nullptr;
+    if (get == nullptr || get(&real) != CKR_OK || real == nullptr) {
+      return CKR_GENERAL_ERROR;
+    }
+    g_real = real;
+    g_list = *real;
+    g_list.C_GetSlotList = &GetSlotList;
+    g_list.C_GetTokenInfo = &GetTokenInfo;
+    g_list.C_GetMechanismList = &GetMechanismList;
+    g_list.C_OpenSession = &OpenSession;
+    g_list.C_Login = &Login;
+    g_list.C_GetAttributeValue = &GetAttributeValue;
+    g_list.C_FindObjects = &FindObjects;
+    g_list.C_SignInit = &SignInit;
+    g_list.C_Sign = &Sign;
+    g_list.C_Decrypt = &Decrypt;
+  }
+  *out = &g_list;
+  return CKR_OK;
+}
+
+// The next `times` calls of fn return rv without reaching the token.
+KH_FAULT_EXPORT void kh_fault_fail(const char* fn, CK_RV rv, int times) {
+  std::lock_guard lock(g_mu);
+  g_faults[fn] = Fault{Fault::kFail, rv, 0, times};
+}
+
+// The next `times` calls of fn run on the token, then report len as their
+// output length (or count).
+KH_FAULT_EXPORT void kh_fault_lie(const char* fn, CK_ULONG len, int times) {
+  std::lock_guard lock(g_mu);
+  g_faults[fn] = Fault{Fault::kLie, CKR_OK, len, times};
+}
+
+// The next `times` C_Sign calls log the token out and fail with
+// CKR_USER_NOT_LOGGED_IN, as after another application's C_Logout.
+KH_FAULT_EXPORT void kh_fault_logout(int times) {
+  std::lock_guard lock(g_mu);
+  g_faults["C_Sign"] = Fault{Fault::kLogout, CKR_OK, 0, times};
+}
+
+// absent != 0: the token is removed (all sessions close); 0: it is back.
+KH_FAULT_EXPORT void kh_fault_absent(int absent) {
+  {
+    std::lock_guard lock(g_mu);
+    g_absent = absent != 0;
+  }
+  if (absent != 0 && g_real != nullptr) {
+    CloseAllRealSessions();
+  }
+}
+
+// How often fn was called since the last reset.
+KH_FAULT_EXPORT unsigned long kh_fault_count(const char* fn) {
+  std::lock_guard lock(g_mu);
+  auto it = g_counts.find(fn);
+  return it == g_counts.end() ? 0 : it->second;
+}
+
+KH_FAULT_EXPORT void kh_fault_reset(void) {
+  std::lock_guard lock(g_mu);
+  g_faults.clear();
+  g_counts.clear();
+  g_absent = false;
+}
