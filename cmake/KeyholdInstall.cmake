@@ -11,6 +11,8 @@ install(TARGETS keyhold RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 # Configuration examples: the daemon's (all defaults, documented) and the
 # OpenSSL snippet to include from openssl.cnf. Neither is active by itself.
 # /etc/keyhold whatever the prefix: keyholdd reads /etc/keyhold/keyholdd.toml.
+# KH_ETC_FILES: the Debian package marks each as a conffile.
+set(KH_ETC_FILES /etc/keyhold/keyholdd.toml.example /etc/keyhold/openssl-keyhold.cnf)
 install(FILES conf/keyholdd.toml.example conf/openssl-keyhold.cnf
         DESTINATION /etc/keyhold)
 # p11-kit registration (its package registry, as p11-kit reports it): every
@@ -26,3 +28,28 @@ if(TARGET keyhold-pkcs11)
   endif()
   install(FILES conf/keyhold.module DESTINATION ${KH_P11_CONFIG_DIR})
 endif()
+
+# systemd: the socket and service units, the socket and state directories
+# (tmpfiles.d) and the `keyhold` system user (sysusers.d), where systemd
+# reports it looks for them (/lib/systemd/system, /usr/lib/tmpfiles.d,
+# /usr/lib/sysusers.d on Debian 12) whatever the prefix. The service runs
+# /usr/sbin/keyholdd (the package's layout): another prefix needs ExecStart=
+# overridden in a drop-in (docs/systemd.md).
+foreach(_kh_var systemdsystemunitdir tmpfilesdir sysusersdir)
+  pkg_get_variable(_kh_${_kh_var} systemd ${_kh_var})
+endforeach()
+if(NOT _kh_systemdsystemunitdir)
+  set(_kh_systemdsystemunitdir /lib/systemd/system)
+endif()
+if(NOT _kh_tmpfilesdir)
+  set(_kh_tmpfilesdir /usr/lib/tmpfiles.d)
+endif()
+if(NOT _kh_sysusersdir)
+  set(_kh_sysusersdir /usr/lib/sysusers.d)
+endif()
+set(KH_SYSTEMD_UNIT_DIR "${_kh_systemdsystemunitdir}" CACHE PATH "systemd system unit directory")
+set(KH_TMPFILES_DIR "${_kh_tmpfilesdir}" CACHE PATH "tmpfiles.d directory")
+set(KH_SYSUSERS_DIR "${_kh_sysusersdir}" CACHE PATH "sysusers.d directory")
+install(FILES conf/keyholdd.service conf/keyholdd.socket DESTINATION ${KH_SYSTEMD_UNIT_DIR})
+install(FILES conf/keyhold.tmpfiles DESTINATION ${KH_TMPFILES_DIR} RENAME keyhold.conf)
+install(FILES conf/keyhold.sysusers DESTINATION ${KH_SYSUSERS_DIR} RENAME keyhold.conf)
