@@ -76,7 +76,7 @@ Status Authorize(OpContext& ctx, const OpEntry& entry, const Principal& caller,
     case Permission::kAnyone:
       return Status::Ok();
     case Permission::kAdmin:
-      if (!caller.is_admin) {
+      if (!ctx.settings.IsAdmin(caller.uid)) {
         return PermissionDenied("operation '" + std::string(entry.name) +
                                 "' is for keyhold admins only");
       }
@@ -128,7 +128,8 @@ std::optional<v1::Response> Dispatcher::TryHandleInline(const Principal& caller,
   if (entry == nullptr || entry->execution == Execution::kInline) {
     return Handle(caller, request);
   }
-  if (entry->execution == Execution::kBlocking || !ctx_->inline_crypto) {
+  if (entry->execution == Execution::kBlocking ||
+      !ctx_->settings.inline_crypto()) {
     return std::nullopt;
   }
   // kByBackend: inline only if the key's record is already in memory (a
@@ -166,7 +167,7 @@ bool Audited(const OpContext& ctx, v1::Request::OpCase op) {
     case R::kSign:
     case R::kDecrypt:
     case R::kDerive:
-      return ctx.audit_key_use;
+      return ctx.settings.audit_key_use();
     default:
       return true;
   }

@@ -94,9 +94,9 @@ class DispatcherTest : public ::testing::Test {
   FakeBackend backend_;
   ClientRegistry clients_;
   OpContext ctx_;
-  Principal alice_{1001, 1001, {}, 10, false, ""};
-  Principal bob_{1002, 1002, {}, 11, false, ""};
-  Principal root_{0, 0, {}, 1, true, ""};
+  Principal alice_{1001, 1001, {}, 10, ""};
+  Principal bob_{1002, 1002, {}, 11, ""};
+  Principal root_{0, 0, {}, 1, ""};  // an admin: settings default to {0}
 };
 
 TEST_F(DispatcherTest, EveryOperationIsInTheTableOnce) {
@@ -277,6 +277,19 @@ TEST_F(DispatcherTest, AdminOperationsNeedAdmin) {
   EXPECT_EQ(deleted.delete_client().keys_deleted(), 1u);
   EXPECT_EQ(backend_.destroyed, 1);
   EXPECT_EQ(Sign(alice_, "k").code(), v1::NOT_FOUND);
+}
+
+TEST_F(DispatcherTest, ReloadedAdminListAppliesToTheNextRequest) {
+  v1::Request list;
+  list.mutable_list_clients();
+  ASSERT_EQ(Run(root_, list).code(), v1::OK);
+  ASSERT_EQ(Run(alice_, list).code(), v1::PERMISSION_DENIED);
+
+  RuntimeSettings next;
+  next.admin_uids = {alice_.uid};
+  ctx_.settings.Set(next);  // what SIGHUP does
+  EXPECT_EQ(Run(root_, list).code(), v1::PERMISSION_DENIED);
+  EXPECT_EQ(Run(alice_, list).code(), v1::OK);
 }
 
 TEST_F(DispatcherTest, AdminCannotUseOthersKeys) {

@@ -1,11 +1,15 @@
 // keyholdd: the composition root. Reads the config, hardens the process,
 // builds the object graph (key store, backends, dispatcher, server) and runs
-// until SIGTERM or SIGINT. The only file that names concrete backends.
+// until SIGTERM or SIGINT; SIGHUP reloads the config. Under systemd it takes
+// its socket from socket activation and reports READY/RELOADING/STOPPING
+// (sd_notify; both are no-ops elsewhere). The only file that names concrete
+// backends.
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -13,6 +17,8 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <csignal>
+#include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <memory>
 #include <thread>
@@ -25,6 +31,7 @@
 #include "daemon/config.h"
 #include "daemon/dispatcher.h"
 #include "daemon/keystore/key_store.h"
+#include "daemon/live_settings.h"
 #include "daemon/server.h"
 
 namespace {
@@ -73,23 +80,130 @@ Status PrepareStateDir(const std::string& dir) {
   return Status::Ok();
 }
 
-int Run(int argc, char** argv) {
-  CLI::App app{"keyholdd: keeps private keys out of application processes"};
-  std::string config_path;
-  std::string socket_path;
+// What keyholdd was started with and what a reload may change.
+struct StartOptions {
+  std::string config_path;  // "" when running on built-in defaults
+  std::string socket_path;  // command-line overrides, "" if not given
   std::string state_dir;
   std::string log_level;
-  app.add_option("--config", config_path,
+};
+
+void ApplyOverrides(const StartOptions& opts, keyhold::daemon::Config* c) {
+  if (!opts.socket_path.empty()) {
+    c->socket_path = opts.socket_path;
+  }
+  if (!opts.state_dir.empty()) {
+    c->state_dir = opts.state_dir;
+  }
+  if (!opts.log_level.empty()) {
+    c->log_level = opts.log_level;
+  }
+}
+
+// The settings a reload cannot change, by name, where next differs from the
+// running config.
+std::vector<std::string> NeedRestart(const keyhold::daemon::Config& running,
+                                     const keyhold::daemon::Config& next) {
+  std::vector<std::string> changed;
+  if (next.socket_path != running.socket_path) changed.push_back("socket");
+  if (next.state_dir != running.state_dir) changed.push_back("state_dir");
+  if (next.worker_threads != running.worker_threads) {
+    changed.push_back("worker_threads");
+  }
+  if (next.blocking_threads != running.blocking_threads) {
+    changed.push_back("blocking_threads");
+  }
+  if (next.default_backend != running.default_backend) {
+    changed.push_back("default_backend");
+  }
+  const auto same_backend = [](const keyhold::daemon::BackendSection& a,
+                               const keyhold::daemon::BackendSection& b) {
+    return a.kind == b.kind && a.name == b.name && a.settings == b.settings;
+  };
+  if (!std::equal(next.backends.begin(), next.backends.end(),
+                  running.backends.begin(), running.backends.end(),
+                  same_backend)) {
+    changed.push_back("backend");
+  }
+  return changed;
+}
+
+void NotifySystemd(const std::string& state) {
+  sd_notify(/*unset_environment=*/0, state.c_str());
+}
+
+// SIGHUP: re-reads the config file and applies what can change while
+// connections stay open (limits, admins, log level, inline_crypto,
+// audit_key_use). A file that does not load or validate changes nothing;
+// settings that need a restart keep their running values, with a warning.
+// Recorded in the audit log either way.
+void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
+            keyhold::daemon::LiveSettings* live,
+            keyhold::daemon::AuditLog* audit) {
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  NotifySystemd("RELOADING=1\nMONOTONIC_USEC=" +
+                std::to_string(static_cast<uint64_t>(now.tv_sec) * 1000000 +
+                               static_cast<uint64_t>(now.tv_nsec) / 1000));
+  Status result = Status::Ok();
+  if (opts.config_path.empty()) {
+    result = keyhold::InvalidArgument(
+        "SIGHUP: keyholdd runs without a config file; nothing to reload");
+  } else if (auto next = keyhold::daemon::LoadConfigFile(opts.config_path);
+             !next.ok()) {
+    result = next.status();
+  } else {
+    ApplyOverrides(opts, &*next);
+    for (const std::string& name : NeedRestart(*running, *next)) {
+      spdlog::warn(
+          "reload: '{}' changed in {}; it takes effect after a restart "
+          "(the running value stays)",
+          name, opts.config_path);
+    }
+    running->limits = next->limits;
+    running->admin_uids = next->admin_uids;
+    running->log_level = next->log_level;
+    running->inline_crypto = next->inline_crypto;
+    running->audit_key_use = next->audit_key_use;
+    live->Set(keyhold::daemon::RuntimeSettings::From(*running));
+    spdlog::set_level(spdlog::level::from_str(running->log_level));
+  }
+  if (result.ok()) {
+    spdlog::info("reloaded {}", opts.config_path);
+  } else {
+    spdlog::error("reload rejected, the running configuration stays: {}",
+                  result.message());
+  }
+  if (audit != nullptr) {
+    keyhold::daemon::AuditEvent event;
+    event.uid = geteuid();
+    event.pid = getpid();
+    event.op = "reload-config";
+    event.result =
+        result.ok() ? "ok" : std::string(keyhold::CodeName(result.code()));
+    event.detail = opts.config_path;
+    if (Status st = audit->Append(event); !st.ok()) {
+      spdlog::error("audit log: {}", st.message());
+    }
+  }
+  NotifySystemd("READY=1");
+}
+
+int Run(int argc, char** argv) {
+  CLI::App app{"keyholdd: keeps private keys out of application processes"};
+  StartOptions opts;
+  app.add_option("--config", opts.config_path,
                  std::string("TOML config file (default: ") +
                      kDefaultConfigPath +
                      " if it exists, else built-in "
                      "defaults)");
-  app.add_option("--socket", socket_path,
-                 "Unix socket path (overrides config)");
-  app.add_option("--state-dir", state_dir,
+  app.add_option("--socket", opts.socket_path,
+                 "Unix socket path (overrides config; ignored when systemd "
+                 "passes the socket)");
+  app.add_option("--state-dir", opts.state_dir,
                  "directory for the key store and master key (overrides "
                  "config)");
-  app.add_option("--log-level", log_level,
+  app.add_option("--log-level", opts.log_level,
                  "trace, debug, info, warn, error or off (overrides config)");
   app.set_version_flag("--version", KEYHOLD_VERSION);
   CLI11_PARSE(app, argc, argv);
@@ -100,26 +214,18 @@ int Run(int argc, char** argv) {
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
 
   keyhold::daemon::Config config;
-  if (config_path.empty() && fs::exists(kDefaultConfigPath)) {
-    config_path = kDefaultConfigPath;
+  if (opts.config_path.empty() && fs::exists(kDefaultConfigPath)) {
+    opts.config_path = kDefaultConfigPath;
   }
-  if (!config_path.empty()) {
-    auto loaded = keyhold::daemon::LoadConfigFile(config_path);
+  if (!opts.config_path.empty()) {
+    auto loaded = keyhold::daemon::LoadConfigFile(opts.config_path);
     if (!loaded.ok()) {
       spdlog::critical("config: {}", loaded.status().message());
       return 2;
     }
     config = std::move(*loaded);
   }
-  if (!socket_path.empty()) {
-    config.socket_path = socket_path;
-  }
-  if (!state_dir.empty()) {
-    config.state_dir = state_dir;
-  }
-  if (!log_level.empty()) {
-    config.log_level = log_level;
-  }
+  ApplyOverrides(opts, &config);
   spdlog::set_level(spdlog::level::from_str(config.log_level));
 
   if (Status st = PrepareStateDir(config.state_dir); !st.ok()) {
@@ -193,10 +299,8 @@ int Run(int argc, char** argv) {
   }
   ctx.default_backend = config.default_backend;
   ctx.clients = &clients;
-  ctx.limits = config.limits;
-  ctx.inline_crypto = config.inline_crypto;
+  ctx.settings.Set(keyhold::daemon::RuntimeSettings::From(config));
   ctx.audit = audit->get();
-  ctx.audit_key_use = config.audit_key_use;
   if (!ctx.backends.contains(ctx.default_backend)) {
     spdlog::critical("default_backend '{}' is not a configured backend",
                      ctx.default_backend);
@@ -215,11 +319,28 @@ int Run(int argc, char** argv) {
   boost::asio::io_context io(static_cast<int>(io_threads));
   std::vector<boost::asio::io_context*> all_io = {&io};
   boost::asio::thread_pool blocking(blocking_threads);
-  keyhold::daemon::Server server(all_io, blocking, blocking_threads,
-                                 dispatcher, clients, config.limits,
-                                 config.admin_uids);
-  if (Status st = server.Listen(config.socket_path); !st.ok()) {
-    spdlog::critical("{}", st.message());
+  keyhold::daemon::Server server(all_io, blocking, blocking_threads, dispatcher,
+                                 clients, ctx.settings);
+  // Socket activation: systemd (or systemd-socket-activate) passes exactly
+  // one listening socket in LISTEN_FDS; otherwise bind our own.
+  const int passed = sd_listen_fds(/*unset_environment=*/1);
+  std::string listening_on = config.socket_path;
+  Status listened = Status::Ok();
+  if (passed < 0) {
+    listened = keyhold::Internal(std::string("socket activation: ") +
+                                 std::strerror(-passed));
+  } else if (passed > 1) {
+    listened = keyhold::InvalidArgument(
+        "socket activation passed " + std::to_string(passed) +
+        " sockets; keyholdd takes exactly one (one ListenStream=)");
+  } else if (passed == 1) {
+    listened = server.Adopt(SD_LISTEN_FDS_START);
+    listening_on = "the socket from systemd";
+  } else {
+    listened = server.Listen(config.socket_path);
+  }
+  if (!listened.ok()) {
+    spdlog::critical("{}", listened.message());
     return 1;
   }
 
@@ -230,13 +351,12 @@ int Run(int argc, char** argv) {
       return;
     }
     if (sig == SIGHUP) {
-      spdlog::info(
-          "SIGHUP: configuration reload is not supported yet; "
-          "ignoring");
+      Reload(opts, &config, &ctx.settings, ctx.audit);
       signals.async_wait(on_signal);
       return;
     }
     spdlog::info("signal {}: shutting down", sig);
+    NotifySystemd("STOPPING=1");
     server.Stop();
   };
   signals.async_wait(on_signal);
@@ -244,8 +364,9 @@ int Run(int argc, char** argv) {
   server.Start();
   spdlog::info(
       "keyholdd {} listening on {} (state {}, {} I/O threads, {} blocking)",
-      KEYHOLD_VERSION, config.socket_path, config.state_dir, io_threads,
+      KEYHOLD_VERSION, listening_on, config.state_dir, io_threads,
       blocking_threads);
+  NotifySystemd("READY=1\nSTATUS=serving on " + listening_on);
   std::vector<std::thread> threads;
   for (unsigned i = 1; i < io_threads; ++i) {
     threads.emplace_back([&io] { io.run(); });

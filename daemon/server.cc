@@ -34,15 +34,14 @@ using Clock = std::chrono::steady_clock;
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(Server& server, Socket socket, asio::thread_pool& workers,
-          Dispatcher& dispatcher, ClientRegistry& clients, const Limits& limits,
-          Principal principal)
+          Dispatcher& dispatcher, ClientRegistry& clients, Principal principal)
       : server_(server),
         socket_(std::move(socket)),
         watchdog_(socket_.get_executor()),
         workers_(workers),
         dispatcher_(dispatcher),
         clients_(clients),
-        limits_(limits),
+        limits_(server.settings().Get()->limits),
         principal_(std::move(principal)) {}
 
   asio::any_io_executor executor() { return socket_.get_executor(); }
@@ -107,6 +106,8 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void CheckDeadlines() {
+    // A reload (SIGHUP) reaches open connections here, within a second.
+    limits_ = server_.settings().Get()->limits;
     const auto now = Clock::now();
     const auto io = std::chrono::seconds(limits_.io_timeout_seconds);
     const auto idle = std::chrono::seconds(limits_.idle_timeout_seconds);
@@ -358,7 +359,7 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::thread_pool& workers_;
   Dispatcher& dispatcher_;
   ClientRegistry& clients_;
-  const Limits limits_;
+  Limits limits_;  // the daemon's, as of the last watchdog tick
   const Principal principal_;
 
   // Everything below is touched on the I/O thread only.
@@ -381,16 +382,14 @@ class Session : public std::enable_shared_from_this<Session> {
 
 Server::Server(std::vector<asio::io_context*> io, asio::thread_pool& workers,
                unsigned blocking_threads, Dispatcher& dispatcher,
-               ClientRegistry& clients, Limits limits,
-               std::vector<uint32_t> admin_uids)
+               ClientRegistry& clients, const LiveSettings& settings)
     : io_(*io.at(0)),
       io_contexts_(std::move(io)),
       workers_(workers),
       blocking_queue_(workers, blocking_threads),
       dispatcher_(dispatcher),
       clients_(clients),
-      limits_(limits),
-      admin_uids_(std::move(admin_uids)) {}
+      settings_(settings) {}
 
 Server::~Server() = default;
 
@@ -485,6 +484,35 @@ Status Server::Listen(const std::string& path) {
   return Status::Ok();
 }
 
+Status Server::Adopt(int fd) {
+  int type = 0;
+  int listening = 0;
+  socklen_t type_len = sizeof(type);
+  socklen_t listening_len = sizeof(listening);
+  sockaddr_storage addr{};
+  socklen_t addr_len = sizeof(addr);
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &type_len) != 0 ||
+      getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &listening_len) !=
+          0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &addr_len) != 0) {
+    return Internal("socket from systemd (fd " + std::to_string(fd) +
+                    "): " + std::strerror(errno));
+  }
+  if (addr.ss_family != AF_UNIX || type != SOCK_STREAM || listening == 0) {
+    return InvalidArgument(
+        "socket from systemd (fd " + std::to_string(fd) +
+        ") is not a listening Unix stream socket; use ListenStream=/path");
+  }
+  boost::system::error_code ec;
+  acceptor_ = std::make_unique<asio::local::stream_protocol::acceptor>(io_);
+  acceptor_->assign(asio::local::stream_protocol(), fd, ec);
+  if (ec) {
+    return Internal("cannot use the socket from systemd: " + ec.message());
+  }
+  path_.clear();
+  return Status::Ok();
+}
+
 void Server::Start() {
   std::lock_guard<std::mutex> lock(mu_);
   Accept();
@@ -518,7 +546,8 @@ void Server::Accept() {
           });
           return;
         }
-        if (sessions_.size() >= limits_.max_connections) {
+        const Limits limits = settings_.Get()->limits;
+        if (sessions_.size() >= limits.max_connections) {
           spdlog::warn("connection refused: {} connections open (limit)",
                        sessions_.size());
           boost::system::error_code ignored;
@@ -537,7 +566,7 @@ void Server::Accept() {
                           [&](const std::shared_ptr<Session>& s) {
                             return s->uid() == cred->uid;
                           }));
-        if (same_uid >= limits_.max_connections_per_uid) {
+        if (same_uid >= limits.max_connections_per_uid) {
           spdlog::warn(
               "connection refused: uid {} already has {} connections "
               "(limits.max_connections_per_uid)",
@@ -553,11 +582,9 @@ void Server::Accept() {
         who.groups.assign(cred->groups.begin(), cred->groups.end());
         who.pid = cred->pid;
         who.exe = ExecutableOf(cred->pid);
-        who.is_admin = std::find(admin_uids_.begin(), admin_uids_.end(),
-                                 cred->uid) != admin_uids_.end();
-        auto session = std::make_shared<Session>(
-            *this, std::move(socket), workers_, dispatcher_, clients_, limits_,
-            std::move(who));
+        auto session =
+            std::make_shared<Session>(*this, std::move(socket), workers_,
+                                      dispatcher_, clients_, std::move(who));
         sessions_.insert(session);
         Accept();
         lock.unlock();
@@ -597,7 +624,8 @@ void Server::Stop() {
   }
   // Whatever has not finished within the I/O timeout is cut off.
   stop_timer_ = std::make_unique<asio::steady_timer>(io_);
-  stop_timer_->expires_after(std::chrono::seconds(limits_.io_timeout_seconds));
+  stop_timer_->expires_after(
+      std::chrono::seconds(settings_.Get()->limits.io_timeout_seconds));
   stop_timer_->async_wait([this](const boost::system::error_code& ec) {
     if (ec) {
       return;

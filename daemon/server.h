@@ -36,6 +36,7 @@
 #include "daemon/config.h"
 #include "daemon/dispatcher.h"
 #include "daemon/fair_queue.h"
+#include "daemon/live_settings.h"
 
 namespace keyhold::daemon {
 
@@ -48,14 +49,17 @@ class Server {
   // uids (FairQueue).
   Server(std::vector<boost::asio::io_context*> io,
          boost::asio::thread_pool& blocking, unsigned blocking_threads,
-         Dispatcher& dispatcher, ClientRegistry& clients, Limits limits,
-         std::vector<uint32_t> admin_uids);
+         Dispatcher& dispatcher, ClientRegistry& clients,
+         const LiveSettings& settings);
   ~Server();
 
   // Binds the socket at path (mode 0666; the directory is created 0755 if
   // missing). A stale socket file is replaced; a live one (another daemon
   // answers) is an error.
   Status Listen(const std::string& path);
+  // Takes a listening Unix stream socket handed over by systemd (socket
+  // activation). The socket file is systemd's: Stop() leaves it in place.
+  Status Adopt(int fd);
   // Starts accepting; runs on the io_context.
   void Start();
   // Stops accepting, closes every session, removes the socket file.
@@ -64,6 +68,7 @@ class Server {
   // Called by sessions.
   void Forget(Session* session);
   FairQueue& blocking_queue() { return blocking_queue_; }
+  const LiveSettings& settings() const { return settings_; }
   bool stopping() const { return stopping_.load(); }
 
  private:
@@ -77,8 +82,7 @@ class Server {
   std::atomic<bool> stopping_{false};
   Dispatcher& dispatcher_;
   ClientRegistry& clients_;
-  Limits limits_;
-  std::vector<uint32_t> admin_uids_;
+  const LiveSettings& settings_;  // limits; re-read at accept and each second
   std::string path_;
   std::unique_ptr<boost::asio::local::stream_protocol::acceptor> acceptor_;
   std::mutex mu_;  // guards everything below

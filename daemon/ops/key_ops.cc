@@ -106,8 +106,9 @@ Status HandleHello(OpContext& ctx, const OpArgs& args, v1::Request& request,
   }
   auto* out = response->mutable_hello();
   out->set_version(kProtocolVersion);
-  out->set_max_frame_bytes(ctx.limits.max_frame_bytes);
-  out->set_max_in_flight(ctx.limits.max_in_flight_per_connection);
+  const auto settings = ctx.settings.Get();
+  out->set_max_frame_bytes(settings->limits.max_frame_bytes);
+  out->set_max_in_flight(settings->limits.max_in_flight_per_connection);
   out->set_caller_uid(args.caller.uid);
   out->set_daemon_version(KEYHOLD_VERSION);
   return Status::Ok();

@@ -15,6 +15,7 @@
 #include "daemon/client_registry.h"
 #include "daemon/config.h"
 #include "daemon/keystore/key_store.h"
+#include "daemon/live_settings.h"
 #include "keyhold/v1/keyhold.pb.h"
 
 namespace keyhold::daemon {
@@ -25,10 +26,10 @@ struct OpContext {
   std::map<std::string, backend::Backend*> backends;
   std::string default_backend;
   ClientRegistry* clients = nullptr;
-  Limits limits;
-  bool inline_crypto = true;
+  // Limits, admins, inline_crypto, audit_key_use (also record sign,
+  // decrypt, derive): replaced as a whole on SIGHUP.
+  LiveSettings settings;
   AuditLog* audit = nullptr;  // null: no audit log (unit tests)
-  bool audit_key_use = true;  // also record sign/decrypt/derive
 };
 
 struct OpArgs {
