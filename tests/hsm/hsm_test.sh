@@ -326,5 +326,77 @@ print(' '.join(k['name'] for k in keys if k['name'].startswith('crash-')))"); do
   check "recorded $n is usable" "$KEYHOLD" sign "$n" --in "$W/msg" --out "$W/sig"
 done
 
+# --- a module that hangs, a token that goes away ----------------------------
+# The daemon loads the test-only fault module (SoftHSM2 behind it, so the same
+# token and keys) through the same allow-list rules as any vendor module.
+# While KH_P11_FAULT_HANG_FILE exists its C_Sign does not return; while
+# KH_P11_FAULT_ABSENT_FILE exists the token is "removed". No timing is
+# asserted: every command gets a generous timeout and only its answer counts.
+if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
+  kh_stop
+  FM="$KH_P11_FAULT_MODULE"
+  write_config "$FM" "$M" "$H/pin"
+  start_fails "fault module not allow-listed" "not in allowed_modules"
+  cat >"$H/keyholdd.toml" <<EOF
+[[backend.pkcs11]]
+name = "hsm"
+module = "$FM"
+allowed_modules = ["$FM"]
+token_label = "kh-hsm"
+pin_file = "$H/pin"
+sessions = 1
+acquire_timeout_ms = 2000
+EOF
+  export KH_P11_FAULT_HANG_FILE="$W/hang" KH_P11_FAULT_ABSENT_FILE="$W/absent"
+  rm -f "$W/hang" "$W/hang.entered" "$W/absent"
+  kh_start --config "$H/keyholdd.toml"
+  check "sign through the fault module" timeout 20 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig"
+  check "openssl verifies it" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" -signature "$W/sig" "$W/msg"
+
+  touch "$W/hang"
+  timeout 120 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/hung.sig" 2>"$W/hung.err" &
+  HUNG=$!
+  for _ in $(seq 1 200); do
+    [ -e "$W/hang.entered" ] && break
+    sleep 0.05
+  done
+  check "the module's C_Sign is hanging" test -e "$W/hang.entered"
+  check "ping answers while C_Sign hangs" timeout 10 "$KEYHOLD" ping
+  check "key list answers while C_Sign hangs" timeout 10 "$KEYHOLD" key list
+  check "a software-key sign answers while C_Sign hangs" \
+    timeout 10 "$KEYHOLD" sign soft --in "$W/msg" --out "$W/soft.sig"
+  check "openssl verifies that signature" openssl dgst -sha256 -verify "$W/soft.pub" \
+    -signature "$W/soft.sig" "$W/msg"
+  # The one session is held by the hung call: another HSM request waits
+  # acquire_timeout_ms for it, then fails instead of queueing forever.
+  fails "another HSM request fails instead of waiting forever" "stayed busy" \
+    timeout 30 "$KEYHOLD" sign h-rsa-2048 --in "$W/msg" --out "$W/sig2"
+  check "ping still answers" timeout 10 "$KEYHOLD" ping
+  rm -f "$W/hang"
+  check "the hung request is answered once the module returns" wait "$HUNG"
+  check "and its signature verifies" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" \
+    -signature "$W/hung.sig" "$W/msg"
+  check "the HSM serves requests again" timeout 20 "$KEYHOLD" sign h-rsa-2048 --in "$W/msg" --out "$W/sig2"
+
+  # The token is removed: a clear one-line status, the daemon stays up; when
+  # it is back the backend finds it, logs in again and the keys work.
+  touch "$W/absent"
+  fails "sign while the token is removed" "not present" \
+    timeout 20 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig"
+  fails "create while the token is removed" "not present" \
+    timeout 20 "$KEYHOLD" key create h-absent --type ec-p256 --backend hsm
+  check "ping while the token is removed" timeout 10 "$KEYHOLD" ping
+  check "software keys work while the token is removed" \
+    timeout 10 "$KEYHOLD" sign soft --in "$W/msg" --out "$W/soft.sig"
+  rm -f "$W/absent"
+  check "sign after the token is back" timeout 20 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig"
+  check "openssl verifies it after the token came back" openssl dgst -sha256 \
+    -verify "$W/h-ec-p256.pub" -signature "$W/sig" "$W/msg"
+  check "the daemon logged the lost session" grep -q "session lost" "$KH_DIR/keyholdd.log"
+  unset KH_P11_FAULT_HANG_FILE KH_P11_FAULT_ABSENT_FILE
+else
+  echo "KH_P11_FAULT_MODULE not set: hang and removal steps skipped"
+fi
+
 check "the PIN never reaches the log" sh -c "! grep -qF -- '$PIN' '$KH_DIR/keyholdd.log'"
 kh_summary

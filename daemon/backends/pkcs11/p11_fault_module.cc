@@ -9,7 +9,8 @@
 //    length or count (larger than the buffer, absurd, odd, ...);
 //  - logout: the next C_Sign logs the token out and says so;
 //  - absent: the token is "removed" (every real session closed, no token in
-//    the slot list) until switched back;
+//    the slot list) until switched back, by kh_fault_absent() or, for the
+//    daemon-level test, while the file KH_P11_FAULT_ABSENT_FILE exists;
 //  - hang: while the file named by KH_P11_FAULT_HANG_FILE exists, C_Sign
 //    waits (it touches FILE.entered first), for the daemon-level test that a
 //    hanging module cannot hang the daemon's I/O.
@@ -46,6 +47,7 @@ std::mutex g_mu;
 std::map<std::string, Fault> g_faults;
 std::map<std::string, unsigned long> g_counts;
 bool g_absent = false;
+bool g_file_absent = false;  // KH_P11_FAULT_ABSENT_FILE seen at the last call
 
 CK_FUNCTION_LIST* g_real = nullptr;
 CK_FUNCTION_LIST g_list;
@@ -65,9 +67,25 @@ bool TakeFault(const std::string& fn, Fault* out) {
   return true;
 }
 
+void CloseAllRealSessions();
+
+// Whether the token is "removed" now. The first call that sees the absent
+// file appear closes every real session, as a real removal would.
 bool Absent() {
-  std::lock_guard lock(g_mu);
-  return g_absent;
+  const char* file = std::getenv("KH_P11_FAULT_ABSENT_FILE");
+  const bool file_absent = file != nullptr && ::access(file, F_OK) == 0;
+  bool removed_now = false;
+  bool absent = false;
+  {
+    std::lock_guard lock(g_mu);
+    removed_now = file_absent && !g_file_absent;
+    g_file_absent = file_absent;
+    absent = g_absent || file_absent;
+  }
+  if (removed_now) {
+    CloseAllRealSessions();
+  }
+  return absent;
 }
 
 void CloseAllRealSessions() {
@@ -161,6 +179,7 @@ CK_RV Login(CK_SESSION_HANDLE s, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin,
 
 CK_RV GetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o,
                         CK_ATTRIBUTE_PTR t, CK_ULONG n) {
+  (void)Absent();  // notices a removal: the real sessions close
   Fault f;
   bool faulty = TakeFault("C_GetAttributeValue", &f);
   // "C_GetAttributeValue/data": only calls that pass a buffer (the second
@@ -180,6 +199,7 @@ CK_RV GetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o,
 
 CK_RV FindObjects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR out, CK_ULONG max,
                   CK_ULONG_PTR n) {
+  (void)Absent();
   Fault f;
   const bool faulty = TakeFault("C_FindObjects", &f);
   if (faulty && f.kind == Fault::kFail) {
@@ -193,6 +213,7 @@ CK_RV FindObjects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR out, CK_ULONG max,
 }
 
 CK_RV SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  (void)Absent();
   Fault f;
   if (TakeFault("C_SignInit", &f) && f.kind == Fault::kFail) {
     return f.rv;
@@ -221,6 +242,7 @@ CK_RV Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
 
 CK_RV Decrypt(CK_SESSION_HANDLE s, CK_BYTE_PTR in, CK_ULONG in_len,
               CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
+  (void)Absent();
   Fault f;
   const bool faulty = TakeFault("C_Decrypt", &f);
   if (faulty && f.kind == Fault::kFail) {
