@@ -15,12 +15,15 @@
 #include <tss2/tss2_esys.h>
 #include <tss2/tss2_mu.h>
 #include <tss2/tss2_rc.h>
+#include <tss2/tss2_sys.h>
 #include <tss2/tss2_tctildr.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -51,6 +54,22 @@ constexpr std::string_view kAadPrefix = "keyhold-tpm-v1:";
 constexpr std::string_view kSealKeyLabel = "keyhold tpm auth-value sealing v1";
 
 using EsysPtr = std::unique_ptr<void, decltype(&Esys_Free)>;
+
+// Owns an ESYS-allocated output that holds secret bytes (a plaintext, an
+// ECDH point): wiped before it is freed, on every path.
+template <typename T>
+struct CleanseAndFree {
+  void operator()(T* p) const {
+    if (p != nullptr) {
+      OPENSSL_cleanse(p, sizeof(T));
+      Esys_Free(p);
+    }
+  }
+};
+template <typename T>
+std::unique_ptr<T, CleanseAndFree<T>> OwnedSecret(T* p) {
+  return std::unique_ptr<T, CleanseAndFree<T>>(p);
+}
 template <typename T>
 std::unique_ptr<T, decltype(&Esys_Free)> Owned(T* p) {
   return std::unique_ptr<T, decltype(&Esys_Free)>(p, &Esys_Free);
@@ -128,6 +147,7 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
                                        "tcti",
                                        "owner_auth_file",
                                        "persistent_handle",
+                                       "persistent_name",
                                        "max_loaded_keys",
                                        "encrypted_sessions"};
   for (const auto& [key, value] : t) {
@@ -139,7 +159,8 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
   TpmOptions o;
   for (auto [key, out] : {std::pair<const char*, std::string*>{"name", &o.name},
                           {"tcti", &o.tcti},
-                          {"owner_auth_file", &o.owner_auth_file}}) {
+                          {"owner_auth_file", &o.owner_auth_file},
+                          {"persistent_name", &o.persistent_name}}) {
     if (const toml::node* n = t.get(key)) {
       auto v = n->value<std::string>();
       if (!v || v->empty()) {
@@ -177,6 +198,30 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
           "to 64");
     }
     o.max_loaded_keys = static_cast<uint32_t>(*v);
+  }
+  if (!o.persistent_name.empty()) {
+    std::string lower;
+    for (char c : o.persistent_name) {
+      lower.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(c))));
+    }
+    if (lower.size() < 4 || lower.size() % 2 != 0 ||
+        lower.find_first_not_of("0123456789abcdef") != std::string::npos) {
+      return InvalidArgument(
+          "setting 'backend.tpm.persistent_name' must be the key's name in "
+          "hex (tpm2_readpublic -c HANDLE prints it)");
+    }
+    if (o.persistent_handle == 0) {
+      return InvalidArgument(
+          "setting 'backend.tpm.persistent_name' needs persistent_handle");
+    }
+    o.persistent_name = lower;
+  }
+  if (o.encrypted_sessions && o.persistent_handle != 0 &&
+      o.persistent_name.empty()) {
+    return InvalidArgument(
+        "backend.tpm: encrypted_sessions with a persistent_handle needs "
+        "persistent_name (the key the sessions are salted with must be "
+        "checked; tpm2_readpublic -c HANDLE prints its name)");
   }
   return o;
 }
@@ -790,23 +835,62 @@ struct TpmBackend::Impl {
   std::set<v1::KeyType> supported;
   std::set<TPM2_ALG_ID> algs;
   bool capabilities_read = false;
+  // Transient objects and the session of a connection that was lost while
+  // the TPM kept running: without a resource manager they still occupy TPM
+  // slots, so the next connection flushes them (objects only if their name
+  // still matches, so another user's object at a reused handle is never
+  // touched). Empty after a TPM reset, which flushes them itself.
+  struct StaleHandle {
+    TPM2_HANDLE handle = 0;
+    std::vector<uint8_t> name;  // empty: a session
+  };
+  std::vector<StaleHandle> stale;
 
   ~Impl() {
     std::lock_guard lock(mu);
     Disconnect(/*flush=*/true);
   }
 
+  // Remembers tr's TPM handle (and name, for objects) for FlushStale().
+  // Local ESYS lookups only: no TPM command.
+  void RememberStale(ESYS_TR tr, bool is_session) {
+    StaleHandle s;
+    if (Esys_TR_GetTpmHandle(esys, tr, &s.handle) != TSS2_RC_SUCCESS) {
+      return;
+    }
+    if (!is_session) {
+      TPM2B_NAME* name = nullptr;
+      if (Esys_TR_GetName(esys, tr, &name) != TSS2_RC_SUCCESS) {
+        return;
+      }
+      s.name.assign(name->name, name->name + name->size);
+      Esys_Free(name);
+    }
+    stale.push_back(std::move(s));
+  }
+
   // Drops the ESYS context. flush: also free the TPM's transient slots (not
-  // possible when the connection is already gone).
-  void Disconnect(bool flush) {
+  // possible when the connection is already gone; then, unless the TPM was
+  // reset, their handles are remembered for the next connection to flush).
+  void Disconnect(bool flush, bool tpm_reset = false) {
     if (esys != nullptr) {
+      const bool remember = !flush && !tpm_reset;
       for (auto& [id, entry] : loaded) {
         if (flush) {
           (void)Esys_FlushContext(esys, entry.handle);
+        } else if (remember) {
+          RememberStale(entry.handle, /*is_session=*/false);
         }
       }
-      if (session != ESYS_TR_NONE && session != ESYS_TR_PASSWORD && flush) {
-        (void)Esys_FlushContext(esys, session);
+      if (session != ESYS_TR_NONE && session != ESYS_TR_PASSWORD) {
+        if (flush) {
+          (void)Esys_FlushContext(esys, session);
+        } else if (remember) {
+          RememberStale(session, /*is_session=*/true);
+        }
+      }
+      if (primary != ESYS_TR_NONE && primary_transient && remember) {
+        RememberStale(primary, /*is_session=*/false);
       }
       if (primary != ESYS_TR_NONE) {
         if (flush && primary_transient) {
@@ -841,7 +925,12 @@ struct TpmBackend::Impl {
       Disconnect(false);
       return TpmError(rc, "Esys_Initialize");
     }
-    Status st = SetUpPrimary();
+    Status st = FlushStale();
+    if (!st.ok()) {
+      Disconnect(/*flush=*/false, /*tpm_reset=*/true);  // keep `stale`
+      return st;
+    }
+    st = SetUpPrimary();
     session = ESYS_TR_PASSWORD;
     if (st.ok() && options.encrypted_sessions) {
       st = StartSession();
@@ -859,6 +948,63 @@ struct TpmBackend::Impl {
     return Status::Ok();
   }
 
+  // Flushes what a lost connection left in the TPM (see `stale`).
+  Status FlushStale() {
+    if (stale.empty()) {
+      return Status::Ok();
+    }
+    std::set<TPM2_HANDLE> present;
+    for (TPM2_HANDLE first : {TPM2_TRANSIENT_FIRST, TPM2_LOADED_SESSION_FIRST}) {
+      TPMI_YES_NO more = TPM2_NO;
+      TPMS_CAPABILITY_DATA* raw = nullptr;
+      const TSS2_RC rc = Esys_GetCapability(
+          esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
+          first, TPM2_MAX_CAP_HANDLES, &more, &raw);
+      if (rc != TSS2_RC_SUCCESS) {
+        return TpmError(rc, "TPM2_GetCapability(handles)");
+      }
+      auto caps = Owned(raw);
+      for (UINT32 i = 0; i < caps->data.handles.count; ++i) {
+        present.insert(caps->data.handles.handle[i]);
+      }
+    }
+    TSS2_SYS_CONTEXT* sys = nullptr;
+    if (Esys_GetSysContext(esys, &sys) != TSS2_RC_SUCCESS) {
+      sys = nullptr;
+    }
+    for (const StaleHandle& s : stale) {
+      if (!present.contains(s.handle)) {
+        continue;  // already gone (TPM restarted, or a resource manager)
+      }
+      if (s.name.empty()) {
+        // A session has no name to check; its handle was ours and the TPM
+        // kept running, so nobody else can hold it.
+        if (sys != nullptr) {
+          (void)Tss2_Sys_FlushContext(sys, s.handle);
+        }
+        continue;
+      }
+      ESYS_TR tr = ESYS_TR_NONE;
+      if (Esys_TR_FromTPMPublic(esys, s.handle, ESYS_TR_NONE, ESYS_TR_NONE,
+                                ESYS_TR_NONE, &tr) != TSS2_RC_SUCCESS) {
+        continue;
+      }
+      TPM2B_NAME* name = nullptr;
+      const bool same =
+          Esys_TR_GetName(esys, tr, &name) == TSS2_RC_SUCCESS &&
+          name->size == s.name.size() &&
+          std::equal(s.name.begin(), s.name.end(), name->name);
+      Esys_Free(name);
+      if (same) {
+        (void)Esys_FlushContext(esys, tr);
+      } else {
+        (void)Esys_TR_Close(esys, &tr);
+      }
+    }
+    stale.clear();
+    return Status::Ok();
+  }
+
   static bool IsUnavailable(const Status& st) {
     return st.code() == Code::kBackendUnavailable;
   }
@@ -873,7 +1019,7 @@ struct TpmBackend::Impl {
         primary = ESYS_TR_NONE;
         return TpmError(rc, "cannot open persistent storage key");
       }
-      return Status::Ok();
+      return CheckPersistentName();
     }
     primary_transient = true;
     if (owner_auth.size() > 0) {
@@ -905,6 +1051,36 @@ struct TpmBackend::Impl {
       }
     }
     return TpmError(rc, "cannot create the storage primary key");
+  }
+
+  // The persistent storage key must be the configured one: ESYS takes its
+  // public area from TPM2_ReadPublic, i.e. from whatever answers on the
+  // TCTI, and an encrypted session salted with a substituted key would be
+  // readable by whoever substituted it.
+  Status CheckPersistentName() {
+    if (options.persistent_name.empty()) {
+      return Status::Ok();
+    }
+    TPM2B_NAME* raw = nullptr;
+    const TSS2_RC rc = Esys_TR_GetName(esys, primary, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      return TpmError(rc, "cannot read the persistent storage key's name");
+    }
+    const std::string actual =
+        HexEncode(std::span<const uint8_t>(raw->name, raw->size));
+    Esys_Free(raw);
+    if (actual != options.persistent_name) {
+      (void)Esys_TR_Close(esys, &primary);
+      primary = ESYS_TR_NONE;
+      char handle[16];
+      std::snprintf(handle, sizeof(handle), "0x%08x",
+                    options.persistent_handle);
+      return PermissionDenied(
+          std::string("TPM: the key at persistent handle ") + handle +
+          " has name " + actual +
+          ", not the configured persistent_name; refusing to use it");
+    }
+    return Status::Ok();
   }
 
   Status StartSession() {
@@ -1026,7 +1202,8 @@ struct TpmBackend::Impl {
       if (result.ok() || !IsConnectionLost(rc)) {
         return result;
       }
-      Disconnect(/*flush=*/false);
+      Disconnect(/*flush=*/false,
+                 /*tpm_reset=*/BaseRc(rc) == TPM2_RC_INITIALIZE);
       if (attempt == 1) {
         return result;
       }
@@ -1147,13 +1324,12 @@ struct TpmBackend::Impl {
       *rc_out = rc;
       return TpmError(rc, "RSA private operation failed");
     }
-    auto m = Owned(raw);
+    auto m = OwnedSecret(raw);
     std::vector<uint8_t> out(in.size(), 0);
     if (m->size > out.size()) {
       return Internal("TPM returned an oversized RSA result");
     }
     std::memcpy(out.data() + out.size() - m->size, m->buffer, m->size);
-    OPENSSL_cleanse(m->buffer, m->size);
     return out;
   }
 
@@ -1575,16 +1751,19 @@ StatusOr<SecretBytes> TpmBackend::Decrypt(const KeyHandle& key,
                                   ESYS_TR_NONE, &c, &scheme, &label, &raw);
     if (rc != TSS2_RC_SUCCESS) {
       *rc_out = rc;
-      if (IsConnectionLost(rc)) {
-        return TpmError(rc, "decryption");
+      if (IsDecryptionFailure(rc)) {
+        // No detail: the reason for a padding failure is an oracle.
+        return InvalidArgument("decryption failed");
       }
-      // No detail: the reason for a padding failure is an oracle.
-      return InvalidArgument("decryption failed");
+      // Connection, resources, authorization, lockout: the real status
+      // (they do not depend on the ciphertext, so they tell nothing).
+      return TpmError(rc, "RSA decryption");
     }
-    auto m = Owned(raw);
-    SecretBytes out(std::span<const uint8_t>(m->buffer, m->size));
-    OPENSSL_cleanse(m->buffer, m->size);
-    return out;
+    auto m = OwnedSecret(raw);
+    if (m->size > sizeof(m->buffer)) {
+      return Internal("TPM returned an oversized plaintext");
+    }
+    return SecretBytes(std::span<const uint8_t>(m->buffer, m->size));
   });
 }
 
@@ -1618,17 +1797,17 @@ StatusOr<SecretBytes> TpmBackend::Derive(const KeyHandle& key,
       }
       return TpmError(rc, "ECDH failed");
     }
-    auto z = Owned(raw);
+    // z holds the shared point: wiped when it goes, on every path.
+    auto z = OwnedSecret(raw);
     // The shared secret is the x coordinate, padded to the field size, as
     // OpenSSL's ECDH returns it.
-    SecretBytes out(info.field_bytes);
     const TPM2B_ECC_PARAMETER& x = z->point.x;
     if (x.size > info.field_bytes) {
       return Internal("TPM returned an oversized ECDH result");
     }
+    SecretBytes out(info.field_bytes);
     std::memcpy(out.data(SecretAccess::kToken) + info.field_bytes - x.size,
                 x.buffer, x.size);
-    OPENSSL_cleanse(z.get(), sizeof(*z));
     return out;
   });
 }

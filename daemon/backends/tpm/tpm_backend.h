@@ -37,6 +37,12 @@ struct TpmOptions {
   // else the persistent handle (0x81xxxxxx) of an existing storage key with
   // an empty auth value.
   uint32_t persistent_handle = 0;
+  // The expected name (hex TPM2B_NAME, as `tpm2_readpublic -c HANDLE`
+  // prints it) of the key at persistent_handle. The key is refused when the
+  // TPM presents another one. Required with encrypted_sessions: the session
+  // is salted with that key, so an unchecked one (say, a key substituted by
+  // whoever sits on the TPM bus) would defeat the encryption.
+  std::string persistent_name;
   // Upper bound on keys kept loaded; the TPM's free transient slots may
   // lower it.
   uint32_t max_loaded_keys = 8;

@@ -19,6 +19,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <poll.h>
+#include <tss2/tss2_tpm2_types.h>
+
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -30,6 +34,7 @@
 
 #include "common/key_types.h"
 #include "common/ssl_ptr.h"
+#include "daemon/backends/tpm/tpm_errors.h"
 
 namespace keyhold::backend::tpm {
 namespace {
@@ -115,6 +120,7 @@ class Swtpm {
   std::string Tcti() const {
     return "swtpm:host=127.0.0.1,port=" + std::to_string(port_);
   }
+  int Port() const { return port_; }
 
  private:
   bool StartOn(int port) {
@@ -151,6 +157,132 @@ class Swtpm {
   fs::path dir_;
   int port_ = 0;
   pid_t pid_ = -1;
+};
+
+// Forwards 127.0.0.1:Q and Q+1 to a swtpm's command and control ports.
+// DropNextResponse() closes the connection instead of passing on the TPM's
+// next answer: the command ran, the link is lost, and the TPM keeps running
+// (and, having no resource manager, keeps whatever that connection loaded).
+class TcpProxy {
+ public:
+  explicit TcpProxy(int target) : target_(target) {}
+  ~TcpProxy() {
+    stop_ = true;
+    if (thread_.joinable()) {
+      thread_.join();
+    }
+    for (int fd : listen_) {
+      if (fd >= 0) {
+        ::close(fd);
+      }
+    }
+  }
+  bool Start() {
+    port_ = FreePortPair();
+    for (int i = 0; i < 2; ++i) {
+      listen_[i] = ::socket(AF_INET, SOCK_STREAM, 0);
+      const int one = 1;
+      ::setsockopt(listen_[i], SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+      sockaddr_in a = Addr(port_ + i);
+      if (port_ == 0 ||
+          ::bind(listen_[i], reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+          ::listen(listen_[i], 4) != 0) {
+        return false;
+      }
+    }
+    thread_ = std::thread([this] { Loop(); });
+    return true;
+  }
+  void DropNextResponse() { drop_ = true; }
+  std::string Tcti() const {
+    return "swtpm:host=127.0.0.1,port=" + std::to_string(port_);
+  }
+
+ private:
+  static sockaddr_in Addr(int port) {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    return a;
+  }
+  void Loop() {
+    struct Pair {
+      int fd[2];  // client, upstream
+      int port;   // 0: command port, 1: control port
+    };
+    std::vector<Pair> pairs;
+    auto close_pair = [](Pair& p) {
+      ::close(p.fd[0]);
+      ::close(p.fd[1]);
+    };
+    while (!stop_) {
+      std::vector<pollfd> fds;
+      for (int fd : listen_) {
+        fds.push_back({fd, POLLIN, 0});
+      }
+      for (const Pair& p : pairs) {
+        fds.push_back({p.fd[0], POLLIN, 0});
+        fds.push_back({p.fd[1], POLLIN, 0});
+      }
+      if (::poll(fds.data(), fds.size(), 20) <= 0) {
+        continue;
+      }
+      std::vector<bool> dead(pairs.size(), false);
+      for (std::size_t i = 0; i < pairs.size(); ++i) {
+        for (std::size_t side = 0; side < 2 && !dead[i]; ++side) {
+          if ((fds[2 + 2 * i + side].revents & (POLLIN | POLLHUP | POLLERR)) ==
+              0) {
+            continue;
+          }
+          if (side == 1 && pairs[i].port == 0 && drop_.exchange(false)) {
+            dead[i] = true;  // the answer is never passed on
+            continue;
+          }
+          char buf[8192];
+          const ssize_t n = ::read(pairs[i].fd[side], buf, sizeof(buf));
+          if (n <= 0 || ::send(pairs[i].fd[1 - side], buf,
+                               static_cast<std::size_t>(n),
+                               MSG_NOSIGNAL) != n) {
+            dead[i] = true;
+          }
+        }
+      }
+      for (std::size_t i = pairs.size(); i-- > 0;) {
+        if (dead[i]) {
+          close_pair(pairs[i]);
+          pairs.erase(pairs.begin() + static_cast<std::ptrdiff_t>(i));
+        }
+      }
+      for (int i = 0; i < 2; ++i) {
+        if ((fds[static_cast<std::size_t>(i)].revents & POLLIN) == 0) {
+          continue;
+        }
+        const int c = ::accept(listen_[i], nullptr, nullptr);
+        if (c < 0) {
+          continue;
+        }
+        const int u = ::socket(AF_INET, SOCK_STREAM, 0);
+        sockaddr_in a = Addr(target_ + i);
+        if (::connect(u, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+          ::close(u);
+          ::close(c);
+          continue;
+        }
+        pairs.push_back(Pair{{c, u}, i});
+      }
+    }
+    for (Pair& p : pairs) {
+      close_pair(p);
+    }
+  }
+
+  int target_;
+  int port_ = 0;
+  int listen_[2] = {-1, -1};
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> drop_{false};
+  std::thread thread_;
 };
 
 SslPtr<EVP_PKEY> ParsePub(const std::vector<uint8_t>& der) {
@@ -290,7 +422,8 @@ TEST(TpmSettingsTest, ParsesAndRejectsUnknownKeys) {
   EXPECT_EQ(o->persistent_handle, 0u);
   o = ParseTpmSettings(
       "name = \"t\"\ntcti = \"swtpm:port=1\"\nmax_loaded_keys = 3\n"
-      "persistent_handle = 0x81000001\nencrypted_sessions = true\n");
+      "persistent_handle = 0x81000001\npersistent_name = \"000b01\"\n"
+      "encrypted_sessions = true\n");
   ASSERT_TRUE(o.ok()) << o.status().ToString();
   EXPECT_EQ(o->tcti, "swtpm:port=1");
   EXPECT_EQ(o->max_loaded_keys, 3u);
@@ -630,6 +763,179 @@ TEST_F(TpmBackendTest, CopiedKeyStoreCannotSignOnAFreshTpm) {
   sig = wrong->Sign(k.handle, p, Sha(EVP_sha256(), "x"));
   ASSERT_FALSE(sig.ok());
   EXPECT_NE(sig.status().message().find("authentication"), std::string::npos);
+}
+
+// Without a resource manager the TPM keeps the transient objects (and the
+// session) of a connection that is lost while it runs. The reconnect must
+// flush them: otherwise every lost connection costs slots until the storage
+// key cannot even be created (TPM_RC_OBJECT_MEMORY / SESSION_MEMORY).
+TEST_P(TpmBackendOpsTest, LostConnectionDoesNotLeakTransientSlots) {
+  TcpProxy proxy(tpm_->Port());
+  ASSERT_TRUE(proxy.Start());
+  backend_ = MakeBackend(proxy.Tcti(), master_, 8, GetParam());
+  ASSERT_NE(backend_, nullptr);
+  const std::size_t capacity = backend_->LoadedKeyCapacity();
+  Key a = MakeKey(backend_.get(), 1, v1::EC_P256, "cut-a");
+  Key b = MakeKey(backend_.get(), 2, v1::EC_P384, "cut-b");
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  const std::vector<uint8_t> d = Sha(EVP_sha256(), "cut");
+  for (int cut = 0; cut < 5; ++cut) {
+    if (cut > 0) {
+      proxy.DropNextResponse();  // lost during the next command (a sign)
+    }
+    for (const Key* k : {&a, &b}) {
+      auto sig = backend_->Sign(k->handle, p, d);
+      ASSERT_TRUE(sig.ok()) << "after " << cut << " cuts: "
+                            << sig.status().ToString();
+      EXPECT_TRUE(
+          Verify(ParsePub(k->created.public_key).get(), nullptr, 0, d, *sig));
+    }
+    EXPECT_EQ(backend_->LoadedKeyCount(), 2u);
+    EXPECT_EQ(backend_->LoadedKeyCapacity(), capacity) << "after " << cut;
+  }
+  // A fresh backend straight on the TPM finds every slot free again.
+  backend_.reset();
+  auto direct = MakeBackend(tpm_->Tcti(), master_, 8, GetParam());
+  ASSERT_NE(direct, nullptr);
+  EXPECT_EQ(direct->LoadedKeyCapacity(), capacity);
+}
+
+TEST(TpmErrorsTest, DecryptFailuresAndRealStatuses) {
+  // Padding / value failures of TPM2_RSA_Decrypt (parameter 1): one answer.
+  EXPECT_TRUE(IsDecryptionFailure(TPM2_RC_VALUE | TPM2_RC_P | TPM2_RC_1));
+  EXPECT_TRUE(IsDecryptionFailure(TPM2_RC_SIZE | TPM2_RC_P | TPM2_RC_1));
+  // Everything else keeps its real status.
+  const TSS2_RC bad_auth = TPM2_RC_BAD_AUTH | TPM2_RC_S | TPM2_RC_1;
+  const TSS2_RC auth_fail = TPM2_RC_AUTH_FAIL | TPM2_RC_S | TPM2_RC_1;
+  const TSS2_RC tcti = TSS2_TCTI_RC_LAYER | TSS2_BASE_RC_IO_ERROR;
+  for (TSS2_RC rc : {bad_auth, auth_fail, tcti, TSS2_RC(TPM2_RC_LOCKOUT),
+                     TSS2_RC(TPM2_RC_OBJECT_MEMORY), TSS2_RC(TPM2_RC_RETRY),
+                     TSS2_RC(TPM2_RC_INITIALIZE)}) {
+    EXPECT_FALSE(IsDecryptionFailure(rc)) << std::hex << rc;
+  }
+  EXPECT_EQ(TpmError(bad_auth, "x").code(), Code::kPermissionDenied);
+  EXPECT_EQ(TpmError(auth_fail, "x").code(), Code::kPermissionDenied);
+  EXPECT_EQ(TpmError(TPM2_RC_LOCKOUT, "x").code(), Code::kUnavailable);
+  EXPECT_NE(TpmError(TPM2_RC_LOCKOUT, "x").message().find("lockout"),
+            std::string::npos);
+  EXPECT_EQ(TpmError(TPM2_RC_RETRY, "x").code(), Code::kUnavailable);
+  EXPECT_EQ(TpmError(TPM2_RC_OBJECT_MEMORY, "x").code(),
+            Code::kResourceExhausted);
+  EXPECT_EQ(TpmError(tcti, "x").code(), Code::kBackendUnavailable);
+  EXPECT_EQ(TpmError(TPM2_RC_INITIALIZE, "x").code(),
+            Code::kBackendUnavailable);
+  EXPECT_EQ(TpmError(TPM2_RC_VALUE | TPM2_RC_P | TPM2_RC_1, "x").code(),
+            Code::kInternal);
+}
+
+// Bad padding is "decryption failed" and nothing more; a TPM that is gone
+// is "backend unavailable", not a decryption failure.
+TEST_F(TpmBackendTest, DecryptKeepsPaddingFailuresOpaqueAndOthersReal) {
+  backend_ = MakeBackend(tpm_->Tcti(), master_);
+  ASSERT_NE(backend_, nullptr);
+  Key k = MakeKey(backend_.get(), 1, v1::RSA_2048, "dec");
+  SslPtr<EVP_PKEY> pub = ParsePub(k.created.public_key);
+  const std::vector<uint8_t> msg = {'s', 'e', 'c', 'r', 'e', 't'};
+  for (v1::DecryptAlgorithm alg : {v1::RSA_OAEP, v1::RSA_PKCS1_V15}) {
+    std::vector<uint8_t> ct =
+        Encrypt(pub.get(),
+                alg == v1::RSA_OAEP ? RSA_PKCS1_OAEP_PADDING : RSA_PKCS1_PADDING,
+                alg == v1::RSA_OAEP ? EVP_sha1() : nullptr, msg);
+    DecryptParams dp;
+    dp.algorithm = alg;
+    auto pt = backend_->Decrypt(k.handle, dp, ct);
+    ASSERT_TRUE(pt.ok()) << pt.status().ToString();
+    EXPECT_EQ(Bytes(*pt), msg);
+    ct[ct.size() / 2] ^= 0x40;
+    pt = backend_->Decrypt(k.handle, dp, ct);
+    ASSERT_FALSE(pt.ok());
+    EXPECT_EQ(pt.status().code(), Code::kInvalidArgument);
+    EXPECT_EQ(pt.status().message(), "decryption failed");
+  }
+  DecryptParams dp;
+  dp.algorithm = v1::RSA_OAEP;
+  std::vector<uint8_t> ct = Encrypt(pub.get(), RSA_PKCS1_OAEP_PADDING,
+                                    EVP_sha1(), msg);
+  tpm_->Stop();
+  auto down = backend_->Decrypt(k.handle, dp, ct);
+  ASSERT_FALSE(down.ok());
+  EXPECT_EQ(down.status().code(), Code::kBackendUnavailable)
+      << down.status().ToString();
+  ASSERT_TRUE(tpm_->Restart());
+  auto up = backend_->Decrypt(k.handle, dp, ct);
+  ASSERT_TRUE(up.ok()) << up.status().ToString();
+  EXPECT_EQ(Bytes(*up), msg);
+}
+
+TEST(TpmSettingsTest, PersistentName) {
+  auto o = ParseTpmSettings(
+      "name = \"t\"\npersistent_handle = 0x81000001\n"
+      "persistent_name = \"000B0102\"\nencrypted_sessions = true\n");
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_EQ(o->persistent_name, "000b0102");
+  // Encrypted sessions salted with an unchecked persistent key: refused.
+  EXPECT_EQ(ParseTpmSettings("name = \"t\"\npersistent_handle = 0x81000001\n"
+                             "encrypted_sessions = true\n")
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  EXPECT_FALSE(
+      ParseTpmSettings("name = \"t\"\npersistent_name = \"000b0102\"\n").ok());
+  EXPECT_FALSE(ParseTpmSettings("name = \"t\"\npersistent_handle = 0x81000001\n"
+                                "persistent_name = \"xyz\"\n")
+                   .ok());
+}
+
+// A persistent storage key is used only if the TPM presents the configured
+// one (checked by name), so encrypted sessions cannot be salted with a key
+// someone substituted.
+TEST_F(TpmBackendTest, PersistentStorageKeyNameIsChecked) {
+  if (std::system("command -v tpm2_createprimary >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "tpm2-tools not installed";
+  }
+  const std::string t = "-T '" + tpm_->Tcti() + "' ";
+  const fs::path ctx = dir_ / "srk.ctx";
+  const fs::path name = dir_ / "srk.name";
+  const std::string cmd =
+      "tpm2_createprimary -Q " + t + "-C o -G ecc -c '" + ctx.string() +
+      "' && tpm2_evictcontrol -Q " + t + "-C o -c '" + ctx.string() +
+      "' 0x81000001 && tpm2_readpublic -Q " + t + "-c 0x81000001 -n '" +
+      name.string() + "' && tpm2_flushcontext -Q " + t + "-t";
+  // (No resource manager: the tools leave their transient objects loaded.)
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  std::ifstream in(name, std::ios::binary);
+  const std::vector<uint8_t> raw((std::istreambuf_iterator<char>(in)),
+                                 std::istreambuf_iterator<char>());
+  ASSERT_GT(raw.size(), 2u);
+  const std::string hex = HexEncode(raw);
+
+  TpmOptions o;
+  o.name = "tpm";
+  o.tcti = tpm_->Tcti();
+  o.persistent_handle = 0x81000001;
+  o.persistent_name = hex;
+  o.encrypted_sessions = true;
+  auto b = TpmBackend::Create(o, master_);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  Key k = MakeKey(b->get(), 1, v1::EC_P256, "under-persistent");
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> d = Sha(EVP_sha256(), "persistent");
+  auto sig = (*b)->Sign(k.handle, p, d);
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  EXPECT_TRUE(Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *sig));
+  b->reset();
+
+  o.persistent_name = hex.substr(0, hex.size() - 1) +
+                      (hex.back() == '0' ? "1" : "0");
+  auto wrong = TpmBackend::Create(o, master_);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_EQ(wrong.status().code(), Code::kPermissionDenied);
+  EXPECT_NE(wrong.status().message().find("persistent_name"),
+            std::string::npos)
+      << wrong.status().ToString();
 }
 
 }  // namespace

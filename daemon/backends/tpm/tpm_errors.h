@@ -19,9 +19,16 @@ TSS2_RC BaseRc(TSS2_RC rc);
 // ESYS context and every handle in it must be rebuilt.
 bool IsConnectionLost(TSS2_RC rc);
 
+// True if rc is how TPM2_RSA_Decrypt reports a ciphertext that does not
+// decrypt (bad padding, value out of range): the one answer "decryption
+// failed", with no detail, so the TPM is no padding oracle. Every other
+// failure (connection, resources, authorization) keeps its real status.
+bool IsDecryptionFailure(TSS2_RC rc);
+
 // what failed, plus the decoded code. Connection problems become
-// kBackendUnavailable, TPM_RC_OBJECT_MEMORY kResourceExhausted, the rest
-// kInternal.
+// kBackendUnavailable; TPM_RC_OBJECT_MEMORY/SESSION_MEMORY
+// kResourceExhausted; a refused auth value kPermissionDenied; dictionary-
+// attack lockout and "busy, retry" warnings kUnavailable; the rest kInternal.
 Status TpmError(TSS2_RC rc, std::string_view what);
 
 }  // namespace keyhold::backend::tpm
