@@ -938,5 +938,133 @@ TEST_F(TpmBackendTest, PersistentStorageKeyNameIsChecked) {
       << wrong.status().ToString();
 }
 
+// A process started for a test; SIGTERM and reaped when it goes.
+class Child {
+ public:
+  Child(const std::vector<std::string>& argv, const fs::path& log) {
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      ::dup2(fd, 1);
+      ::dup2(fd, 2);
+      std::vector<char*> args;
+      for (const std::string& a : argv) {
+        args.push_back(const_cast<char*>(a.c_str()));
+      }
+      args.push_back(nullptr);
+      ::execvp(args[0], args.data());
+      ::_exit(127);
+    }
+  }
+  ~Child() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+    }
+  }
+  bool Running() {
+    int status = 0;
+    return pid_ > 0 && ::waitpid(pid_, &status, WNOHANG) == 0;
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+// "Works directly on a TPM without a resource manager and with one": every
+// other test here talks to swtpm directly (no resource manager); this one
+// goes through tpm2-abrmd (Debian's tpm2-abrmd), which needs only a private
+// D-Bus session bus, not the system bus. Skipped if either is missing.
+TEST_F(TpmBackendTest, WorksThroughTheAbrmdResourceManager) {
+  if (std::system("command -v tpm2-abrmd >/dev/null 2>&1 && "
+                  "command -v dbus-daemon >/dev/null 2>&1 && "
+                  "ls /usr/lib/*/libtss2-tcti-tabrmd.so* >/dev/null 2>&1") !=
+      0) {
+    GTEST_SKIP() << "tpm2-abrmd, dbus-daemon or the tabrmd TCTI missing";
+  }
+  const std::string bus = "unix:path=" + (dir_ / "bus").string();
+  Child dbus({"dbus-daemon", "--session", "--nofork", "--nopidfile",
+              "--address=" + bus},
+             dir_ / "dbus.log");
+  for (int i = 0; i < 200 && !fs::exists(dir_ / "bus"); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  ASSERT_TRUE(fs::exists(dir_ / "bus")) << "dbus-daemon did not start";
+  ::setenv("DBUS_SESSION_BUS_ADDRESS", bus.c_str(), 1);
+  const std::string name =
+      "com.intel.tss2.Tabrmd.kh" + std::to_string(::getpid());
+  Child abrmd({"tpm2-abrmd", "--session", "--allow-root", "--dbus-name=" + name,
+               "--tcti=" + tpm_->Tcti()},
+              dir_ / "abrmd.log");
+  const std::string tcti = "tabrmd:bus_name=" + name + ",bus_type=session";
+  TpmOptions o;
+  o.name = "tpm";
+  o.tcti = tcti;
+  o.max_loaded_keys = 2;  // fewer than the keys below: eviction through the RM
+  StatusOr<std::unique_ptr<TpmBackend>> b = Unavailable("not started");
+  for (int i = 0; i < 100 && abrmd.Running(); ++i) {
+    b = TpmBackend::Create(o, master_);
+    if (b.ok()) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  backend_ = std::move(*b);
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> d = Sha(EVP_sha256(), "through abrmd");
+  std::vector<Key> keys;
+  for (uint64_t i = 0; i < 4; ++i) {
+    keys.push_back(MakeKey(backend_.get(), i + 1, v1::EC_P256,
+                           "rm-" + std::to_string(i)));
+  }
+  for (int round = 0; round < 5; ++round) {
+    for (const Key& k : keys) {
+      auto sig = backend_->Sign(k.handle, p, d);
+      ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+      EXPECT_TRUE(
+          Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *sig));
+    }
+  }
+  EXPECT_LE(backend_->LoadedKeyCount(), 2u);
+  // ECDH through the resource manager, compared with OpenSSL.
+  SslPtr<EVP_PKEY> peer(EVP_EC_gen("P-256"));
+  std::vector<uint8_t> peer_der(
+      static_cast<std::size_t>(i2d_PUBKEY(peer.get(), nullptr)));
+  unsigned char* q = peer_der.data();
+  i2d_PUBKEY(peer.get(), &q);
+  auto z = backend_->Derive(keys[0].handle, peer_der);
+  ASSERT_TRUE(z.ok()) << z.status().ToString();
+  SslPtr<EVP_PKEY> mine = ParsePub(keys[0].created.public_key);
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(peer.get(), nullptr));
+  ASSERT_EQ(EVP_PKEY_derive_init(ctx.get()), 1);
+  ASSERT_EQ(EVP_PKEY_derive_set_peer(ctx.get(), mine.get()), 1);
+  std::vector<uint8_t> expected(32);
+  std::size_t len = expected.size();
+  ASSERT_EQ(EVP_PKEY_derive(ctx.get(), expected.data(), &len), 1);
+  EXPECT_EQ(Bytes(*z), expected);
+  backend_.reset();
+  ::unsetenv("DBUS_SESSION_BUS_ADDRESS");
+}
+
+// The kernel's device TCTI (device:/dev/tpmrm0, the default, or /dev/tpm0
+// without the kernel's resource manager) cannot be driven here: no TPM, no
+// CUSE and no vtpm proxy in the test machines (docs/tpm.md). What can be
+// checked: a device that is not there is a clear start-up error.
+TEST_F(TpmBackendTest, MissingDeviceIsAClearError) {
+  TpmOptions o;
+  o.name = "tpm";
+  o.tcti = "device:" + (dir_ / "no-tpm0").string();
+  auto b = TpmBackend::Create(o, master_);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), Code::kBackendUnavailable);
+  EXPECT_NE(b.status().message().find("cannot open TCTI 'device:"),
+            std::string::npos)
+      << b.status().ToString();
+}
+
 }  // namespace
 }  // namespace keyhold::backend::tpm
