@@ -1067,6 +1067,117 @@ TEST_F(SoftwareBackendTest, TamperedBlobFailsCleanly) {
   EXPECT_TRUE(backend_->Sign(good, {v1::ECDSA}, digest).ok());
 }
 
+// Signing contexts are set up once per key and parameter set and copied per
+// signature: repeated signatures, interleaved parameter sets (more than the
+// backend keeps), and several threads signing at once must all verify with
+// exactly the parameters each request asked for.
+TEST_F(SoftwareBackendTest, RepeatedInterleavedAndConcurrentSignaturesVerify) {
+  const auto rsa_ref = Ref("rsa");
+  const CreatedKey rsa = Generate(v1::RSA_2048, rsa_ref);
+  const KeyHandle rsah = Handle(rsa, rsa_ref);
+  const auto ec_ref = Ref("ec");
+  const CreatedKey ec = Generate(v1::EC_P256, ec_ref);
+  const KeyHandle ech = Handle(ec, ec_ref);
+  SslPtr<EVP_PKEY> rsa_pub = ParseSpki(rsa.public_key);
+  SslPtr<EVP_PKEY> ec_pub = ParseSpki(ec.public_key);
+  ASSERT_NE(rsa_pub, nullptr);
+  ASSERT_NE(ec_pub, nullptr);
+  const Bytes d256 = Digest(EVP_sha256(), "message");
+  const Bytes d384 = Digest(EVP_sha384(), "message");
+
+  struct Case {
+    SignParams params;
+    const Bytes* digest;
+    int padding;
+    const EVP_MD* md;
+    const EVP_MD* mgf1;
+    int salt;
+  };
+  std::vector<Case> cases = {
+      {{v1::RSA_PKCS1, v1::SHA256},
+       &d256,
+       RSA_PKCS1_PADDING,
+       EVP_sha256(),
+       nullptr,
+       0},
+      {{v1::RSA_PKCS1, v1::SHA384},
+       &d384,
+       RSA_PKCS1_PADDING,
+       EVP_sha384(),
+       nullptr,
+       0},
+      {{v1::RSA_PSS, v1::SHA256, -1},
+       &d256,
+       RSA_PKCS1_PSS_PADDING,
+       EVP_sha256(),
+       EVP_sha256(),
+       32},
+      {{v1::RSA_PSS, v1::SHA384, -1, v1::SHA256},
+       &d384,
+       RSA_PKCS1_PSS_PADDING,
+       EVP_sha384(),
+       EVP_sha256(),
+       48},
+  };
+  // Ten salt lengths: more parameter sets than the backend keeps contexts
+  // for, interleaved with the others.
+  for (int salt = 0; salt < 10; ++salt) {
+    cases.push_back({{v1::RSA_PSS, v1::SHA256, salt},
+                     &d256,
+                     RSA_PKCS1_PSS_PADDING,
+                     EVP_sha256(),
+                     EVP_sha256(),
+                     salt});
+  }
+  auto check = [&](const Case& c) {
+    auto sig = backend_->Sign(rsah, c.params, *c.digest);
+    if (!sig.ok()) {
+      ADD_FAILURE() << sig.status().ToString();
+      return false;
+    }
+    return VerifyPkey(rsa_pub.get(), c.padding, c.md, c.mgf1, c.salt, *c.digest,
+                      *sig);
+  };
+  for (int round = 0; round < 3; ++round) {
+    for (const Case& c : cases) {
+      SCOPED_TRACE("round " + std::to_string(round) + " salt " +
+                   std::to_string(c.params.pss_salt_length));
+      EXPECT_TRUE(check(c));
+    }
+  }
+  // A PSS signature with salt 10 must not verify as salt 9: each request
+  // got its own parameters, not a neighbour's context.
+  auto sig10 = backend_->Sign(rsah, {v1::RSA_PSS, v1::SHA256, 10}, d256);
+  ASSERT_TRUE(sig10.ok());
+  EXPECT_FALSE(VerifyPkey(rsa_pub.get(), RSA_PKCS1_PSS_PADDING, EVP_sha256(),
+                          EVP_sha256(), 9, d256, *sig10));
+
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 10; ++i) {
+        const Case& c = cases[static_cast<std::size_t>(t + i) % 4];
+        auto sig = backend_->Sign(rsah, c.params, *c.digest);
+        if (!sig.ok() || !VerifyPkey(rsa_pub.get(), c.padding, c.md, c.mgf1,
+                                     c.salt, *c.digest, *sig)) {
+          ++bad;
+        }
+        auto esig = backend_->Sign(ech, {v1::ECDSA, v1::SHA256}, d256);
+        if (!esig.ok() ||
+            !VerifyPkey(ec_pub.get(), 0, nullptr, nullptr, 0, d256, *esig)) {
+          ++bad;
+        }
+      }
+    });
+  }
+  for (std::thread& th : threads) {
+    th.join();
+  }
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_EQ(ERR_peek_error(), 0u);
+}
+
 TEST_F(SoftwareBackendTest, BlobUnderAnotherRefFails) {
   const auto ref = Ref("k", 1000);
   const CreatedKey key = Generate(v1::ED25519, ref);
