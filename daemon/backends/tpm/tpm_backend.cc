@@ -244,20 +244,15 @@ TPM2_ALG_ID TpmHash(v1::Digest d) {
   }
 }
 
-// The digest of a given length, for callers that pass DIGEST_NONE.
+// The digest of a given length, for callers that pass DIGEST_NONE (sizes
+// from common/key_types; SHA-224 has no TPM 2.0 algorithm id).
 v1::Digest DigestForLength(std::size_t len) {
-  switch (len) {
-    case 20:
-      return v1::SHA1;
-    case 32:
-      return v1::SHA256;
-    case 48:
-      return v1::SHA384;
-    case 64:
-      return v1::SHA512;
-    default:
-      return v1::DIGEST_NONE;
+  for (v1::Digest d : {v1::SHA1, v1::SHA256, v1::SHA384, v1::SHA512}) {
+    if (DigestSize(d) == len) {
+      return d;
+    }
   }
+  return v1::DIGEST_NONE;
 }
 
 Status CheckDigestLength(v1::Digest digest, std::span<const uint8_t> data) {
@@ -612,27 +607,31 @@ std::vector<uint8_t> Pkcs1Type1(std::span<const uint8_t> t,
   return em;
 }
 
-// The DER DigestInfo prefix of a digest (RFC 8017 9.2 note 1).
-std::vector<uint8_t> DigestInfoPrefix(v1::Digest d) {
-  switch (d) {
-    case v1::SHA1:
-      return {0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e,
-              0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14};
-    case v1::SHA224:
-      return {0x30, 0x2d, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
-              0x65, 0x03, 0x04, 0x02, 0x04, 0x05, 0x00, 0x04, 0x1c};
-    case v1::SHA256:
-      return {0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
-              0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20};
-    case v1::SHA384:
-      return {0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
-              0x65, 0x03, 0x04, 0x02, 0x02, 0x05, 0x00, 0x04, 0x30};
-    case v1::SHA512:
-      return {0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
-              0x65, 0x03, 0x04, 0x02, 0x03, 0x05, 0x00, 0x04, 0x40};
-    default:
-      return {};
+// The DER DigestInfo (RFC 8017 9.2) of a digest, built by OpenSSL from the
+// digest's OID (common/key_types' DigestMd) rather than from a table of
+// encodings; empty on failure.
+std::vector<uint8_t> DigestInfo(v1::Digest d, std::span<const uint8_t> hash) {
+  const EVP_MD* md = DigestMd(d);
+  std::vector<uint8_t> out;
+  X509_SIG* sig = X509_SIG_new();
+  X509_ALGOR* alg = nullptr;
+  ASN1_OCTET_STRING* oct = nullptr;
+  if (md != nullptr && sig != nullptr) {
+    X509_SIG_getm(sig, &alg, &oct);
+    unsigned char* der = nullptr;
+    int len = 0;
+    if (X509_ALGOR_set0(alg, OBJ_nid2obj(EVP_MD_get_type(md)), V_ASN1_NULL,
+                        nullptr) == 1 &&
+        ASN1_OCTET_STRING_set(oct, hash.data(),
+                              static_cast<int>(hash.size())) == 1 &&
+        (len = i2d_X509_SIG(sig, &der)) > 0) {
+      out.assign(der, der + len);
+    }
+    OPENSSL_free(der);
   }
+  X509_SIG_free(sig);
+  ERR_clear_error();
+  return out;
 }
 
 bool Mgf1Xor(const EVP_MD* md, std::span<const uint8_t> seed,
@@ -676,9 +675,11 @@ StatusOr<std::vector<uint8_t>> PssEncode(std::span<const uint8_t> m_hash,
       RAND_bytes(salt.data(), static_cast<int>(salt_len)) != 1) {
     return SslError(Code::kInternal, "cannot draw a random salt");
   }
-  std::vector<uint8_t> m_prime(8, 0);
-  m_prime.insert(m_prime.end(), m_hash.begin(), m_hash.end());
-  m_prime.insert(m_prime.end(), salt.begin(), salt.end());
+  // M' = 8 zero bytes || mHash || salt
+  std::vector<uint8_t> m_prime(8 + h_len + salt_len, 0);
+  std::copy(m_hash.begin(), m_hash.end(), m_prime.begin() + 8);
+  std::copy(salt.begin(), salt.end(),
+            m_prime.begin() + static_cast<std::ptrdiff_t>(8 + h_len));
   uint8_t h[EVP_MAX_MD_SIZE];
   if (EVP_Digest(m_prime.data(), m_prime.size(), h, nullptr, md, nullptr) !=
       1) {
@@ -1333,6 +1334,34 @@ struct TpmBackend::Impl {
     return out;
   }
 
+  // TPM2_Sign of a caller's digest with scheme (RSASSA or ECDSA) over hash.
+  using SignaturePtr = std::unique_ptr<TPMT_SIGNATURE, decltype(&Esys_Free)>;
+  StatusOr<SignaturePtr> SignDigest(ESYS_TR handle, TPM2_ALG_ID scheme_alg,
+                                    TPM2_ALG_ID hash,
+                                    std::span<const uint8_t> data,
+                                    std::string_view what, TSS2_RC* rc_out) {
+    TPM2B_DIGEST digest{};
+    if (data.size() > sizeof(digest.buffer)) {
+      return InvalidArgument("digest too long for the TPM");
+    }
+    digest.size = static_cast<UINT16>(data.size());
+    std::memcpy(digest.buffer, data.data(), data.size());
+    TPMT_SIG_SCHEME scheme{};
+    scheme.scheme = scheme_alg;
+    scheme.details.any.hashAlg = hash;
+    TPMT_TK_HASHCHECK ticket{};
+    ticket.tag = TPM2_ST_HASHCHECK;
+    ticket.hierarchy = TPM2_RH_NULL;
+    TPMT_SIGNATURE* raw = nullptr;
+    const TSS2_RC rc = Esys_Sign(esys, handle, session, ESYS_TR_NONE,
+                                 ESYS_TR_NONE, &digest, &scheme, &ticket, &raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      *rc_out = rc;
+      return TpmError(rc, what);
+    }
+    return Owned(raw);
+  }
+
   StatusOr<std::vector<uint8_t>> SignRsa(ESYS_TR handle, v1::KeyType type,
                                          const SignParams& p,
                                          std::span<const uint8_t> data,
@@ -1356,28 +1385,18 @@ struct TpmBackend::Impl {
       const TPM2_ALG_ID hash = TpmHash(p.digest);
       if (hash == TPM2_ALG_NULL || !algs.contains(hash)) {
         // A digest the TPM does not know (SHA-224): pad on the host.
-        std::vector<uint8_t> t = DigestInfoPrefix(p.digest);
-        t.insert(t.end(), data.begin(), data.end());
+        const std::vector<uint8_t> t = DigestInfo(p.digest, data);
+        if (t.empty()) {
+          return Internal("cannot encode DigestInfo");
+        }
         return RawRsa(handle, Pkcs1Type1(t, k), rc_out);
       }
-      TPM2B_DIGEST digest{};
-      digest.size = static_cast<UINT16>(data.size());
-      std::memcpy(digest.buffer, data.data(), data.size());
-      TPMT_SIG_SCHEME scheme{};
-      scheme.scheme = TPM2_ALG_RSASSA;
-      scheme.details.rsassa.hashAlg = hash;
-      TPMT_TK_HASHCHECK ticket{};
-      ticket.tag = TPM2_ST_HASHCHECK;
-      ticket.hierarchy = TPM2_RH_NULL;
-      TPMT_SIGNATURE* raw = nullptr;
-      TSS2_RC rc = Esys_Sign(esys, handle, session, ESYS_TR_NONE, ESYS_TR_NONE,
-                             &digest, &scheme, &ticket, &raw);
-      if (rc != TSS2_RC_SUCCESS) {
-        *rc_out = rc;
-        return TpmError(rc, "RSASSA signing failed");
+      auto sig = SignDigest(handle, TPM2_ALG_RSASSA, hash, data,
+                            "RSASSA signing failed", rc_out);
+      if (!sig.ok()) {
+        return sig.status();
       }
-      auto sig = Owned(raw);
-      const TPM2B_PUBLIC_KEY_RSA& s = sig->signature.rsassa.sig;
+      const TPM2B_PUBLIC_KEY_RSA& s = (*sig)->signature.rsassa.sig;
       std::vector<uint8_t> out(k, 0);
       if (s.size > k) {
         return Internal("TPM returned an oversized signature");
@@ -1446,24 +1465,12 @@ struct TpmBackend::Impl {
           "implements (" +
           std::to_string(data.size()) + "-byte input)");
     }
-    TPM2B_DIGEST digest{};
-    digest.size = static_cast<UINT16>(data.size());
-    std::memcpy(digest.buffer, data.data(), data.size());
-    TPMT_SIG_SCHEME scheme{};
-    scheme.scheme = TPM2_ALG_ECDSA;
-    scheme.details.ecdsa.hashAlg = hash;
-    TPMT_TK_HASHCHECK ticket{};
-    ticket.tag = TPM2_ST_HASHCHECK;
-    ticket.hierarchy = TPM2_RH_NULL;
-    TPMT_SIGNATURE* raw = nullptr;
-    TSS2_RC rc = Esys_Sign(esys, handle, session, ESYS_TR_NONE, ESYS_TR_NONE,
-                           &digest, &scheme, &ticket, &raw);
-    if (rc != TSS2_RC_SUCCESS) {
-      *rc_out = rc;
-      return TpmError(rc, "ECDSA signing failed");
+    auto sig = SignDigest(handle, TPM2_ALG_ECDSA, hash, data,
+                          "ECDSA signing failed", rc_out);
+    if (!sig.ok()) {
+      return sig.status();
     }
-    auto sig = Owned(raw);
-    std::vector<uint8_t> der = EcdsaDer(sig->signature.ecdsa);
+    std::vector<uint8_t> der = EcdsaDer((*sig)->signature.ecdsa);
     if (der.empty()) {
       return Internal("cannot encode ECDSA signature");
     }
