@@ -11,13 +11,15 @@ packages=(
   libtomlplusplus-dev libcli11-dev libspdlog-dev
   libp11-kit-dev libp11-kit0 libsystemd-dev
   util-linux python3
+  dpkg-dev
   libtss2-dev libtss2-esys-3.0.2-0 libtss2-tctildr0 libtss2-mu0 libtss2-rc0
   libtss2-tcti-device0 libtss2-tcti-swtpm0 libtss2-tcti-mssim0
 )
 if [ "${1:-}" = "--test" ]; then
   packages+=(libgtest-dev libgmock-dev libcmocka-dev libbenchmark-dev clang libclang-rt-14-dev
     curl nginx-light p11-kit p11-kit-modules libp11-kit-dev opensc gnutls-bin libnss3-tools
-    openssh-client openssh-server softhsm2 swtpm swtpm-tools tpm2-openssl)
+    openssh-client openssh-server softhsm2 swtpm swtpm-tools tpm2-openssl
+    adduser systemd)
 fi
 
 missing=()
