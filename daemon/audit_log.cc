@@ -1,9 +1,12 @@
 #include "daemon/audit_log.h"
 
 #include <fcntl.h>
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/params.h>
 #include <openssl/rand.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -30,26 +33,39 @@ std::string Errno(const std::string& what, int err) {
   return what + ": " + std::strerror(err);
 }
 
-std::string JsonEscaped(const std::string& s) {
-  std::string out;
-  out.reserve(s.size() + 2);
+// Appends s as the inside of a JSON string.
+void AppendJsonEscaped(std::string& out, const std::string& s) {
   for (const char c : s) {
     const auto u = static_cast<unsigned char>(c);
     if (c == '"' || c == '\\') {
       out.push_back('\\');
       out.push_back(c);
     } else if (u < 0x20 || u == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", u);
-      out += buf;
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\u00";
+      out.push_back(kHex[u >> 4]);
+      out.push_back(kHex[u & 0xf]);
     } else {
       out.push_back(c);
     }
   }
-  return out;
 }
 
-std::string UtcNow() {
+// Appends n in decimal, at least `width` digits (zero-padded).
+void AppendDecimal(std::string& out, uint64_t n, int width = 1) {
+  char buf[24];
+  int len = 0;
+  do {
+    buf[len++] = static_cast<char>('0' + n % 10);
+    n /= 10;
+  } while (n != 0 || len < width);
+  while (len > 0) {
+    out.push_back(buf[--len]);
+  }
+}
+
+// Appends the current UTC time, e.g. 2026-11-22T12:30:05.123Z.
+void AppendUtcNow(std::string& out) {
   const auto now = std::chrono::system_clock::now();
   const std::time_t secs = std::chrono::system_clock::to_time_t(now);
   const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -58,11 +74,20 @@ std::string UtcNow() {
                   1000;
   std::tm tm{};
   gmtime_r(&secs, &tm);
-  char buf[96];
-  std::snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
-                tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
-                tm.tm_min, tm.tm_sec, static_cast<int>(ms));
-  return buf;
+  AppendDecimal(out, static_cast<uint64_t>(tm.tm_year + 1900), 4);
+  out.push_back('-');
+  AppendDecimal(out, static_cast<uint64_t>(tm.tm_mon + 1), 2);
+  out.push_back('-');
+  AppendDecimal(out, static_cast<uint64_t>(tm.tm_mday), 2);
+  out.push_back('T');
+  AppendDecimal(out, static_cast<uint64_t>(tm.tm_hour), 2);
+  out.push_back(':');
+  AppendDecimal(out, static_cast<uint64_t>(tm.tm_min), 2);
+  out.push_back(':');
+  AppendDecimal(out, static_cast<uint64_t>(tm.tm_sec), 2);
+  out.push_back('.');
+  AppendDecimal(out, static_cast<uint64_t>(ms), 3);
+  out.push_back('Z');
 }
 
 // The MAC key: 32 random bytes made at first start, then only read; the
@@ -137,9 +162,32 @@ std::string AuditField(const std::string& line, const std::string& name) {
 }
 
 AuditLog::AuditLog(std::filesystem::path path, int fd, SecretBytes mac_key)
-    : path_(std::move(path)), fd_(fd), mac_key_(std::move(mac_key)) {}
+    : path_(std::move(path)), fd_(fd), mac_key_(std::move(mac_key)) {
+  // HMAC-SHA256 keyed once: every record re-initialises this context
+  // (EVP_MAC_init without a key keeps it) instead of HMAC()'s fetch and key
+  // set-up per call, which cost about 30,000 instructions per record.
+  EVP_MAC* mac = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+  if (mac != nullptr) {
+    mac_ctx_ = EVP_MAC_CTX_new(mac);
+    EVP_MAC_free(mac);
+  }
+  char digest[] = "SHA256";
+  const OSSL_PARAM params[] = {
+      OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
+      OSSL_PARAM_construct_end()};
+  const auto key = mac_key_.Expose(SecretAccess::kToken);
+  if (mac_ctx_ != nullptr &&
+      EVP_MAC_init(mac_ctx_, key.data(), key.size(), params) != 1) {
+    EVP_MAC_CTX_free(mac_ctx_);
+    mac_ctx_ = nullptr;
+  }
+  ERR_clear_error();
+}
 
-AuditLog::~AuditLog() { ::close(fd_); }
+AuditLog::~AuditLog() {
+  EVP_MAC_CTX_free(mac_ctx_);
+  ::close(fd_);
+}
 
 StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
     const std::filesystem::path& dir) {
@@ -181,31 +229,63 @@ StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
   return log;
 }
 
-std::string AuditLog::Mac(const std::string& prefix) const {
+std::string AuditLog::Mac(const std::string& prefix) {
   unsigned char mac[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
+  std::size_t len = 0;
+  if (mac_ctx_ != nullptr && EVP_MAC_init(mac_ctx_, nullptr, 0, nullptr) == 1 &&
+      EVP_MAC_update(mac_ctx_,
+                     reinterpret_cast<const unsigned char*>(prefix.data()),
+                     prefix.size()) == 1 &&
+      EVP_MAC_final(mac_ctx_, mac, &len, sizeof(mac)) == 1) {
+    return HexEncode(std::span<const uint8_t>(mac, len));
+  }
+  ERR_clear_error();
+  unsigned int one_shot_len = 0;
   const auto key = mac_key_.Expose(SecretAccess::kToken);
   HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
        reinterpret_cast<const unsigned char*>(prefix.data()), prefix.size(),
-       mac, &len);
-  return HexEncode(std::span<const uint8_t>(mac, len));
+       mac, &one_shot_len);
+  return HexEncode(std::span<const uint8_t>(mac, one_shot_len));
 }
 
 Status AuditLog::Append(const AuditEvent& e) {
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t seq = seq_ + 1;
-  std::string line = "{\"seq\":" + std::to_string(seq) + ",\"time\":\"" +
-                     UtcNow() + "\",\"uid\":" + std::to_string(e.uid) +
-                     ",\"pid\":" + std::to_string(e.pid) + ",\"exe\":\"" +
-                     JsonEscaped(e.exe) + "\",\"op\":\"" + JsonEscaped(e.op) +
-                     "\",\"key\":\"" + JsonEscaped(e.key) + "\",\"result\":\"" +
-                     JsonEscaped(e.result) + "\"";
-  if (!e.detail.empty()) {
-    line += ",\"detail\":\"" + JsonEscaped(e.detail) + "\"";
+  std::string line;
+  line.reserve(256 + e.exe.size() + e.key.size() + e.detail.size());
+  line += "{\"seq\":";
+  AppendDecimal(line, seq);
+  line += ",\"time\":\"";
+  AppendUtcNow(line);
+  line += "\",\"uid\":";
+  AppendDecimal(line, e.uid);
+  line += ",\"pid\":";
+  if (e.pid < 0) {
+    line.push_back('-');
   }
-  line += ",\"prev\":\"" + head_ + "\"";
+  AppendDecimal(line, static_cast<uint64_t>(e.pid < 0 ? -int64_t{e.pid}
+                                                      : int64_t{e.pid}));
+  line += ",\"exe\":\"";
+  AppendJsonEscaped(line, e.exe);
+  line += "\",\"op\":\"";
+  AppendJsonEscaped(line, e.op);
+  line += "\",\"key\":\"";
+  AppendJsonEscaped(line, e.key);
+  line += "\",\"result\":\"";
+  AppendJsonEscaped(line, e.result);
+  line += "\"";
+  if (!e.detail.empty()) {
+    line += ",\"detail\":\"";
+    AppendJsonEscaped(line, e.detail);
+    line += "\"";
+  }
+  line += ",\"prev\":\"";
+  line += head_;
+  line += "\"";
   const std::string mac = Mac(line);
-  line += std::string(kMacMark) + mac + "\"}\n";
+  line += kMacMark;
+  line += mac;
+  line += "\"}\n";
   const ssize_t n = ::write(fd_, line.data(), line.size());
   if (n != static_cast<ssize_t>(line.size())) {
     const int err = n < 0 ? errno : ENOSPC;

@@ -21,6 +21,8 @@
 #ifndef KEYHOLD_DAEMON_AUDIT_LOG_H_
 #define KEYHOLD_DAEMON_AUDIT_LOG_H_
 
+#include <openssl/types.h>
+
 #include <cstdint>
 #include <filesystem>
 #include <memory>
@@ -75,7 +77,8 @@ class AuditLog {
 
  private:
   AuditLog(std::filesystem::path path, int fd, SecretBytes mac_key);
-  std::string Mac(const std::string& prefix) const;
+  // HMAC-SHA256 of prefix under the MAC key, hex; called with mu_ held.
+  std::string Mac(const std::string& prefix);
 
   const std::filesystem::path path_;
   const int fd_;
@@ -83,6 +86,9 @@ class AuditLog {
   std::mutex mu_;
   uint64_t seq_ = 0;  // last record's
   std::string head_;  // last record's MAC (hex); 64 zeros before the first
+  // Keyed once at construction, re-initialised per record (guarded by mu_);
+  // null if OpenSSL could not set it up (Mac then uses one-shot HMAC).
+  EVP_MAC_CTX* mac_ctx_ = nullptr;
 };
 
 // For tests and the CLI: the fields of one record line ("" if absent).

@@ -1,14 +1,20 @@
 #include "daemon/audit_log.h"
 
 #include <gtest/gtest.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <regex>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "common/key_types.h"
 
 namespace keyhold::daemon {
 namespace {
@@ -115,6 +121,47 @@ TEST_F(AuditLogTest, RecordsChainAndVerify) {
   ASSERT_TRUE(check.ok());
   EXPECT_TRUE(check->intact) << check->problem;
   EXPECT_EQ(check->records, 6u);
+}
+
+// The MAC is HMAC-SHA256 over the line up to ",\"mac\":\"" under the
+// 32-byte key file, checked here independently of AuditLog; and the line
+// keeps its field order and formats.
+TEST_F(AuditLogTest, MacIsHmacSha256OfTheLineUnderTheKeyFile) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  AuditEvent e = Event(1000, "sign", "1000/web");
+  e.pid = -7;
+  e.detail = std::string("ctl\x01\x1f\x7f");
+  ASSERT_TRUE(log->Append(e).ok());
+  Fill(*log);
+  std::ifstream key_in(dir_ / "audit.key", std::ios::binary);
+  std::string key((std::istreambuf_iterator<char>(key_in)),
+                  std::istreambuf_iterator<char>());
+  ASSERT_EQ(key.size(), 32u);
+  const auto lines = Lines();
+  ASSERT_EQ(lines.size(), 6u);
+  for (const std::string& line : lines) {
+    const std::size_t mark = line.rfind(",\"mac\":\"");
+    ASSERT_NE(mark, std::string::npos) << line;
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    ASSERT_NE(HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+                   reinterpret_cast<const unsigned char*>(line.data()), mark,
+                   mac, &len),
+              nullptr);
+    EXPECT_EQ(AuditField(line, "mac"),
+              HexEncode(std::span<const uint8_t>(mac, len)));
+  }
+  EXPECT_TRUE(std::regex_match(
+      lines[0],
+      std::regex("\\{\"seq\":1,\"time\":\"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:"
+                 "[0-9]{2}:[0-9]{2}\\.[0-9]{3}Z\",\"uid\":1000,\"pid\":-7,"
+                 "\"exe\":\"/usr/bin/\\\\\"odd\\\\\" name\",\"op\":\"sign\","
+                 "\"key\":\"1000/web\",\"result\":\"ok\",\"detail\":\"ctl"
+                 "\\\\u0001\\\\u001f\\\\u007f\",\"prev\":\"0{64}\","
+                 "\"mac\":\"[0-9a-f]{64}\"\\}")))
+      << lines[0];
+  EXPECT_EQ(AuditField(lines[1], "pid"), "42");
 }
 
 TEST_F(AuditLogTest, EditedRecordIsFound) {
