@@ -977,6 +977,12 @@ class Child {
 // goes through tpm2-abrmd (Debian's tpm2-abrmd), which needs only a private
 // D-Bus session bus, not the system bus. Skipped if either is missing.
 TEST_F(TpmBackendTest, WorksThroughTheAbrmdResourceManager) {
+#if defined(__SANITIZE_THREAD__)
+  // The tabrmd TCTI runs GDBus threads inside this process; glib is not
+  // instrumented and its own synchronization is invisible to TSan, which
+  // then reports races inside glib. The dev and ASan builds run this test.
+  GTEST_SKIP() << "tabrmd TCTI (glib/GDBus) under ThreadSanitizer";
+#endif
   if (std::system("command -v tpm2-abrmd >/dev/null 2>&1 && "
                   "command -v dbus-daemon >/dev/null 2>&1 && "
                   "ls /usr/lib/*/libtss2-tcti-tabrmd.so* >/dev/null 2>&1") !=
