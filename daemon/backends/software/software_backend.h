@@ -1,7 +1,9 @@
 // The software backend: keys are OpenSSL 3 EVP keys, stored as PKCS#8 DER
 // sealed with AES-256-GCM under the daemon's master key, with the key
 // reference ("owner/name") as associated data. Decoded keys are cached in
-// memory by key id so the hot path does not decrypt and parse.
+// memory by key id so the hot path does not decrypt and parse, each with its
+// initialised signing contexts (one per parameter set), which every
+// signature copies instead of setting one up.
 #ifndef KEYHOLD_DAEMON_BACKENDS_SOFTWARE_SOFTWARE_BACKEND_H_
 #define KEYHOLD_DAEMON_BACKENDS_SOFTWARE_SOFTWARE_BACKEND_H_
 
