@@ -185,6 +185,16 @@ AuditLog::AuditLog(std::filesystem::path path, int fd, SecretBytes mac_key)
 }
 
 AuditLog::~AuditLog() {
+  {
+    std::lock_guard<std::mutex> lock(uses_mu_);
+    stopping_ = true;
+  }
+  uses_cv_.notify_all();
+  if (flusher_.joinable()) {
+    flusher_.join();
+  }
+  // A clean stop writes the last counts.
+  (void)FlushUses();
   EVP_MAC_CTX_free(mac_ctx_);
   ::close(fd_);
 }
@@ -249,6 +259,74 @@ std::string AuditLog::Mac(const std::string& prefix) {
 }
 
 Status AuditLog::Append(const AuditEvent& e) {
+  return AppendRecord(e, nullptr);
+}
+
+void AuditLog::CountUse(const AuditEvent& e) {
+  std::string group;
+  group.reserve(32 + e.exe.size() + e.op.size() + e.key.size() +
+                e.result.size());
+  AppendDecimal(group, e.uid);
+  group.push_back('\0');
+  AppendDecimal(group, static_cast<uint32_t>(e.pid));
+  for (const std::string* field : {&e.exe, &e.op, &e.key, &e.result}) {
+    group.push_back('\0');
+    group += *field;
+  }
+  std::lock_guard<std::mutex> lock(uses_mu_);
+  UseGroup& g = uses_[group];
+  if (g.count == 0) {
+    g.event = e;
+    g.event.detail.clear();
+    AppendUtcNow(g.since);
+  }
+  ++g.count;
+  if (!flusher_.joinable() && !stopping_) {
+    flusher_ = std::thread([this] { FlushLoop(); });
+  }
+}
+
+void AuditLog::FlushLoop() {
+  std::unique_lock<std::mutex> lock(uses_mu_);
+  while (!stopping_) {
+    uses_cv_.wait_for(lock, use_flush_period_, [this] { return stopping_; });
+    if (stopping_) {
+      return;  // the destructor writes what is left
+    }
+    lock.unlock();
+    if (Status st = FlushUses(); !st.ok()) {
+      (void)st;  // kept and counted again; the next flush retries
+    }
+    lock.lock();
+  }
+}
+
+Status AuditLog::FlushUses() {
+  std::map<std::string, UseGroup> groups;
+  {
+    std::lock_guard<std::mutex> lock(uses_mu_);
+    groups.swap(uses_);
+  }
+  for (auto it = groups.begin(); it != groups.end(); ++it) {
+    Status st = AppendRecord(it->second.event, &it->second);
+    if (!st.ok()) {
+      // Not written: merge back what is left, so the uses are not lost.
+      std::lock_guard<std::mutex> lock(uses_mu_);
+      for (; it != groups.end(); ++it) {
+        UseGroup& g = uses_[it->first];
+        if (g.count == 0) {
+          g.event = it->second.event;
+          g.since = it->second.since;
+        }
+        g.count += it->second.count;
+      }
+      return st;
+    }
+  }
+  return Status::Ok();
+}
+
+Status AuditLog::AppendRecord(const AuditEvent& e, const UseGroup* uses) {
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t seq = seq_ + 1;
   std::string line;
@@ -274,6 +352,13 @@ Status AuditLog::Append(const AuditEvent& e) {
   line += "\",\"result\":\"";
   AppendJsonEscaped(line, e.result);
   line += "\"";
+  if (uses != nullptr) {
+    line += ",\"count\":";
+    AppendDecimal(line, uses->count);
+    line += ",\"since\":\"";
+    line += uses->since;
+    line += "\"";
+  }
   if (!e.detail.empty()) {
     line += ",\"detail\":\"";
     AppendJsonEscaped(line, e.detail);

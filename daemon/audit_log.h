@@ -17,18 +17,29 @@
 // a daemon crash loses nothing written, a power loss may lose the last
 // records (the chain up to there stays verifiable).
 //
+// Key uses may instead be recorded in aggregate (CountUse, issue 7's
+// per-key per-minute mode): uses are counted in memory and written once a
+// minute as one record per caller, operation, key and result, with the
+// number of uses ("count") and the time of the first ("since"). That makes
+// a use nearly free (no MAC, no write) at a price: a daemon crash loses the
+// counts of at most the last minute; a clean stop writes them.
+//
 // Thread-safe.
 #ifndef KEYHOLD_DAEMON_AUDIT_LOG_H_
 #define KEYHOLD_DAEMON_AUDIT_LOG_H_
 
 #include <openssl/types.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/secret.h"
@@ -65,6 +76,20 @@ class AuditLog {
   // Appends one record; on failure (full disk) the chain does not advance.
   Status Append(const AuditEvent& event);
 
+  // Counts one key use (event.detail is not kept) for the next aggregate
+  // record of its group (uid, pid, exe, op, key, result). The first call
+  // starts a thread that appends the aggregate records every minute;
+  // FlushUses and the destructor append them too.
+  void CountUse(const AuditEvent& event);
+  // Appends one record per group counted since the last flush. A group
+  // whose record cannot be written (full disk) is counted again next time.
+  Status FlushUses();
+  // Tests only, before the first CountUse: how often the flusher thread
+  // writes (default one minute).
+  void SetUseFlushPeriodForTest(std::chrono::milliseconds period) {
+    use_flush_period_ = period;
+  }
+
   // Checks every record from the first and the last against this daemon's
   // head.
   StatusOr<AuditCheck> Verify();
@@ -89,6 +114,22 @@ class AuditLog {
   // Keyed once at construction, re-initialised per record (guarded by mu_);
   // null if OpenSSL could not set it up (Mac then uses one-shot HMAC).
   EVP_MAC_CTX* mac_ctx_ = nullptr;
+
+  // Aggregated key uses (CountUse). Lock order: uses_mu_ is never held
+  // while taking mu_.
+  struct UseGroup {
+    AuditEvent event;
+    uint64_t count = 0;
+    std::string since;  // time of the first use counted
+  };
+  Status AppendRecord(const AuditEvent& event, const UseGroup* uses);
+  void FlushLoop();
+  std::mutex uses_mu_;
+  std::condition_variable uses_cv_;
+  std::map<std::string, UseGroup> uses_;  // by group; guarded by uses_mu_
+  bool stopping_ = false;                 // guarded by uses_mu_
+  std::thread flusher_;                   // started by the first CountUse
+  std::chrono::milliseconds use_flush_period_{60000};
 };
 
 // For tests and the CLI: the fields of one record line ("" if absent).
