@@ -1,7 +1,12 @@
 #include "daemon/config.h"
 
+#include <sys/stat.h>
 #include <toml++/toml.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -191,6 +196,30 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
 }
 
 StatusOr<Config> LoadConfigFile(const std::string& path) {
+  // The file names the admins, the backends and the files holding their
+  // PINs: only root or keyholdd's own uid may be able to change it.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    return InvalidArgument("cannot read config file " + path + ": " +
+                           std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    return InvalidArgument("config file " + path + " is not a regular file");
+  }
+  if (st.st_uid != 0 && st.st_uid != ::geteuid()) {
+    return InvalidArgument("config file " + path + " is owned by uid " +
+                           std::to_string(st.st_uid) +
+                           "; it must belong to root or to keyholdd's uid " +
+                           std::to_string(::geteuid()));
+  }
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof(mode), "%04o",
+                  static_cast<unsigned>(st.st_mode & 07777));
+    return InvalidArgument("config file " + path + " has mode " + mode +
+                           ": others than its owner could change it; "
+                           "chmod go-w it");
+  }
   std::ifstream in(path);
   if (!in) {
     return InvalidArgument("cannot read config file " + path);

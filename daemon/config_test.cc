@@ -1,6 +1,10 @@
 #include "daemon/config.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
 
 namespace keyhold::daemon {
 namespace {
@@ -98,6 +102,36 @@ name = "hsm2"
 
 TEST(ConfigTest, MissingFile) {
   EXPECT_FALSE(LoadConfigFile("/nonexistent/keyholdd.toml").ok());
+}
+
+// A config others could edit could make them admins: refused, saying why.
+TEST(ConfigTest, UnsafeFileOwnershipOrModeIsRefused) {
+  char tmpl[] = "/tmp/kh-config-XXXXXX";
+  const int fd = mkstemp(tmpl);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  const std::string path = tmpl;
+  { std::ofstream(path) << "log_level = \"info\"\n"; }
+  ASSERT_EQ(chmod(path.c_str(), 0644), 0);
+  EXPECT_TRUE(LoadConfigFile(path).ok());
+  for (mode_t mode : {0664u, 0646u, 0666u}) {
+    ASSERT_EQ(chmod(path.c_str(), mode), 0);
+    auto c = LoadConfigFile(path);
+    ASSERT_FALSE(c.ok()) << std::oct << mode;
+    EXPECT_NE(c.status().message().find("chmod go-w"), std::string::npos)
+        << c.status().message();
+  }
+  ASSERT_EQ(chmod(path.c_str(), 0600), 0);
+  if (geteuid() == 0) {
+    ASSERT_EQ(chown(path.c_str(), 65534, 65534), 0);
+    auto c = LoadConfigFile(path);
+    ASSERT_FALSE(c.ok());
+    EXPECT_NE(c.status().message().find("owned by uid 65534"),
+              std::string::npos)
+        << c.status().message();
+  }
+  EXPECT_FALSE(LoadConfigFile("/tmp").ok());  // not a regular file
+  unlink(path.c_str());
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ using R = v1::Request;
 // Every operation the daemon accepts. Reviewers audit this table: an
 // operation missing here does not exist, and its permission is enforced by
 // Dispatcher::Handle before the handler sees the request.
-constexpr std::array<OpEntry, 16> kOps = {{
+constexpr std::array<OpEntry, 17> kOps = {{
     {R::kHello, "hello", Permission::kAnyone, Execution::kInline, HandleHello,
      nullptr},
     {R::kPing, "ping", Permission::kAnyone, Execution::kInline, HandlePing,
@@ -50,6 +50,8 @@ constexpr std::array<OpEntry, 16> kOps = {{
     {R::kDeleteClient, "delete-client", Permission::kAdmin,
      Execution::kBlocking, HandleDeleteClient, nullptr},
     {R::kAudit, "audit", Permission::kAdmin, Execution::kBlocking, HandleAudit,
+     nullptr},
+    {R::kStats, "stats", Permission::kAdmin, Execution::kInline, HandleStats,
      nullptr},
 }};
 
@@ -224,6 +226,7 @@ void Dispatcher::Audit(const Principal& caller, const v1::Request& request,
 }
 
 v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
+  const auto start = std::chrono::steady_clock::now();
   v1::Response response;
   response.set_id(request.id());
   Status status;
@@ -264,6 +267,10 @@ v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
   } else {
     spdlog::debug("op {} for uid {} pid {}: ok", OpName(request.op_case()),
                   caller.uid, caller.pid);
+  }
+  if (ctx_->stats != nullptr) {
+    ctx_->stats->Record(static_cast<uint32_t>(request.op_case()), status.ok(),
+                        std::chrono::steady_clock::now() - start);
   }
   return response;
 }

@@ -145,12 +145,18 @@ void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
   NotifySystemd("RELOADING=1\nMONOTONIC_USEC=" +
                 std::to_string(static_cast<uint64_t>(now.tv_sec) * 1000000 +
                                static_cast<uint64_t>(now.tv_nsec) / 1000));
+  // Started on built-in defaults: the default file may have been written
+  // since.
+  std::string path = opts.config_path;
+  if (path.empty() && fs::exists(kDefaultConfigPath)) {
+    path = kDefaultConfigPath;
+  }
   Status result = Status::Ok();
-  if (opts.config_path.empty()) {
-    result = keyhold::InvalidArgument(
-        "SIGHUP: keyholdd runs without a config file; nothing to reload");
-  } else if (auto next = keyhold::daemon::LoadConfigFile(opts.config_path);
-             !next.ok()) {
+  if (path.empty()) {
+    result = keyhold::InvalidArgument(std::string("SIGHUP: no config file (") +
+                                      kDefaultConfigPath +
+                                      " does not exist); nothing to reload");
+  } else if (auto next = keyhold::daemon::LoadConfigFile(path); !next.ok()) {
     result = next.status();
   } else {
     ApplyOverrides(opts, &*next);
@@ -158,7 +164,7 @@ void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
       spdlog::warn(
           "reload: '{}' changed in {}; it takes effect after a restart "
           "(the running value stays)",
-          name, opts.config_path);
+          name, path);
     }
     running->limits = next->limits;
     running->admin_uids = next->admin_uids;
@@ -169,7 +175,7 @@ void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
     spdlog::set_level(spdlog::level::from_str(running->log_level));
   }
   if (result.ok()) {
-    spdlog::info("reloaded {}", opts.config_path);
+    spdlog::info("reloaded {}", path);
   } else {
     spdlog::error("reload rejected, the running configuration stays: {}",
                   result.message());
@@ -181,7 +187,7 @@ void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
     event.op = "reload-config";
     event.result =
         result.ok() ? "ok" : std::string(keyhold::CodeName(result.code()));
-    event.detail = opts.config_path;
+    event.detail = path;
     if (Status st = audit->Append(event); !st.ok()) {
       spdlog::error("audit log: {}", st.message());
     }
@@ -301,6 +307,8 @@ int Run(int argc, char** argv) {
   ctx.clients = &clients;
   ctx.settings.Set(keyhold::daemon::RuntimeSettings::From(config));
   ctx.audit = audit->get();
+  keyhold::daemon::OpStats stats;
+  ctx.stats = &stats;
   if (!ctx.backends.contains(ctx.default_backend)) {
     spdlog::critical("default_backend '{}' is not a configured backend",
                      ctx.default_backend);

@@ -503,6 +503,14 @@ Status Server::Adopt(int fd) {
         "socket from systemd (fd " + std::to_string(fd) +
         ") is not a listening Unix stream socket; use ListenStream=/path");
   }
+  // listen() again, as keyholdd: the credentials a client reads with
+  // SO_PEERCRED are those of whoever last called listen(), and systemd ran
+  // as root. Connections queued before this still report root (clients
+  // accept root, see common/client).
+  if (::listen(fd, SOMAXCONN) != 0) {
+    return Internal("listen on the socket from systemd: " +
+                    std::string(std::strerror(errno)));
+  }
   boost::system::error_code ec;
   acceptor_ = std::make_unique<asio::local::stream_protocol::acceptor>(io_);
   acceptor_->assign(asio::local::stream_protocol(), fd, ec);

@@ -1,4 +1,5 @@
-// keyhold ping | admin clients | admin delete-client | admin audit
+// keyhold ping | admin clients | admin delete-client | admin audit |
+// admin stats
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -121,6 +122,49 @@ int RunAuditVerify(Context& ctx) {
                " records\n");
 }
 
+struct StatsOptions {
+  bool json = false;
+};
+
+int RunStats(Context& ctx, const StatsOptions& o) {
+  auto r = ctx.client().Stats();
+  if (!r.ok()) {
+    return Fail("admin stats", r.status());
+  }
+  if (o.json) {
+    std::string out =
+        "{\"daemon_version\": " + JsonString(r->daemon_version()) +
+        ", \"uptime_seconds\": " + std::to_string(r->uptime_seconds()) +
+        ", \"connections\": " + std::to_string(r->connections()) +
+        ", \"ops\": [";
+    for (int i = 0; i < r->ops_size(); ++i) {
+      const auto& s = r->ops(i);
+      out += (i == 0 ? "" : ", ");
+      out += "{\"op\": " + JsonString(s.op()) +
+             ", \"count\": " + std::to_string(s.count()) +
+             ", \"errors\": " + std::to_string(s.errors()) +
+             ", \"p50_us\": " + std::to_string(s.p50_us()) +
+             ", \"p90_us\": " + std::to_string(s.p90_us()) +
+             ", \"p99_us\": " + std::to_string(s.p99_us()) +
+             ", \"max_us\": " + std::to_string(s.max_us()) + "}";
+    }
+    return Print(out + "]}\n");
+  }
+  Print("keyholdd " + r->daemon_version() + ", up " +
+        std::to_string(r->uptime_seconds()) + " s, " +
+        std::to_string(r->connections()) + " connections open\n");
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back(
+      {"OPERATION", "COUNT", "ERRORS", "P50_US", "P90_US", "P99_US", "MAX_US"});
+  for (const auto& s : r->ops()) {
+    rows.push_back({s.op(), std::to_string(s.count()),
+                    std::to_string(s.errors()), std::to_string(s.p50_us()),
+                    std::to_string(s.p90_us()), std::to_string(s.p99_us()),
+                    std::to_string(s.max_us())});
+  }
+  return PrintTable(rows);
+}
+
 }  // namespace
 
 void AddPingCommand(CLI::App& app, Action* action) {
@@ -167,6 +211,15 @@ void AddAdminCommands(CLI::App& app, Action* action) {
         "Check every record's chain and MAC; exit 1 if any was edited, "
         "removed or reordered");
     SetAction(verify, action, RunAuditVerify);
+  }
+  {
+    auto* sub = admin->add_subcommand(
+        "stats",
+        "Requests answered since the daemon started: count, errors and "
+        "latency percentiles (microseconds) per operation");
+    auto o = std::make_shared<StatsOptions>();
+    sub->add_flag("--json", o->json, "Print one JSON object");
+    SetAction(sub, action, [o](Context& ctx) { return RunStats(ctx, *o); });
   }
 }
 

@@ -305,6 +305,11 @@ StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect() {
     return Unavailable("connection to keyholdd not established");
   }
   uid_t expected = 0;
+  // Under socket activation systemd (root) called listen(), and a connection
+  // queued before keyholdd took the socket over (the one that starts it)
+  // reports systemd's credentials. Root can plant any socket anyway, so a
+  // root peer proves as much; only an explicit expected uid excludes it.
+  bool root_peer_ok = false;
   if (options.expected_daemon_uid) {
     expected = *options.expected_daemon_uid;
   } else {
@@ -316,6 +321,7 @@ StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect() {
       return Unavailable(Errno(("stat " + path).c_str()));
     }
     expected = st.st_uid;
+    root_peer_ok = true;
     const std::string dir =
         path.find('/') == std::string::npos
             ? "."
@@ -332,7 +338,7 @@ StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect() {
           "nothing; set KEYHOLD_DAEMON_UID or move the socket");
     }
   }
-  if (peer->uid != expected) {
+  if (peer->uid != expected && !(root_peer_ok && peer->uid == 0)) {
     return PermissionDenied("refusing to talk to " + path +
                             ": its peer runs as uid " +
                             std::to_string(peer->uid) +
@@ -576,6 +582,16 @@ StatusOr<v1::AuditResponse> Client::Audit(const v1::AuditRequest& request) {
     return r.status();
   }
   return std::move(*r->mutable_audit());
+}
+
+StatusOr<v1::StatsResponse> Client::Stats() {
+  v1::Request req;
+  req.mutable_stats();
+  auto r = Call(std::move(req));
+  if (!r.ok()) {
+    return r.status();
+  }
+  return std::move(*r->mutable_stats());
 }
 
 StatusOr<std::string> Client::Sign(const v1::SignRequest& request) {

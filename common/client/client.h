@@ -87,6 +87,7 @@ class Client {
   StatusOr<v1::ListClientsResponse> ListClients();
   StatusOr<uint32_t> DeleteClient(uint32_t uid);
   StatusOr<v1::AuditResponse> Audit(const v1::AuditRequest& request);
+  StatusOr<v1::StatsResponse> Stats();
 
   struct Impl;  // implementation detail (public for the fork handlers)
 

@@ -1,9 +1,10 @@
 // Admin operations (Permission::kAdmin): list clients, delete a client's keys
-// before its uid is reused (Parsec threat O-11).
+// before its uid is reused (Parsec threat O-11), the daemon's statistics.
 #include <spdlog/spdlog.h>
 
 #include <set>
 
+#include "daemon/dispatcher.h"
 #include "daemon/ops/ops.h"
 
 namespace keyhold::daemon {
@@ -53,6 +54,34 @@ Status HandleDeleteClient(OpContext& ctx, const OpArgs& args,
                uid, removed->size());
   response->mutable_delete_client()->set_keys_deleted(
       static_cast<uint32_t>(removed->size()));
+  return Status::Ok();
+}
+
+Status HandleStats(OpContext& ctx, const OpArgs&, v1::Request&,
+                   v1::Response* response) {
+  auto* out = response->mutable_stats();
+  out->set_daemon_version(KEYHOLD_VERSION);
+  out->set_uptime_seconds(
+      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::seconds>(
+                                std::chrono::steady_clock::now() - ctx.started)
+                                .count()));
+  out->set_connections(ctx.clients != nullptr ? ctx.clients->Total() : 0);
+  if (ctx.stats == nullptr) {
+    return Status::Ok();
+  }
+  const auto name_of = [](uint32_t op) {
+    return std::string(OpName(static_cast<v1::Request::OpCase>(op)));
+  };
+  for (const OpSummary& s : ctx.stats->Summaries(name_of)) {
+    v1::OpStats* o = out->add_ops();
+    o->set_op(s.op);
+    o->set_count(s.count);
+    o->set_errors(s.errors);
+    o->set_p50_us(s.p50_us);
+    o->set_p90_us(s.p90_us);
+    o->set_p99_us(s.p99_us);
+    o->set_max_us(s.max_us);
+  }
   return Status::Ok();
 }
 

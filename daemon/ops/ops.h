@@ -5,6 +5,7 @@
 #ifndef KEYHOLD_DAEMON_OPS_OPS_H_
 #define KEYHOLD_DAEMON_OPS_OPS_H_
 
+#include <chrono>
 #include <map>
 #include <memory>
 #include <string>
@@ -16,6 +17,7 @@
 #include "daemon/config.h"
 #include "daemon/keystore/key_store.h"
 #include "daemon/live_settings.h"
+#include "daemon/op_stats.h"
 #include "keyhold/v1/keyhold.pb.h"
 
 namespace keyhold::daemon {
@@ -30,6 +32,9 @@ struct OpContext {
   // decrypt, derive): replaced as a whole on SIGHUP.
   LiveSettings settings;
   AuditLog* audit = nullptr;  // null: no audit log (unit tests)
+  OpStats* stats = nullptr;   // null: not counted (unit tests)
+  std::chrono::steady_clock::time_point started =
+      std::chrono::steady_clock::now();
 };
 
 struct OpArgs {
@@ -58,6 +63,7 @@ Status HandleDestroyKey(OpContext&, const OpArgs&, v1::Request&,
                         v1::Response*);
 // audit_ops.cc
 Status HandleAudit(OpContext&, const OpArgs&, v1::Request&, v1::Response*);
+Status HandleStats(OpContext&, const OpArgs&, v1::Request&, v1::Response*);
 // cert_ops.cc
 Status HandleSetCertificate(OpContext&, const OpArgs&, v1::Request&,
                             v1::Response*);

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "common/frame.h"
 
@@ -28,11 +29,48 @@ DaemonProcess::DaemonProcess(std::string extra_config) {
   socket_path_ = dir_ + "/keyhold.sock";
   config_path_ = dir_ + "/keyholdd.toml";
   log_path_ = dir_ + "/keyholdd.log";
-  std::ofstream cfg(config_path_);
-  cfg << "socket = \"" << socket_path_ << "\"\n"
-      << "state_dir = \"" << state_dir() << "\"\n"
-      << "log_level = \"debug\"\n"
-      << extra_config << "\n";
+  WriteConfig(extra_config);
+}
+
+void DaemonProcess::WriteConfig(const std::string& extra_config) {
+  // Written beside and renamed over, so the daemon never reads half a file.
+  const std::string tmp = config_path_ + ".new";
+  {
+    std::ofstream cfg(tmp);
+    cfg << "socket = \"" << socket_path_ << "\"\n"
+        << "state_dir = \"" << state_dir() << "\"\n"
+        << "log_level = \"debug\"\n"
+        << extra_config << "\n";
+  }
+  ::chmod(tmp.c_str(), 0644);
+  std::filesystem::rename(tmp, config_path_);
+}
+
+std::string DaemonProcess::Reload(const std::string& extra_config) {
+  const auto verdicts = [this] {
+    std::vector<std::string> lines;
+    std::istringstream in(log());
+    for (std::string line; std::getline(in, line);) {
+      if (line.find("reloaded ") != std::string::npos ||
+          line.find("reload rejected") != std::string::npos) {
+        lines.push_back(line);
+      }
+    }
+    return lines;
+  };
+  const std::size_t before = verdicts().size();
+  WriteConfig(extra_config);
+  if (pid_ <= 0 || ::kill(pid_, SIGHUP) != 0) {
+    return "";
+  }
+  for (int i = 0; i < 500; ++i) {
+    const auto now = verdicts();
+    if (now.size() > before) {
+      return now.back();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return "";
 }
 
 DaemonProcess::~DaemonProcess() {

@@ -38,12 +38,18 @@ class DaemonProcess {
   std::string state_dir() const { return dir_ + "/state"; }
   std::string log() const;  // the daemon's stderr so far
 
+  // Rewrites the config file (the generated base plus extra_config, as the
+  // constructor did) and sends SIGHUP. Returns the daemon's log line saying
+  // whether it reloaded or rejected the file, "" if none came within 10 s.
+  std::string Reload(const std::string& extra_config);
+
   client::Options ClientOptions() const;
 
  private:
   std::string dir_;
   std::string socket_path_;
   std::string config_path_;
+  void WriteConfig(const std::string& extra_config);
   std::string log_path_;
   pid_t pid_ = -1;
 };

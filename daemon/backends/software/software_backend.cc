@@ -369,6 +369,11 @@ StatusOr<SecretBytes> ReadMasterKey(const std::filesystem::path& path,
   if (!S_ISREG(st.st_mode)) {
     return MasterKeyError(path, "not a regular file");
   }
+  if (st.st_uid != ::geteuid()) {
+    return MasterKeyError(path, "is owned by uid " + std::to_string(st.st_uid) +
+                                    ", not by keyholdd's uid " +
+                                    std::to_string(::geteuid()));
+  }
   if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
     char mode[8];
     std::snprintf(mode, sizeof(mode), "%04o",

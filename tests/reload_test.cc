@@ -1,0 +1,193 @@
+// SIGHUP while clients are signing: the new limits and admins apply, open
+// connections and requests in flight survive, and a bad file changes
+// nothing. Also `admin stats` through a real daemon.
+#include <grp.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "tests/harness/daemon_process.h"
+
+namespace keyhold::testing {
+namespace {
+
+constexpr uid_t kOtherUid = 65534;  // nobody
+
+// Runs fn as kOtherUid in a child process; returns its one-byte verdict.
+template <typename Fn>
+char AsOtherUid(Fn fn) {
+  int pipe_fds[2];
+  if (pipe(pipe_fds) != 0) {
+    return 'p';
+  }
+  const pid_t child = fork();
+  if (child == 0) {
+    close(pipe_fds[0]);
+    char verdict = 'u';
+    if (setgroups(0, nullptr) == 0 && setgid(kOtherUid) == 0 &&
+        setuid(kOtherUid) == 0) {
+      verdict = fn();
+    }
+    _exit(write(pipe_fds[1], &verdict, 1) == 1 ? 0 : 1);
+  }
+  close(pipe_fds[1]);
+  char verdict = 'r';
+  if (read(pipe_fds[0], &verdict, 1) != 1) {
+    verdict = 'r';
+  }
+  close(pipe_fds[0]);
+  int status = 0;
+  waitpid(child, &status, 0);
+  return verdict;
+}
+
+v1::SignRequest SignRequestFor(const std::string& name) {
+  v1::SignRequest req;
+  *req.mutable_key() = client::MakeKeyRef(name);
+  req.set_algorithm(v1::ECDSA);
+  req.set_digest(v1::SHA256);
+  req.set_data(std::string(32, '\x5a'));
+  return req;
+}
+
+TEST(ReloadTest, SighupUnderLoadAppliesGoodFilesAndKeepsConnections) {
+  if (geteuid() != 0) {
+    GTEST_SKIP() << "needs root to act as a second uid";
+  }
+  // Uses are not audited here, so the reload records are easy to find.
+  const std::string base = "audit_key_use = false\n";
+  DaemonProcess daemon(base);
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  client::Client owner(daemon.ClientOptions());
+  ASSERT_TRUE(owner.GenerateKey(client::MakeKeyRef("k"), v1::EC_P256).ok());
+
+  // Load: four threads signing over the client's pooled connections for
+  // the whole test. Not one request may fail.
+  std::atomic<bool> stop{false};
+  std::atomic<int> signed_ok{0};
+  std::atomic<int> failed{0};
+  std::vector<std::thread> load;
+  for (int t = 0; t < 4; ++t) {
+    load.emplace_back([&] {
+      const v1::SignRequest req = SignRequestFor("k");
+      while (!stop.load()) {
+        (owner.Sign(req).ok() ? signed_ok : failed)++;
+      }
+    });
+  }
+  // And one connection opened before the reload, used after it.
+  RawConnection before(daemon.socket_path());
+  ASSERT_TRUE(before.ok());
+  v1::Request ping;
+  ping.set_id(7);
+  ping.mutable_ping();
+  ASSERT_TRUE(before.Send(Frame(ping)));
+  v1::Response pong;
+  ASSERT_TRUE(before.ReadResponse(&pong));
+
+  const auto stats_as_other = [&daemon] {
+    return AsOtherUid([&daemon] {
+      client::Client c(daemon.ClientOptions());
+      auto r = c.Stats();
+      if (r.ok()) {
+        return 'y';
+      }
+      return r.status().code() == Code::kPermissionDenied ? 'n' : 'e';
+    });
+  };
+  EXPECT_EQ(stats_as_other(), 'n') << "nobody is not an admin yet";
+
+  // A good file: nobody becomes an admin, the frame limit changes.
+  std::string line = daemon.Reload(
+      base + "admins = [0, 65534]\n[limits]\nmax_frame_bytes = 200000\n");
+  EXPECT_NE(line.find("reloaded"), std::string::npos) << daemon.log();
+  EXPECT_EQ(stats_as_other(), 'y') << "the new admin list applies";
+  auto hello = client::Client(daemon.ClientOptions()).Hello();
+  ASSERT_TRUE(hello.ok());
+  EXPECT_EQ(hello->max_frame_bytes(), 200000u);
+  ping.set_id(8);
+  ASSERT_TRUE(before.Send(Frame(ping)));
+  ASSERT_TRUE(before.ReadResponse(&pong)) << "the open connection survived";
+  EXPECT_EQ(pong.id(), 8u);
+  EXPECT_EQ(pong.code(), v1::OK);
+
+  // A bad file: rejected, everything stays as the good one set it.
+  line = daemon.Reload(base +
+                       "admins = [0]\n[limits]\nmax_frame_bytes = \"many\"\n");
+  EXPECT_NE(line.find("reload rejected"), std::string::npos) << daemon.log();
+  EXPECT_NE(line.find("max_frame_bytes"), std::string::npos) << line;
+  EXPECT_EQ(stats_as_other(), 'y') << "a rejected file changed the admins";
+  hello = client::Client(daemon.ClientOptions()).Hello();
+  ASSERT_TRUE(hello.ok());
+  EXPECT_EQ(hello->max_frame_bytes(), 200000u);
+
+  // Unknown settings are a bad file too; restart-only ones are kept.
+  line = daemon.Reload(base + "admins = [0, 65534]\nfrobnicate = true\n");
+  EXPECT_NE(line.find("reload rejected"), std::string::npos) << line;
+  line = daemon.Reload(base + "admins = [0]\nworker_threads = 7\n");
+  EXPECT_NE(line.find("reloaded"), std::string::npos) << line;
+  EXPECT_NE(daemon.log().find("'worker_threads' changed"), std::string::npos);
+  EXPECT_EQ(stats_as_other(), 'n') << "admin removed again";
+
+  // Keep the load running across all of that for a little longer.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  stop = true;
+  for (auto& t : load) {
+    t.join();
+  }
+  EXPECT_GT(signed_ok.load(), 0);
+  EXPECT_EQ(failed.load(), 0) << "a reload broke requests in flight";
+  ping.set_id(9);
+  ASSERT_TRUE(before.Send(Frame(ping)));
+  ASSERT_TRUE(before.ReadResponse(&pong));
+  EXPECT_EQ(pong.code(), v1::OK);
+
+  // Every reload is in the audit log with its result.
+  v1::AuditRequest audit;
+  audit.set_limit(1000);
+  auto records = owner.Audit(audit);
+  ASSERT_TRUE(records.ok()) << records.status().ToString();
+  int reloads_ok = 0;
+  int reloads_rejected = 0;
+  for (const std::string& r : records->records()) {
+    if (r.find("\"reload-config\"") == std::string::npos) {
+      continue;
+    }
+    (r.find("\"ok\"") != std::string::npos ? reloads_ok : reloads_rejected)++;
+  }
+  EXPECT_EQ(reloads_ok, 2);
+  EXPECT_EQ(reloads_rejected, 2);
+
+  // Stats count what the load did.
+  auto stats = owner.Stats();
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  bool found = false;
+  for (const v1::OpStats& s : stats->ops()) {
+    if (s.op() == "sign") {
+      found = true;
+      EXPECT_GE(s.count(), static_cast<uint64_t>(signed_ok.load()));
+      EXPECT_EQ(s.errors(), 0u);
+      EXPECT_LE(s.p50_us(), s.p90_us());
+      EXPECT_LE(s.p90_us(), s.p99_us());
+      EXPECT_LE(s.p99_us(), s.max_us());
+    }
+  }
+  EXPECT_TRUE(found);
+  EXPECT_GE(stats->connections(), 1u);
+}
+
+TEST(ReloadTest, AnInvalidLogLevelIsRejectedAndTheDaemonServesOn) {
+  DaemonProcess daemon;
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  const std::string line = daemon.Reload("log_level = \"bogus\"\n");
+  EXPECT_NE(line.find("reload rejected"), std::string::npos) << daemon.log();
+  EXPECT_TRUE(client::Client(daemon.ClientOptions()).Ping().ok());
+}
+
+}  // namespace
+}  // namespace keyhold::testing
