@@ -29,7 +29,6 @@ namespace keyhold::daemon {
 
 namespace asio = boost::asio;
 using Socket = asio::local::stream_protocol::socket;
-using Clock = std::chrono::steady_clock;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
@@ -70,6 +69,7 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     closed_ = true;
+    abandoned_.store(true, std::memory_order_relaxed);
     if (why != nullptr) {
       spdlog::debug("closing connection of uid {} pid {}: {}", principal_.uid,
                     principal_.pid, why);
@@ -253,6 +253,11 @@ class Session : public std::enable_shared_from_this<Session> {
   // Runs on the blocking pool, when it is this uid's turn (FairQueue).
   void Work(v1::Request& request) {
     v1::Response response;
+    if (abandoned_.load(std::memory_order_relaxed)) {
+      // The client has gone: queued work (say, a flood of generations from
+      // a client that was killed) is dropped, not done for no one.
+      return;
+    }
     if (server_.stopping()) {
       // Queued work is not started once the daemon stops: a flood of
       // queued generations must not hold up the exit.
@@ -378,6 +383,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool draining_ = false;
   bool eof_ = false;  // the client shut down its sending side
   bool registered_ = false;
+  // Set with closed_; read by the blocking pool (Work), hence atomic.
+  std::atomic<bool> abandoned_{false};
 };
 
 Server::Server(std::vector<asio::io_context*> io, asio::thread_pool& workers,
@@ -556,8 +563,8 @@ void Server::Accept() {
         }
         const Limits limits = settings_.Get()->limits;
         if (sessions_.size() >= limits.max_connections) {
-          spdlog::warn("connection refused: {} connections open (limit)",
-                       sessions_.size());
+          LogRefusal(std::to_string(sessions_.size()) +
+                     " connections open (limits.max_connections)");
           boost::system::error_code ignored;
           socket.close(ignored);
           Accept();
@@ -569,16 +576,13 @@ void Server::Accept() {
           Accept();
           return;
         }
-        const auto same_uid = static_cast<uint32_t>(
-            std::count_if(sessions_.begin(), sessions_.end(),
-                          [&](const std::shared_ptr<Session>& s) {
-                            return s->uid() == cred->uid;
-                          }));
+        const auto per_uid = sessions_per_uid_.find(cred->uid);
+        const uint32_t same_uid =
+            per_uid == sessions_per_uid_.end() ? 0 : per_uid->second;
         if (same_uid >= limits.max_connections_per_uid) {
-          spdlog::warn(
-              "connection refused: uid {} already has {} connections "
-              "(limits.max_connections_per_uid)",
-              cred->uid, same_uid);
+          LogRefusal("uid " + std::to_string(cred->uid) + " already has " +
+                     std::to_string(same_uid) +
+                     " connections (limits.max_connections_per_uid)");
           boost::system::error_code ignored;
           socket.close(ignored);
           Accept();
@@ -593,20 +597,38 @@ void Server::Accept() {
         auto session =
             std::make_shared<Session>(*this, std::move(socket), workers_,
                                       dispatcher_, clients_, std::move(who));
-        sessions_.insert(session);
+        sessions_.emplace(session.get(), session);
+        ++sessions_per_uid_[session->uid()];
         Accept();
         lock.unlock();
         asio::dispatch(session->executor(), [session] { session->Start(); });
       });
 }
 
+void Server::LogRefusal(const std::string& why) {
+  ++refusals_since_log_;
+  const auto now = Clock::now();
+  if (now - last_refusal_log_ < std::chrono::seconds(1)) {
+    return;
+  }
+  if (refusals_since_log_ > 1) {
+    spdlog::warn("connection refused: {} ({} refused since the last line)", why,
+                 refusals_since_log_);
+  } else {
+    spdlog::warn("connection refused: {}", why);
+  }
+  last_refusal_log_ = now;
+  refusals_since_log_ = 0;
+}
+
 void Server::Forget(Session* session) {
   std::lock_guard<std::mutex> lock(mu_);
-  for (auto it = sessions_.begin(); it != sessions_.end(); ++it) {
-    if (it->get() == session) {
-      sessions_.erase(it);
-      break;
+  if (auto it = sessions_.find(session); it != sessions_.end()) {
+    auto per_uid = sessions_per_uid_.find(session->uid());
+    if (per_uid != sessions_per_uid_.end() && --per_uid->second == 0) {
+      sessions_per_uid_.erase(per_uid);
     }
+    sessions_.erase(it);
   }
   if (stopped_ && sessions_.empty() && stop_timer_) {
     stop_timer_->cancel();
@@ -627,7 +649,7 @@ void Server::Stop() {
   if (!path_.empty()) {
     ::unlink(path_.c_str());
   }
-  for (const auto& session : sessions_) {
+  for (const auto& [raw, session] : sessions_) {
     asio::post(session->executor(), [session] { session->Drain(); });
   }
   // Whatever has not finished within the I/O timeout is cut off.
@@ -639,7 +661,7 @@ void Server::Stop() {
       return;
     }
     std::lock_guard<std::mutex> relock(mu_);
-    for (const auto& session : sessions_) {
+    for (const auto& [raw, session] : sessions_) {
       asio::post(session->executor(),
                  [session] { session->Close("daemon shutting down"); });
     }

@@ -25,9 +25,10 @@
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,7 @@
 namespace keyhold::daemon {
 
 class Session;
+using Clock = std::chrono::steady_clock;
 
 class Server {
  public:
@@ -86,7 +88,13 @@ class Server {
   std::string path_;
   std::unique_ptr<boost::asio::local::stream_protocol::acceptor> acceptor_;
   std::mutex mu_;  // guards everything below
-  std::set<std::shared_ptr<Session>> sessions_;
+  std::map<Session*, std::shared_ptr<Session>> sessions_;
+  std::map<uint32_t, uint32_t> sessions_per_uid_;
+  // Refusals are logged at most once a second: a client that reconnects in
+  // a loop must not turn each refused connection into a log line.
+  Clock::time_point last_refusal_log_{};
+  uint64_t refusals_since_log_ = 0;
+  void LogRefusal(const std::string& why);  // with mu_ held
   std::unique_ptr<boost::asio::steady_timer> stop_timer_;
   bool stopped_ = false;
 };

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -517,6 +518,65 @@ TEST(FairnessTest, FloodOfGenerationsDoesNotStarveAnotherUid) {
   for (auto& t : threads) {
     t.join();
   }
+}
+
+// Issue 7's first abuse case with the default limits: one uid opens 1,000
+// connections and sends nothing; another uid is still served.
+TEST(FairnessTest, ThousandIdleConnectionsDoNotLockOutAnotherUid) {
+  if (geteuid() != 0) {
+    GTEST_SKIP() << "needs root to act as a second uid";
+  }
+  rlimit nofile{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &nofile), 0);
+  const rlimit saved = nofile;
+  nofile.rlim_cur = std::max<rlim_t>(nofile.rlim_cur, 4096);
+  nofile.rlim_max = std::max(nofile.rlim_max, nofile.rlim_cur);
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &nofile), 0);
+  DaemonProcess daemon;
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  std::vector<std::unique_ptr<RawConnection>> idle;
+  for (int i = 0; i < 1000; ++i) {
+    idle.push_back(std::make_unique<RawConnection>(daemon.socket_path()));
+  }
+  int pipe_fds[2];
+  ASSERT_EQ(pipe(pipe_fds), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(pipe_fds[0]);
+    char verdict = 'x';
+    if (setgid(64104) == 0 && setuid(64104) == 0) {
+      client::Client victim(daemon.ClientOptions());
+      v1::SignRequest req;
+      *req.mutable_key() = client::MakeKeyRef("victim");
+      req.set_algorithm(v1::ECDSA);
+      req.set_digest(v1::SHA256);
+      req.set_data(std::string(32, '\x33'));
+      verdict = 'y';
+      if (!victim.GenerateKey(req.key(), v1::EC_P256).ok()) {
+        verdict = 'g';
+      }
+      for (int i = 0; i < 100 && verdict == 'y'; ++i) {
+        if (!victim.Sign(req).ok()) {
+          verdict = 's';
+        }
+      }
+    }
+    _exit(write(pipe_fds[1], &verdict, 1) == 1 ? 0 : 1);
+  }
+  close(pipe_fds[1]);
+  char verdict = 0;
+  ASSERT_EQ(read(pipe_fds[0], &verdict, 1), 1);
+  close(pipe_fds[0]);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_EQ(verdict, 'y') << "g: could not create its key, s: a sign failed";
+  // The hog got its quota and no more.
+  EXPECT_NE(daemon.log().find("limits.max_connections_per_uid"),
+            std::string::npos);
+  idle.clear();
+  daemon.Stop();
+  setrlimit(RLIMIT_NOFILE, &saved);
 }
 
 TEST(SocketDirectoryTest, DaemonRefusesAWorldWritableDirectory) {
