@@ -112,12 +112,12 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
     return InvalidArgument(msg.str());
   }
   Config c;
-  KH_RETURN_IF_ERROR(
-      CheckKeys(root,
-                {"socket", "state_dir", "admins", "log_level",
-                 "default_backend", "worker_threads", "blocking_threads",
-                 "inline_crypto", "audit_key_use", "limits", "backend"},
-                ""));
+  KH_RETURN_IF_ERROR(CheckKeys(
+      root,
+      {"socket", "state_dir", "admins", "log_level", "default_backend",
+       "worker_threads", "blocking_threads", "inline_crypto", "audit_key_use",
+       "audit_key_use_per_minute", "limits", "backend"},
+      ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
   KH_RETURN_IF_ERROR(ReadString(root, "log_level", &c.log_level));
@@ -139,6 +139,14 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
       return InvalidArgument("setting 'audit_key_use' must be true or false");
     }
     c.audit_key_use = v->get();
+  }
+  if (const toml::node* node = root.get("audit_key_use_per_minute")) {
+    const toml::value<bool>* v = node->as_boolean();
+    if (v == nullptr) {
+      return InvalidArgument(
+          "setting 'audit_key_use_per_minute' must be true or false");
+    }
+    c.audit_key_use_per_minute = v->get();
   }
   if (const toml::node* admins = root.get("admins")) {
     const toml::array* arr = admins->as_array();

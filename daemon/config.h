@@ -54,6 +54,10 @@ struct Config {
   // Record every private-key use (sign, decrypt, derive) in the audit log,
   // not only key management and admin operations.
   bool audit_key_use = true;
+  // With audit_key_use: count uses in memory and record them once a minute,
+  // one record per caller, operation, key and result ("count", "since"),
+  // instead of one record per use. A crash loses at most a minute of counts.
+  bool audit_key_use_per_minute = false;
   Limits limits;
   // Device backends besides the built-in "software" one, in file order.
   std::vector<BackendSection> backends;

@@ -100,6 +100,14 @@ name = "hsm2"
   EXPECT_FALSE(ParseConfig("backend = 1", "t").ok());
 }
 
+TEST(ConfigTest, AuditKeyUsePerMinute) {
+  auto c = ParseConfig("audit_key_use_per_minute = true", "t");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_TRUE(c->audit_key_use_per_minute);
+  EXPECT_FALSE(Config().audit_key_use_per_minute);
+  EXPECT_FALSE(ParseConfig("audit_key_use_per_minute = 1", "t").ok());
+}
+
 TEST(ConfigTest, MissingFile) {
   EXPECT_FALSE(LoadConfigFile("/nonexistent/keyholdd.toml").ok());
 }
@@ -153,6 +161,7 @@ TEST(ConfigTest, ShippedExampleMatchesDefaults) {
   EXPECT_EQ(c->blocking_threads, d.blocking_threads);
   EXPECT_EQ(c->inline_crypto, d.inline_crypto);
   EXPECT_EQ(c->audit_key_use, d.audit_key_use);
+  EXPECT_EQ(c->audit_key_use_per_minute, d.audit_key_use_per_minute);
   EXPECT_EQ(c->limits.max_frame_bytes, d.limits.max_frame_bytes);
   EXPECT_EQ(c->limits.max_in_flight_per_connection,
             d.limits.max_in_flight_per_connection);

@@ -219,6 +219,13 @@ void Dispatcher::Audit(const Principal& caller, const v1::Request& request,
   }
   e.result = status.ok() ? "ok" : std::string(CodeName(status.code()));
   e.detail = AuditDetail(request);
+  const bool key_use = request.op_case() == R::kSign ||
+                       request.op_case() == R::kDecrypt ||
+                       request.op_case() == R::kDerive;
+  if (key_use && ctx_->settings.audit_key_use_per_minute()) {
+    ctx_->audit->CountUse(e);  // written with the next minute's records
+    return;
+  }
   if (Status st = ctx_->audit->Append(e); !st.ok()) {
     spdlog::error("audit log: {} (op {} by uid {} not recorded)", st.message(),
                   e.op, e.uid);

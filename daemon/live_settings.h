@@ -24,9 +24,11 @@ struct RuntimeSettings {
   std::vector<uint32_t> admin_uids = {0};
   bool inline_crypto = true;
   bool audit_key_use = true;
+  bool audit_key_use_per_minute = false;
 
   static RuntimeSettings From(const Config& c) {
-    return {c.limits, c.admin_uids, c.inline_crypto, c.audit_key_use};
+    return {c.limits, c.admin_uids, c.inline_crypto, c.audit_key_use,
+            c.audit_key_use_per_minute};
   }
   bool IsAdmin(uint32_t uid) const {
     return std::find(admin_uids.begin(), admin_uids.end(), uid) !=
@@ -47,6 +49,8 @@ class LiveSettings {
   void Set(RuntimeSettings s) {
     inline_crypto_.store(s.inline_crypto, std::memory_order_relaxed);
     audit_key_use_.store(s.audit_key_use, std::memory_order_relaxed);
+    audit_key_use_per_minute_.store(s.audit_key_use_per_minute,
+                                    std::memory_order_relaxed);
     current_.store(std::make_shared<const RuntimeSettings>(std::move(s)),
                    std::memory_order_release);
   }
@@ -57,12 +61,16 @@ class LiveSettings {
   bool audit_key_use() const {
     return audit_key_use_.load(std::memory_order_relaxed);
   }
+  bool audit_key_use_per_minute() const {
+    return audit_key_use_per_minute_.load(std::memory_order_relaxed);
+  }
   bool IsAdmin(uint32_t uid) const { return Get()->IsAdmin(uid); }
 
  private:
   std::atomic<std::shared_ptr<const RuntimeSettings>> current_;
   std::atomic<bool> inline_crypto_{true};
   std::atomic<bool> audit_key_use_{true};
+  std::atomic<bool> audit_key_use_per_minute_{false};
 };
 
 }  // namespace keyhold::daemon

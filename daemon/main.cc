@@ -171,6 +171,7 @@ void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
     running->log_level = next->log_level;
     running->inline_crypto = next->inline_crypto;
     running->audit_key_use = next->audit_key_use;
+    running->audit_key_use_per_minute = next->audit_key_use_per_minute;
     live->Set(keyhold::daemon::RuntimeSettings::From(*running));
     spdlog::set_level(spdlog::level::from_str(running->log_level));
   }

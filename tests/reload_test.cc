@@ -191,3 +191,49 @@ TEST(ReloadTest, AnInvalidLogLevelIsRejectedAndTheDaemonServesOn) {
 
 }  // namespace
 }  // namespace keyhold::testing
+
+namespace keyhold::testing {
+namespace {
+
+// audit_key_use_per_minute: uses become one counted record per key and
+// minute; a clean stop writes what is pending.
+TEST(AuditAggregateTest, UsesAreCountedNotRecordedOneByOne) {
+  DaemonProcess daemon("audit_key_use_per_minute = true\n");
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  {
+    client::Client c(daemon.ClientOptions());
+    ASSERT_TRUE(c.GenerateKey(client::MakeKeyRef("agg"), v1::EC_P256).ok());
+    const v1::SignRequest req = SignRequestFor("agg");
+    for (int i = 0; i < 25; ++i) {
+      ASSERT_TRUE(c.Sign(req).ok());
+    }
+  }
+  ASSERT_EQ(daemon.Stop(), 0);
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  client::Client c(daemon.ClientOptions());
+  v1::AuditRequest audit;
+  audit.set_key(std::to_string(geteuid()) + "/agg");
+  auto records = c.Audit(audit);
+  ASSERT_TRUE(records.ok()) << records.status().ToString();
+  uint64_t counted = 0;
+  int sign_records = 0;
+  for (const std::string& r : records->records()) {
+    if (r.find("\"op\":\"sign\"") == std::string::npos) {
+      continue;
+    }
+    ++sign_records;
+    const auto pos = r.find("\"count\":");
+    ASSERT_NE(pos, std::string::npos) << r;
+    counted += std::stoull(r.substr(pos + 8));
+  }
+  EXPECT_EQ(counted, 25u);
+  EXPECT_LE(sign_records, 2) << "one record per minute, not per use";
+  v1::AuditRequest verify;
+  verify.set_verify(true);
+  auto check = c.Audit(verify);
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact()) << check->problem();
+}
+
+}  // namespace
+}  // namespace keyhold::testing
