@@ -174,12 +174,12 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
     if (t == nullptr) {
       return InvalidArgument("'limits' must be a table");
     }
-    KH_RETURN_IF_ERROR(
-        CheckKeys(*t,
-                  {"max_frame_bytes", "max_in_flight_per_connection",
-                   "max_connections", "max_connections_per_uid",
-                   "idle_timeout_seconds", "io_timeout_seconds"},
-                  "limits."));
+    KH_RETURN_IF_ERROR(CheckKeys(
+        *t,
+        {"max_frame_bytes", "max_in_flight_per_connection", "max_connections",
+         "max_connections_per_uid", "max_in_flight_per_uid",
+         "idle_timeout_seconds", "io_timeout_seconds"},
+        "limits."));
     Limits& l = c.limits;
     KH_RETURN_IF_ERROR(ReadUint(*t, "max_frame_bytes", &l.max_frame_bytes,
                                 "limits.", 1024, 16 * 1024 * 1024));
@@ -188,6 +188,9 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
                                 1024));
     KH_RETURN_IF_ERROR(ReadUint(*t, "max_connections_per_uid",
                                 &l.max_connections_per_uid, "limits.", 1,
+                                1000000));
+    KH_RETURN_IF_ERROR(ReadUint(*t, "max_in_flight_per_uid",
+                                &l.max_in_flight_per_uid, "limits.", 1,
                                 1000000));
     KH_RETURN_IF_ERROR(ReadUint(*t, "max_connections", &l.max_connections,
                                 "limits.", 1, 1000000));

@@ -19,6 +19,12 @@ struct Limits {
   // at once, so one user cannot take every slot (Parsec U-0). Far above
   // what a client needs (the client library pools a few per process).
   uint32_t max_connections_per_uid = 128;
+  // Requests of one uid waiting for or running on the blocking pool (key
+  // generation, key store writes, device backends), over all its
+  // connections; past this its further ones are answered "resource
+  // exhausted" at once instead of queueing. Requests answered inline (a
+  // software signature) are not counted: they never wait.
+  uint32_t max_in_flight_per_uid = 256;
   // A connection with nothing in flight that sends nothing for this long is
   // closed (clients reconnect transparently). 0 disables.
   uint32_t idle_timeout_seconds = 300;

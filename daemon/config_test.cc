@@ -168,6 +168,7 @@ TEST(ConfigTest, ShippedExampleMatchesDefaults) {
   EXPECT_EQ(c->limits.max_connections, d.limits.max_connections);
   EXPECT_EQ(c->limits.max_connections_per_uid,
             d.limits.max_connections_per_uid);
+  EXPECT_EQ(c->limits.max_in_flight_per_uid, d.limits.max_in_flight_per_uid);
   EXPECT_EQ(c->limits.idle_timeout_seconds, d.limits.idle_timeout_seconds);
   EXPECT_EQ(c->limits.io_timeout_seconds, d.limits.io_timeout_seconds);
 }

@@ -33,7 +33,8 @@ using Socket = asio::local::stream_protocol::socket;
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(Server& server, Socket socket, asio::thread_pool& workers,
-          Dispatcher& dispatcher, ClientRegistry& clients, Principal principal)
+          Dispatcher& dispatcher, ClientRegistry& clients, Principal principal,
+          std::shared_ptr<std::atomic<uint32_t>> uid_pool_use)
       : server_(server),
         socket_(std::move(socket)),
         watchdog_(socket_.get_executor()),
@@ -41,7 +42,8 @@ class Session : public std::enable_shared_from_this<Session> {
         dispatcher_(dispatcher),
         clients_(clients),
         limits_(server.settings().Get()->limits),
-        principal_(std::move(principal)) {}
+        principal_(std::move(principal)),
+        uid_pool_use_(std::move(uid_pool_use)) {}
 
   asio::any_io_executor executor() { return socket_.get_executor(); }
   uint32_t uid() const { return principal_.uid; }
@@ -243,15 +245,33 @@ class Session : public std::enable_shared_from_this<Session> {
         dispatcher_.TryHandleInline(principal_, *request);
     if (response) {
       Queue(Encode(*request, *response));
-    } else {
-      server_.blocking_queue().Post(
-          principal_.uid,
-          [self = shared_from_this(), request] { self->Work(*request); });
+      return;
     }
+    // Work for the blocking pool counts against the uid's share
+    // (limits.max_in_flight_per_uid) until it has run.
+    if (uid_pool_use_->fetch_add(1, std::memory_order_relaxed) >=
+        limits_.max_in_flight_per_uid) {
+      uid_pool_use_->fetch_sub(1, std::memory_order_relaxed);
+      --in_flight_;  // SendError counts its own response
+      SendError(
+          request->id(),
+          ResourceExhausted("uid " + std::to_string(principal_.uid) + " has " +
+                            std::to_string(limits_.max_in_flight_per_uid) +
+                            " requests waiting already "
+                            "(limits.max_in_flight_per_uid); try again later"));
+      return;
+    }
+    server_.blocking_queue().Post(
+        principal_.uid,
+        [self = shared_from_this(), request] { self->Work(*request); });
   }
 
   // Runs on the blocking pool, when it is this uid's turn (FairQueue).
   void Work(v1::Request& request) {
+    struct Release {
+      std::atomic<uint32_t>& n;
+      ~Release() { n.fetch_sub(1, std::memory_order_relaxed); }
+    } release{*uid_pool_use_};
     v1::Response response;
     if (abandoned_.load(std::memory_order_relaxed)) {
       // The client has gone: queued work (say, a flood of generations from
@@ -385,6 +405,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool registered_ = false;
   // Set with closed_; read by the blocking pool (Work), hence atomic.
   std::atomic<bool> abandoned_{false};
+  // This uid's requests on the blocking pool, over all its sessions.
+  const std::shared_ptr<std::atomic<uint32_t>> uid_pool_use_;
 };
 
 Server::Server(std::vector<asio::io_context*> io, asio::thread_pool& workers,
@@ -594,9 +616,13 @@ void Server::Accept() {
         who.groups.assign(cred->groups.begin(), cred->groups.end());
         who.pid = cred->pid;
         who.exe = ExecutableOf(cred->pid);
-        auto session =
-            std::make_shared<Session>(*this, std::move(socket), workers_,
-                                      dispatcher_, clients_, std::move(who));
+        auto& pool_use = pool_use_per_uid_[cred->uid];
+        if (!pool_use) {
+          pool_use = std::make_shared<std::atomic<uint32_t>>(0);
+        }
+        auto session = std::make_shared<Session>(
+            *this, std::move(socket), workers_, dispatcher_, clients_,
+            std::move(who), pool_use);
         sessions_.emplace(session.get(), session);
         ++sessions_per_uid_[session->uid()];
         Accept();
@@ -627,6 +653,8 @@ void Server::Forget(Session* session) {
     auto per_uid = sessions_per_uid_.find(session->uid());
     if (per_uid != sessions_per_uid_.end() && --per_uid->second == 0) {
       sessions_per_uid_.erase(per_uid);
+      // Work still queued keeps its own reference to the counter.
+      pool_use_per_uid_.erase(session->uid());
     }
     sessions_.erase(it);
   }

@@ -90,6 +90,8 @@ class Server {
   std::mutex mu_;  // guards everything below
   std::map<Session*, std::shared_ptr<Session>> sessions_;
   std::map<uint32_t, uint32_t> sessions_per_uid_;
+  // Each uid's requests on the blocking pool, shared by its sessions.
+  std::map<uint32_t, std::shared_ptr<std::atomic<uint32_t>>> pool_use_per_uid_;
   // Refusals are logged at most once a second: a client that reconnects in
   // a loop must not turn each refused connection into a log line.
   Clock::time_point last_refusal_log_{};

@@ -579,6 +579,50 @@ TEST(FairnessTest, ThousandIdleConnectionsDoNotLockOutAnotherUid) {
   setrlimit(RLIMIT_NOFILE, &saved);
 }
 
+// limits.max_in_flight_per_uid: a uid's requests for the blocking pool past
+// its cap are refused at once with a clear status, not queued; those taken
+// complete, and the uid is served again once they have.
+TEST(FairnessTest, PoolRequestsPastTheUidCapAreRefusedAtOnce) {
+  DaemonProcess daemon(
+      "blocking_threads = 1\n[limits]\nmax_in_flight_per_uid = 2\n");
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  client::Options options = daemon.ClientOptions();
+  options.call_timeout = std::chrono::minutes(5);  // RSA-4096 on a busy box
+  client::Client c(options);
+  constexpr int kCalls = 6;
+  std::vector<Status> results(kCalls);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kCalls; ++i) {
+    threads.emplace_back([&, i] {
+      results[static_cast<std::size_t>(i)] =
+          c.GenerateKey(client::MakeKeyRef("cap-" + std::to_string(i)),
+                        v1::RSA_4096)
+              .status();
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  int ok = 0;
+  int refused = 0;
+  for (const Status& st : results) {
+    if (st.ok()) {
+      ++ok;
+    } else {
+      EXPECT_EQ(st.code(), Code::kResourceExhausted) << st.ToString();
+      EXPECT_NE(st.message().find("limits.max_in_flight_per_uid"),
+                std::string::npos)
+          << st.message();
+      ++refused;
+    }
+  }
+  EXPECT_GE(ok, 2) << "the two within the cap must complete";
+  EXPECT_GE(refused, 1) << "six at once against a cap of two";
+  // Nothing is left counted: the uid gets its full share again.
+  EXPECT_TRUE(c.GenerateKey(client::MakeKeyRef("after"), v1::EC_P256).ok());
+  EXPECT_TRUE(c.DestroyKey(client::MakeKeyRef("after")).ok());
+}
+
 TEST(SocketDirectoryTest, DaemonRefusesAWorldWritableDirectory) {
   char tmpl[] = "/tmp/keyhold-ww-XXXXXX";
   const std::string dir = mkdtemp(tmpl);
