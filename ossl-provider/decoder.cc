@@ -7,8 +7,7 @@
 // The file holds no secret. It decodes to the same key object as the store
 // loader, so programs that only take a key *file* (nginx, curl) use the
 // daemon's key. Decoding does not contact the daemon; the first private-key
-// operation does.
-#include <openssl/asn1.h>
+// operation does. The DER body is parsed by key_ref_file.cc (fuzzed).
 #include <openssl/core_names.h>
 #include <openssl/core_object.h>
 #include <openssl/params.h>
@@ -17,6 +16,7 @@
 #include <cstring>
 #include <string>
 
+#include "ossl-provider/key_ref_file.h"
 #include "ossl-provider/provider.h"
 
 namespace keyhold::ossl {
@@ -24,35 +24,6 @@ namespace {
 
 constexpr char kPemName[] = "KEYHOLD KEY REFERENCE";
 constexpr char kStructure[] = "keyhold";
-
-// Reads one DER TLV header; returns false if malformed.
-bool ReadTlv(const unsigned char** p, long max, int expected_tag, long* len) {
-  int tag = 0;
-  int xclass = 0;
-  const int r = ASN1_get_object(p, len, &tag, &xclass, max);
-  if ((r & 0x80) != 0 || tag != expected_tag || xclass != V_ASN1_UNIVERSAL) {
-    return false;
-  }
-  return true;
-}
-
-StatusOr<std::pair<std::string, std::string>> ParseRef(const std::string& der) {
-  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
-  const unsigned char* end = p + der.size();
-  long len = 0;
-  if (!ReadTlv(&p, static_cast<long>(der.size()), V_ASN1_SEQUENCE, &len) ||
-      p + len != end) {
-    return InvalidArgument("malformed key reference");
-  }
-  long ulen = 0;
-  if (!ReadTlv(&p, end - p, V_ASN1_UTF8STRING, &ulen) || ulen > end - p) {
-    return InvalidArgument("malformed key reference");
-  }
-  std::string uri(reinterpret_cast<const char*>(p), static_cast<size_t>(ulen));
-  p += ulen;
-  std::string spki(reinterpret_cast<const char*>(p), static_cast<size_t>(end - p));
-  return std::make_pair(std::move(uri), std::move(spki));
-}
 
 void* DecNew(void* provctx) { return provctx; }
 void DecFree(void*) {}
@@ -86,16 +57,16 @@ bool ReadPemRef(OSSL_CORE_BIO* cin, std::string* der) {
 
 // Parses a reference into a key object; raises and returns false on error.
 bool MakeKey(ProvCtx* prov, const std::string& der, Key* key) {
-  auto parsed = ParseRef(der);
+  auto parsed = ParseKeyRefFile(der);
   if (!parsed.ok()) {
     RaiseStatus("key reference file", parsed.status());
     return false;
   }
-  const std::string& uri = parsed->first;
+  const std::string& uri = parsed->uri;
   key->prov = prov;
   key->has_ref = true;
   key->uri = uri;
-  Status st = SetPublicKey(*key, parsed->second);
+  Status st = SetPublicKey(*key, parsed->spki);
   if (!st.ok()) {
     RaiseStatus(uri, st);
     return false;
@@ -141,7 +112,7 @@ int DecDerToKey(void* ctx, OSSL_CORE_BIO* cin, int, OSSL_CALLBACK* data_cb,
   KH_OSSL_ENTRY(0, {
     std::string der;
     if (!ReadCoreBio(cin, &der)) return 1;
-    if (!ParseRef(der).ok()) return 1;  // not ours
+    if (!ParseKeyRefFile(der).ok()) return 1;  // not ours
     Key key;
     if (!MakeKey(static_cast<ProvCtx*>(ctx), der, &key)) return 0;
     // Another instance of this decoder handles the other key types.
