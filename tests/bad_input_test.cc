@@ -538,38 +538,23 @@ TEST(FairnessTest, ThousandIdleConnectionsDoNotLockOutAnotherUid) {
   for (int i = 0; i < 1000; ++i) {
     idle.push_back(std::make_unique<RawConnection>(daemon.socket_path()));
   }
-  int pipe_fds[2];
-  ASSERT_EQ(pipe(pipe_fds), 0);
-  const pid_t child = fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    close(pipe_fds[0]);
-    char verdict = 'x';
-    if (setgid(64104) == 0 && setuid(64104) == 0) {
-      client::Client victim(daemon.ClientOptions());
-      v1::SignRequest req;
-      *req.mutable_key() = client::MakeKeyRef("victim");
-      req.set_algorithm(v1::ECDSA);
-      req.set_digest(v1::SHA256);
-      req.set_data(std::string(32, '\x33'));
-      verdict = 'y';
-      if (!victim.GenerateKey(req.key(), v1::EC_P256).ok()) {
-        verdict = 'g';
-      }
-      for (int i = 0; i < 100 && verdict == 'y'; ++i) {
-        if (!victim.Sign(req).ok()) {
-          verdict = 's';
-        }
+  const char verdict = RunAsUid(64104, [&daemon] {
+    client::Client victim(daemon.ClientOptions());
+    v1::SignRequest req;
+    *req.mutable_key() = client::MakeKeyRef("victim");
+    req.set_algorithm(v1::ECDSA);
+    req.set_digest(v1::SHA256);
+    req.set_data(std::string(32, '\x33'));
+    if (!victim.GenerateKey(req.key(), v1::EC_P256).ok()) {
+      return 'g';
+    }
+    for (int i = 0; i < 100; ++i) {
+      if (!victim.Sign(req).ok()) {
+        return 's';
       }
     }
-    _exit(write(pipe_fds[1], &verdict, 1) == 1 ? 0 : 1);
-  }
-  close(pipe_fds[1]);
-  char verdict = 0;
-  ASSERT_EQ(read(pipe_fds[0], &verdict, 1), 1);
-  close(pipe_fds[0]);
-  int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);
+    return 'y';
+  });
   EXPECT_EQ(verdict, 'y') << "g: could not create its key, s: a sign failed";
   // The hog got its quota and no more.
   EXPECT_NE(daemon.log().find("limits.max_connections_per_uid"),

@@ -1,9 +1,7 @@
 // SIGHUP while clients are signing: the new limits and admins apply, open
 // connections and requests in flight survive, and a bad file changes
 // nothing. Also `admin stats` through a real daemon.
-#include <grp.h>
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -17,34 +15,6 @@ namespace keyhold::testing {
 namespace {
 
 constexpr uid_t kOtherUid = 65534;  // nobody
-
-// Runs fn as kOtherUid in a child process; returns its one-byte verdict.
-template <typename Fn>
-char AsOtherUid(Fn fn) {
-  int pipe_fds[2];
-  if (pipe(pipe_fds) != 0) {
-    return 'p';
-  }
-  const pid_t child = fork();
-  if (child == 0) {
-    close(pipe_fds[0]);
-    char verdict = 'u';
-    if (setgroups(0, nullptr) == 0 && setgid(kOtherUid) == 0 &&
-        setuid(kOtherUid) == 0) {
-      verdict = fn();
-    }
-    _exit(write(pipe_fds[1], &verdict, 1) == 1 ? 0 : 1);
-  }
-  close(pipe_fds[1]);
-  char verdict = 'r';
-  if (read(pipe_fds[0], &verdict, 1) != 1) {
-    verdict = 'r';
-  }
-  close(pipe_fds[0]);
-  int status = 0;
-  waitpid(child, &status, 0);
-  return verdict;
-}
 
 v1::SignRequest SignRequestFor(const std::string& name) {
   v1::SignRequest req;
@@ -91,7 +61,7 @@ TEST(ReloadTest, SighupUnderLoadAppliesGoodFilesAndKeepsConnections) {
   ASSERT_TRUE(before.ReadResponse(&pong));
 
   const auto stats_as_other = [&daemon] {
-    return AsOtherUid([&daemon] {
+    return RunAsUid(kOtherUid, [&daemon] {
       client::Client c(daemon.ClientOptions());
       auto r = c.Stats();
       if (r.ok()) {

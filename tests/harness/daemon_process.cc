@@ -1,6 +1,7 @@
 #include "tests/harness/daemon_process.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
@@ -257,6 +258,33 @@ bool RawConnection::ClosedByPeer(int timeout_ms) {
     }
     // Data (e.g. an error response) before the close: keep reading.
   }
+}
+
+char RunAsUid(uid_t uid, const std::function<char()>& fn) {
+  int pipe_fds[2];
+  if (pipe(pipe_fds) != 0) {
+    return 'r';
+  }
+  const pid_t child = fork();
+  if (child == 0) {
+    close(pipe_fds[0]);
+    char verdict = 'u';
+    if (setgroups(0, nullptr) == 0 && setgid(uid) == 0 && setuid(uid) == 0) {
+      verdict = fn();
+    }
+    _exit(write(pipe_fds[1], &verdict, 1) == 1 ? 0 : 1);
+  }
+  close(pipe_fds[1]);
+  char verdict = 'r';
+  if (child < 0 || read(pipe_fds[0], &verdict, 1) != 1) {
+    verdict = 'r';
+  }
+  close(pipe_fds[0]);
+  if (child > 0) {
+    int status = 0;
+    waitpid(child, &status, 0);
+  }
+  return verdict;
 }
 
 std::string Frame(const v1::Request& req) {

@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,12 @@ class DaemonProcess {
   std::string log_path_;
   pid_t pid_ = -1;
 };
+
+// Runs fn in a forked child as uid:gid (no supplementary groups) and returns
+// the one-byte verdict it reports: fn's result, 'u' if the child could not
+// switch uid, 'r' if no verdict arrived. For tests that act as a second
+// user; the caller must be root.
+char RunAsUid(uid_t uid, const std::function<char()>& fn);
 
 // A raw connection for bad-input tests: no framing help, no checks.
 class RawConnection {
