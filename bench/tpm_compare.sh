@@ -28,7 +28,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# Two ports below the ephemeral range: the TIME-WAIT sockets the TCTI's
+# connections leave behind cannot collide with them.
+source "$ROOT/tests/free_port.sh"
+PORT="$(kh_free_port 2)"
 mkdir -p "$DIR/tpm"
 swtpm socket --tpm2 --server "type=tcp,port=$PORT,bindaddr=127.0.0.1" \
   --ctrl "type=tcp,port=$((PORT + 1)),bindaddr=127.0.0.1" \

@@ -125,7 +125,11 @@ std::string_view OpName(v1::Request::OpCase op) {
 }
 
 std::optional<v1::Response> Dispatcher::TryHandleInline(const Principal& caller,
-                                                        v1::Request& request) {
+                                                        v1::Request& request,
+                                                        bool* device_key_use) {
+  if (device_key_use != nullptr) {
+    *device_key_use = false;
+  }
   const OpEntry* entry = Find(request.op_case());
   if (entry == nullptr || entry->execution == Execution::kInline) {
     return Handle(caller, request);
@@ -147,6 +151,9 @@ std::optional<v1::Response> Dispatcher::TryHandleInline(const Principal& caller,
     }
     auto it = ctx_->backends.find(*backend);
     if (it != ctx_->backends.end() && it->second->MayBlock()) {
+      if (device_key_use != nullptr) {
+        *device_key_use = true;
+      }
       return std::nullopt;
     }
   }

@@ -13,7 +13,8 @@ namespace keyhold::daemon {
 
 enum class Permission : uint8_t {
   kAnyone,        // no key involved (hello, ping, list own keys)
-  kOwnNamespace,  // creates a key; the reference must be in the caller's namespace
+  kOwnNamespace,  // creates a key; the reference must be in the caller's
+                  // namespace
   kKeyUse,        // the key's owner or a grantee
   kKeyOwner,      // the key's owner only
   kAdmin,         // a uid listed in the config's admins
@@ -55,8 +56,13 @@ class Dispatcher {
   // For I/O threads: handles the request if its table entry allows it to run
   // inline (for kByBackend: if the key's backend does not block), else
   // returns nullopt and the caller hands it to Handle() on the blocking pool.
+  // When it returns nullopt for a kByBackend request whose key record is
+  // cached but whose backend may block (a TPM or HSM key use, which takes
+  // bounded time unless the device misbehaves), *device_key_use is set: the
+  // caller may run Handle() itself if it can spare the thread (server.h).
   std::optional<v1::Response> TryHandleInline(const Principal& caller,
-                                              v1::Request& request);
+                                              v1::Request& request,
+                                              bool* device_key_use = nullptr);
 
  private:
   // Records the request in the audit log if it is one that is audited.

@@ -235,14 +235,27 @@ TEST_F(DispatcherTest, OnlyCachedKeysOfNonBlockingBackendsRunInline) {
   s->set_algorithm(v1::ECDSA);
   s->set_digest(v1::SHA256);
   s->set_data(std::string(32, 'd'));
+  bool device_key_use = true;
   // Not yet in the cache: a database read, so the blocking pool.
-  EXPECT_FALSE(d.TryHandleInline(alice_, sign).has_value());
+  EXPECT_FALSE(d.TryHandleInline(alice_, sign, &device_key_use).has_value());
+  EXPECT_FALSE(device_key_use);
   ASSERT_EQ(d.Handle(alice_, sign).code(), v1::OK);  // now cached
-  // The fake backend keeps the default MayBlock() == true.
-  EXPECT_FALSE(d.TryHandleInline(alice_, sign).has_value());
+  // The fake backend keeps the default MayBlock() == true: a device key use,
+  // which the I/O thread may run itself when it can spare the thread.
+  EXPECT_FALSE(d.TryHandleInline(alice_, sign, &device_key_use).has_value());
+  EXPECT_TRUE(device_key_use);
+  // With inline_crypto off every key use goes to the pool.
+  RuntimeSettings off = *ctx_.settings.Get();
+  off.inline_crypto = false;
+  ctx_.settings.Set(off);
+  EXPECT_FALSE(d.TryHandleInline(alice_, sign, &device_key_use).has_value());
+  EXPECT_FALSE(device_key_use);
+  off.inline_crypto = true;
+  ctx_.settings.Set(off);
   // Unknown names never reach the database from an I/O thread.
   s->mutable_key()->set_name("nope");
-  EXPECT_FALSE(d.TryHandleInline(alice_, sign).has_value());
+  EXPECT_FALSE(d.TryHandleInline(alice_, sign, &device_key_use).has_value());
+  EXPECT_FALSE(device_key_use);
   // Invalid names are just errors, answered inline.
   s->mutable_key()->set_name("a/b");
   auto r = d.TryHandleInline(alice_, sign);
@@ -253,7 +266,8 @@ TEST_F(DispatcherTest, OnlyCachedKeysOfNonBlockingBackendsRunInline) {
   EXPECT_TRUE(d.TryHandleInline(alice_, ping).has_value());
   v1::Request gen;
   gen.mutable_generate_key()->mutable_key()->set_name("g");
-  EXPECT_FALSE(d.TryHandleInline(alice_, gen).has_value());
+  EXPECT_FALSE(d.TryHandleInline(alice_, gen, &device_key_use).has_value());
+  EXPECT_FALSE(device_key_use);  // generation is never run on an I/O thread
 }
 
 TEST_F(DispatcherTest, AdminOperationsNeedAdmin) {

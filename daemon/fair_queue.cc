@@ -43,6 +43,21 @@ void FairQueue::Post(uint32_t uid, std::function<void()> job) {
   StartLocked();
 }
 
+bool FairQueue::TryClaim() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (running_ >= slots_ || !turns_.empty()) {
+    return false;
+  }
+  ++running_;
+  return true;
+}
+
+void FairQueue::Release() {
+  std::lock_guard<std::mutex> lock(mu_);
+  --running_;
+  StartLocked();
+}
+
 std::size_t FairQueue::queued() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::size_t n = 0;
@@ -83,9 +98,7 @@ void FairQueue::Run(const std::function<void()>& job) {
   } catch (...) {
     spdlog::error("blocking job failed");
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  --running_;
-  StartLocked();
+  Release();
 }
 
 }  // namespace keyhold::daemon

@@ -36,6 +36,14 @@ class FairQueue {
   // Runs job on the pool once a slot is free and it is uid's turn.
   void Post(uint32_t uid, std::function<void()> job);
 
+  // For a caller that would rather run a short job on its own thread than
+  // hand it over (an I/O thread with a device-key signature, see
+  // server.h): claims a slot if one is free and no uid is waiting for one,
+  // so nobody's turn is skipped. A true answer must be paired with
+  // Release() once the job is done.
+  bool TryClaim();
+  void Release();
+
   // Jobs posted but not started yet, and jobs running.
   std::size_t queued() const;
   unsigned running() const;

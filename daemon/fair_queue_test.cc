@@ -135,5 +135,40 @@ TEST(FairQueueTest, RespectsSlotsAndSurvivesThrowingJobs) {
   EXPECT_EQ(queue.running(), 0u);
 }
 
+// A claimed slot counts like a running job: it keeps a posted job waiting
+// until Release(), and nothing can be claimed while a job waits, so a claim
+// never jumps the queue.
+TEST(FairQueueTest, ClaimTakesAFreeSlotOnlyWhenNobodyWaits) {
+  boost::asio::thread_pool pool(2);
+  FairQueue queue(pool, 2);
+  ASSERT_TRUE(queue.TryClaim());
+  EXPECT_EQ(queue.running(), 1u);
+  ASSERT_TRUE(queue.TryClaim());
+  EXPECT_FALSE(queue.TryClaim());  // both slots taken
+  std::atomic<bool> ran{false};
+  queue.Post(7, [&] { ran = true; });
+  EXPECT_EQ(queue.queued(), 1u);
+  queue.Release();  // frees a slot: the posted job starts
+  WaitFor([&] { return ran.load(); });
+  WaitFor([&] { return queue.running() == 1; });
+
+  // Uid 9's job waits for a slot: a claim is refused until it has run.
+  Gate gate;
+  queue.Post(8, [&] { gate.Wait(); });
+  WaitFor([&] { return queue.running() == 2; });
+  std::atomic<bool> waiting_ran{false};
+  queue.Post(9, [&] { waiting_ran = true; });
+  EXPECT_FALSE(queue.TryClaim());
+  gate.Open();
+  WaitFor([&] { return waiting_ran.load(); });
+  WaitFor([&] { return queue.running() == 1; });
+  EXPECT_TRUE(queue.TryClaim());  // the gate's slot is free again
+  queue.Release();
+  queue.Release();  // the second claim of the start
+  pool.join();
+  EXPECT_EQ(queue.running(), 0u);
+  EXPECT_EQ(queue.queued(), 0u);
+}
+
 }  // namespace
 }  // namespace keyhold::daemon

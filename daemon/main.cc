@@ -318,8 +318,12 @@ int Run(int argc, char** argv) {
   keyhold::daemon::Dispatcher dispatcher(&ctx);
 
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  const unsigned io_threads =
-      config.worker_threads != 0 ? config.worker_threads : cores;
+  // With a TPM or HSM backend an I/O thread may run a device key use itself
+  // (server.h), so one more thread than cores keeps a core's worth of I/O
+  // threads free while one of them waits on the device.
+  const unsigned io_threads = config.worker_threads != 0
+                                  ? config.worker_threads
+                                  : cores + (devices.empty() ? 0u : 1u);
   const unsigned blocking_threads = config.blocking_threads != 0
                                         ? config.blocking_threads
                                         : std::max(2u, cores);
@@ -328,8 +332,8 @@ int Run(int argc, char** argv) {
   boost::asio::io_context io(static_cast<int>(io_threads));
   std::vector<boost::asio::io_context*> all_io = {&io};
   boost::asio::thread_pool blocking(blocking_threads);
-  keyhold::daemon::Server server(all_io, blocking, blocking_threads, dispatcher,
-                                 clients, ctx.settings);
+  keyhold::daemon::Server server(all_io, io_threads, blocking, blocking_threads,
+                                 dispatcher, clients, ctx.settings);
   // Socket activation: systemd (or systemd-socket-activate) passes exactly
   // one listening socket in LISTEN_FDS; otherwise bind our own.
   const int passed = sd_listen_fds(/*unset_environment=*/1);

@@ -6,11 +6,16 @@
 // the other core pays a cross-CPU wakeup per request, and one-thread
 // ec-p256 signing went from ~87 to ~125 us p50 on the 2-core VM; see
 // bench/RESULTS.md). Each connection's handlers are serialized on its own
-// strand. A
-// request whose cost is bounded CPU (a software-backend signature, a ping) is
-// answered inline on the I/O thread that read it, which saves a thread hop
-// per operation; anything that may wait (key generation, key store writes,
-// device backends) goes to the blocking pool, so I/O never waits on it.
+// strand. A request whose cost is bounded CPU (a software-backend signature,
+// a ping) is answered inline on the I/O thread that read it, which saves a
+// thread hop per operation; anything that may wait (key generation, key
+// store writes, device backends) goes to the blocking pool, so I/O never
+// waits on it. One exception: a TPM or HSM key use (sign, decrypt, derive,
+// public key; key record cached) is run by the I/O thread that read it when
+// the pool is idle and another I/O thread is free (TryRunHere). Handing it
+// to the pool and back costs two thread wake-ups per operation (see
+// bench/RESULTS.md); the free I/O thread keeps everyone else served even if
+// the device hangs. Key generation and store writes always go to the pool.
 // Responses are written in whatever order they finish (several requests may
 // be in flight per connection, up to limits.max_in_flight_per_connection;
 // past that the session stops reading until one completes).
@@ -46,10 +51,10 @@ using Clock = std::chrono::steady_clock;
 
 class Server {
  public:
-  // io: at least one context; io[0] accepts. Each must be run by one thread.
-  // blocking_threads: the thread count of `blocking`, shared fairly between
-  // uids (FairQueue).
-  Server(std::vector<boost::asio::io_context*> io,
+  // io: at least one context; io[0] accepts. io_threads: how many threads
+  // run them in all. blocking_threads: the thread count of `blocking`,
+  // shared fairly between uids (FairQueue).
+  Server(std::vector<boost::asio::io_context*> io, unsigned io_threads,
          boost::asio::thread_pool& blocking, unsigned blocking_threads,
          Dispatcher& dispatcher, ClientRegistry& clients,
          const LiveSettings& settings);
@@ -70,6 +75,14 @@ class Server {
   // Called by sessions.
   void Forget(Session* session);
   FairQueue& blocking_queue() { return blocking_queue_; }
+  // An I/O thread about to run a device key use itself asks here first: yes
+  // if a blocking-pool slot is free with nobody waiting for one (the work
+  // takes that slot, so the pool's limit and the uids' turns hold) and at
+  // least one other I/O thread is not running such work. A hung device can
+  // therefore hold at most io_threads - 1 I/O threads; with one I/O thread
+  // the answer is always no. A yes is paired with DoneRunningHere().
+  bool TryRunHere();
+  void DoneRunningHere();
   const LiveSettings& settings() const { return settings_; }
   bool stopping() const { return stopping_.load(); }
 
@@ -79,6 +92,8 @@ class Server {
   boost::asio::io_context& io_;  // io_contexts_[0]
   std::vector<boost::asio::io_context*> io_contexts_;
   std::size_t next_context_ = 0;  // guarded by mu_
+  const unsigned io_threads_;
+  std::atomic<unsigned> io_threads_running_jobs_{0};
   boost::asio::thread_pool& workers_;
   FairQueue blocking_queue_;
   std::atomic<bool> stopping_{false};

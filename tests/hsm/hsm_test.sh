@@ -372,6 +372,18 @@ EOF
   fails "another HSM request fails instead of waiting forever" "stayed busy" \
     timeout 30 "$KEYHOLD" sign h-rsa-2048 --in "$W/msg" --out "$W/sig2"
   check "ping still answers" timeout 10 "$KEYHOLD" ping
+  # Device key uses may run on I/O threads (server.h); with one of them hung
+  # and others waiting for the session, an I/O thread is still free.
+  WAITERS=()
+  for i in 1 2 3; do
+    timeout 30 "$KEYHOLD" sign h-rsa-2048 --in "$W/msg" --out "$W/w$i.sig" \
+      >/dev/null 2>&1 &
+    WAITERS+=($!)
+  done
+  check "ping answers while three more HSM requests wait" timeout 10 "$KEYHOLD" ping
+  check "a software-key sign answers meanwhile" \
+    timeout 10 "$KEYHOLD" sign soft --in "$W/msg" --out "$W/soft.sig"
+  for p in "${WAITERS[@]}"; do wait "$p" || true; done
   rm -f "$W/hang"
   check "the hung request is answered once the module returns" wait "$HUNG"
   check "and its signature verifies" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" \
