@@ -1,0 +1,37 @@
+#include "daemon/ops/cert_check.h"
+
+#include <openssl/crypto.h>
+#include <openssl/x509.h>
+
+#include <algorithm>
+#include <string>
+
+#include "common/ssl_ptr.h"
+
+namespace keyhold::daemon {
+
+Status CheckCertificate(std::string_view der,
+                        std::span<const uint8_t> public_key) {
+  if (der.size() > kMaxCertificateBytes) {
+    return InvalidArgument("certificate larger than " +
+                           std::to_string(kMaxCertificateBytes) + " bytes");
+  }
+  const auto* p = reinterpret_cast<const unsigned char*>(der.data());
+  SslPtr<X509> cert(d2i_X509(nullptr, &p, static_cast<long>(der.size())));
+  if (cert == nullptr ||
+      p != reinterpret_cast<const unsigned char*>(der.data()) + der.size()) {
+    return InvalidArgument("not a DER X.509 certificate");
+  }
+  unsigned char* spki = nullptr;
+  const int len = i2d_X509_PUBKEY(X509_get_X509_PUBKEY(cert.get()), &spki);
+  const bool same = len > 0 &&
+                    static_cast<std::size_t>(len) == public_key.size() &&
+                    std::equal(public_key.begin(), public_key.end(), spki);
+  OPENSSL_free(spki);
+  if (!same) {
+    return InvalidArgument("the certificate is not for this key");
+  }
+  return Status::Ok();
+}
+
+}  // namespace keyhold::daemon
