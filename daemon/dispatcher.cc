@@ -6,9 +6,12 @@
 #include <exception>
 
 #include "common/key_types.h"
+#include "daemon/log.h"
 
 namespace keyhold::daemon {
+
 namespace {
+spdlog::logger& Log() { return keyhold::daemon::ComponentLog("dispatch"); }
 
 using R = v1::Request;
 
@@ -234,8 +237,8 @@ void Dispatcher::Audit(const Principal& caller, const v1::Request& request,
     return;
   }
   if (Status st = ctx_->audit->Append(e); !st.ok()) {
-    spdlog::error("audit log: {} (op {} by uid {} not recorded)", st.message(),
-                  e.op, e.uid);
+    Log().error("audit log: {} (op {} by uid {} not recorded)", st.message(),
+                e.op, e.uid);
   }
 }
 
@@ -255,8 +258,8 @@ v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
         status = entry->handler(*ctx_, args, request, &response);
       }
     } catch (const std::exception& e) {
-      spdlog::error("op {} for uid {}: exception: {}", entry->name, caller.uid,
-                    e.what());
+      Log().error("op {} for uid {}: exception: {}", entry->name, caller.uid,
+                  e.what());
       status = Internal("internal error");
     }
   }
@@ -265,12 +268,12 @@ v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
     // Details of internal failures stay in the log; the client gets the
     // category.
     if (status.code() == Code::kInternal) {
-      spdlog::warn("op {} for uid {} pid {} failed: {}",
-                   OpName(request.op_case()), caller.uid, caller.pid,
-                   status.message());
+      Log().warn("op {} for uid {} pid {} failed: {}",
+                 OpName(request.op_case()), caller.uid, caller.pid,
+                 status.message());
     } else {
-      spdlog::debug("op {} for uid {} pid {}: {}", OpName(request.op_case()),
-                    caller.uid, caller.pid, status.ToString());
+      Log().debug("op {} for uid {} pid {}: {}", OpName(request.op_case()),
+                  caller.uid, caller.pid, status.ToString());
     }
     const uint64_t id = response.id();
     response.Clear();
@@ -279,8 +282,8 @@ v1::Response Dispatcher::Handle(const Principal& caller, v1::Request& request) {
     response.set_message(status.code() == Code::kInternal ? "internal error"
                                                           : status.message());
   } else {
-    spdlog::debug("op {} for uid {} pid {}: ok", OpName(request.op_case()),
-                  caller.uid, caller.pid);
+    Log().debug("op {} for uid {} pid {}: ok", OpName(request.op_case()),
+                caller.uid, caller.pid);
   }
   if (ctx_->stats != nullptr) {
     ctx_->stats->Record(static_cast<uint32_t>(request.op_case()), status.ok(),

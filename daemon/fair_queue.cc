@@ -9,8 +9,12 @@
 #include <exception>
 #include <utility>
 
+#include "daemon/log.h"
+
 namespace keyhold::daemon {
+
 namespace {
+spdlog::logger& Log() { return keyhold::daemon::ComponentLog("pool"); }
 
 constexpr int kPoolNice = 10;
 
@@ -24,7 +28,7 @@ void LowerThisThreadsPriority() {
   done = true;
   const auto tid = static_cast<id_t>(::syscall(SYS_gettid));
   if (::setpriority(PRIO_PROCESS, tid, kPoolNice) != 0) {
-    spdlog::debug("cannot lower the priority of a pool thread");
+    Log().debug("cannot lower the priority of a pool thread");
   }
 }
 
@@ -94,9 +98,9 @@ void FairQueue::Run(const std::function<void()>& job) {
   try {
     job();
   } catch (const std::exception& e) {
-    spdlog::error("blocking job failed: {}", e.what());
+    Log().error("blocking job failed: {}", e.what());
   } catch (...) {
-    spdlog::error("blocking job failed");
+    Log().error("blocking job failed");
   }
   Release();
 }

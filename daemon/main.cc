@@ -216,9 +216,12 @@ int Run(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   HardenProcess();
-  auto logger = spdlog::stderr_color_mt("keyholdd");
+  // The default logger is main's (start-up, config, reload, signals); the
+  // other components log through their own (daemon/log.h). Every line names
+  // its component in brackets.
+  auto logger = spdlog::stderr_color_mt("main");
   spdlog::set_default_logger(logger);
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v");
 
   keyhold::daemon::Config config;
   if (opts.config_path.empty() && fs::exists(kDefaultConfigPath)) {

@@ -24,8 +24,13 @@
 #include "common/frame.h"
 #include "common/peer_cred.h"
 #include "common/secret.h"
+#include "daemon/log.h"
 
 namespace keyhold::daemon {
+
+namespace {
+spdlog::logger& Log() { return keyhold::daemon::ComponentLog("server"); }
+}  // namespace
 
 namespace asio = boost::asio;
 using Socket = asio::local::stream_protocol::socket;
@@ -52,8 +57,8 @@ class Session : public std::enable_shared_from_this<Session> {
     clients_.Add(principal_.uid, principal_.pid);
     registered_ = true;
     Watch();
-    spdlog::debug("connection from uid {} pid {}", principal_.uid,
-                  principal_.pid);
+    Log().debug("connection from uid {} pid {}", principal_.uid,
+                principal_.pid);
     Pump();
   }
 
@@ -73,8 +78,8 @@ class Session : public std::enable_shared_from_this<Session> {
     closed_ = true;
     abandoned_.store(true, std::memory_order_relaxed);
     if (why != nullptr) {
-      spdlog::debug("closing connection of uid {} pid {}: {}", principal_.uid,
-                    principal_.pid, why);
+      Log().debug("closing connection of uid {} pid {}: {}", principal_.uid,
+                  principal_.pid, why);
     }
     boost::system::error_code ignored;
     socket_.shutdown(Socket::shutdown_both, ignored);
@@ -140,8 +145,8 @@ class Session : public std::enable_shared_from_this<Session> {
           DecodeFrameHeader(std::span<const uint8_t>(data, kFrameHeaderBytes),
                             limits_.max_frame_bytes);
       if (!length.ok()) {
-        spdlog::info("uid {} pid {}: {}; closing", principal_.uid,
-                     principal_.pid, length.status().message());
+        Log().info("uid {} pid {}: {}; closing", principal_.uid, principal_.pid,
+                   length.status().message());
         SendError(0, length.status());
         close_after_write_ = true;
         return;
@@ -231,8 +236,8 @@ class Session : public std::enable_shared_from_this<Session> {
         SendError(request->id(), st);
         return;
       }
-      spdlog::info("uid {} pid {}: {}; closing", principal_.uid, principal_.pid,
-                   st.message());
+      Log().info("uid {} pid {}: {}; closing", principal_.uid, principal_.pid,
+                 st.message());
       SendError(0, st);
       close_after_write_ = true;
       return;
@@ -606,7 +611,7 @@ void Server::Accept() {
         if (ec) {
           // Out of descriptors or similar: back off briefly instead of
           // spinning.
-          spdlog::warn("accept failed: {}", ec.message());
+          Log().warn("accept failed: {}", ec.message());
           auto timer = std::make_shared<asio::steady_timer>(io_);
           timer->expires_after(std::chrono::milliseconds(100));
           timer->async_wait([this, timer](const boost::system::error_code&) {
@@ -626,7 +631,7 @@ void Server::Accept() {
         }
         auto cred = GetPeerCred(socket.native_handle(), /*with_groups=*/true);
         if (!cred.ok()) {
-          spdlog::warn("connection refused: {}", cred.status().message());
+          Log().warn("connection refused: {}", cred.status().message());
           Accept();
           return;
         }
@@ -670,10 +675,10 @@ void Server::LogRefusal(const std::string& why) {
     return;
   }
   if (refusals_since_log_ > 1) {
-    spdlog::warn("connection refused: {} ({} refused since the last line)", why,
-                 refusals_since_log_);
+    Log().warn("connection refused: {} ({} refused since the last line)", why,
+               refusals_since_log_);
   } else {
-    spdlog::warn("connection refused: {}", why);
+    Log().warn("connection refused: {}", why);
   }
   last_refusal_log_ = now;
   refusals_since_log_ = 0;

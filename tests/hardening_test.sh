@@ -88,4 +88,22 @@ check "... and its core file size limit is 0" \
 kill "$NOBODY_PID"
 wait "$NOBODY_PID" 2>/dev/null || true
 
+# --- log lines name their component -------------------------------------------
+# "<time> <level> [<component>] <message>": main (start-up, config, signals),
+# server (connections), dispatch, pool, ops (key changes), pkcs11.
+: >"$KH_DIR/keyholdd.log"
+kh_start --config "$CFG"
+"$KEYHOLD" key create log-k --type ec-p256 >/dev/null
+printf 'x' >"$KH_DIR/log-msg"
+"$KEYHOLD" sign log-k --in "$KH_DIR/log-msg" --out "$KH_DIR/log-sig" >/dev/null
+"$KEYHOLD" sign no-such-key --in "$KH_DIR/log-msg" --out "$KH_DIR/log-sig" >/dev/null 2>&1 || true
+kh_stop
+check "the daemon logged something" test -s "$KH_DIR/keyholdd.log"
+check "every log line names its component" sh -c "! grep -Ev \
+  '^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+ [a-z]+ \\[(main|server|dispatch|pool|ops|pkcs11)\\] .' \
+  '$KH_DIR/keyholdd.log'"
+for c in main server ops; do
+  check "... including [$c]" grep -q " \[$c\] " "$KH_DIR/keyholdd.log"
+done
+
 kh_summary

@@ -5,9 +5,14 @@
 #include <set>
 
 #include "daemon/dispatcher.h"
+#include "daemon/log.h"
 #include "daemon/ops/ops.h"
 
 namespace keyhold::daemon {
+
+namespace {
+spdlog::logger& Log() { return keyhold::daemon::ComponentLog("ops"); }
+}  // namespace
 
 Status HandleListClients(OpContext& ctx, const OpArgs&, v1::Request&,
                          v1::Response* response) {
@@ -50,8 +55,8 @@ Status HandleDeleteClient(OpContext& ctx, const OpArgs& args,
   for (const KeyRecord& key : *removed) {
     ForgetInBackend(ctx, key);
   }
-  spdlog::info("admin uid {} deleted client uid {} ({} keys)", args.caller.uid,
-               uid, removed->size());
+  Log().info("admin uid {} deleted client uid {} ({} keys)", args.caller.uid,
+             uid, removed->size());
   response->mutable_delete_client()->set_keys_deleted(
       static_cast<uint32_t>(removed->size()));
   return Status::Ok();

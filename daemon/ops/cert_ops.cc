@@ -2,10 +2,15 @@
 // GnuTLS, pkcs11-tool) expect to find on the token next to the private key.
 #include <spdlog/spdlog.h>
 
+#include "daemon/log.h"
 #include "daemon/ops/cert_check.h"
 #include "daemon/ops/ops.h"
 
 namespace keyhold::daemon {
+
+namespace {
+spdlog::logger& Log() { return keyhold::daemon::ComponentLog("ops"); }
+}  // namespace
 
 Status HandleSetCertificate(OpContext& ctx, const OpArgs& args,
                             v1::Request& request, v1::Response* response) {
@@ -20,8 +25,8 @@ Status HandleSetCertificate(OpContext& ctx, const OpArgs& args,
   updated.certificate = bytes;
   FillKeyInfo(updated, /*include_grants=*/true,
               response->mutable_set_certificate()->mutable_info());
-  spdlog::info("key {}: certificate {}", key.ref.ToString(),
-               der.empty() ? "removed" : "stored");
+  Log().info("key {}: certificate {}", key.ref.ToString(),
+             der.empty() ? "removed" : "stored");
   return Status::Ok();
 }
 

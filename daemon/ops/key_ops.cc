@@ -6,9 +6,14 @@
 #include "common/frame.h"
 #include "common/key_types.h"
 #include "common/secret.h"
+#include "daemon/log.h"
 #include "daemon/ops/ops.h"
 
 namespace keyhold::daemon {
+
+namespace {
+spdlog::logger& Log() { return keyhold::daemon::ComponentLog("ops"); }
+}  // namespace
 
 backend::KeyHandle HandleFor(const KeyRecord& record) {
   return backend::KeyHandle{record.id, record.ref, record.type, record.blob};
@@ -54,8 +59,8 @@ void ForgetInBackend(OpContext& ctx, const KeyRecord& key) {
   }
   Status st = (*backend)->Destroy(HandleFor(key));
   if (!st.ok()) {
-    spdlog::warn("key {}: backend cleanup failed: {}", key.ref.ToString(),
-                 st.ToString());
+    Log().warn("key {}: backend cleanup failed: {}", key.ref.ToString(),
+               st.ToString());
   }
 }
 
@@ -81,8 +86,8 @@ Status StoreNewKey(OpContext& ctx, backend::Backend* backend, const KeyRef& ref,
   }
   FillKeyInfo(record, /*include_grants=*/true, info);
   public_key->assign(record.public_key.begin(), record.public_key.end());
-  spdlog::info("key {} created ({}, backend {})", ref.ToString(),
-               KeyTypeName(record.type), record.backend);
+  Log().info("key {} created ({}, backend {})", ref.ToString(),
+             KeyTypeName(record.type), record.backend);
   return Status::Ok();
 }
 
@@ -200,7 +205,7 @@ Status HandleDestroyKey(OpContext& ctx, const OpArgs& args, v1::Request&,
   // The row is gone first: a crash here leaves at most an unused backend
   // object, never a row pointing at nothing.
   ForgetInBackend(ctx, key);
-  spdlog::info("key {} deleted by uid {}", key.ref.ToString(), args.caller.uid);
+  Log().info("key {} deleted by uid {}", key.ref.ToString(), args.caller.uid);
   response->mutable_destroy_key();
   return Status::Ok();
 }

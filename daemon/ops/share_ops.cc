@@ -1,10 +1,13 @@
 // Sharing: the owner grants or revokes use of a key to a uid or gid.
 #include <spdlog/spdlog.h>
 
+#include "daemon/log.h"
 #include "daemon/ops/ops.h"
 
 namespace keyhold::daemon {
+
 namespace {
+spdlog::logger& Log() { return keyhold::daemon::ComponentLog("ops"); }
 
 StatusOr<GrantEntry> ToGrant(const v1::Grant& g) {
   switch (g.kind()) {
@@ -29,9 +32,8 @@ Status HandleGrantUse(OpContext& ctx, const OpArgs& args, v1::Request& request,
     return InvalidArgument("you already own this key");
   }
   KH_RETURN_IF_ERROR(ctx.store->AddGrant(args.key->ref, *grant));
-  spdlog::info("key {}: use granted to {} {}", args.key->ref.ToString(),
-               grant->kind == GrantEntry::Kind::kUser ? "uid" : "gid",
-               grant->id);
+  Log().info("key {}: use granted to {} {}", args.key->ref.ToString(),
+             grant->kind == GrantEntry::Kind::kUser ? "uid" : "gid", grant->id);
   response->mutable_grant_use();
   return Status::Ok();
 }
@@ -43,9 +45,8 @@ Status HandleRevokeUse(OpContext& ctx, const OpArgs& args, v1::Request& request,
     return grant.status();
   }
   KH_RETURN_IF_ERROR(ctx.store->RemoveGrant(args.key->ref, *grant));
-  spdlog::info("key {}: use revoked from {} {}", args.key->ref.ToString(),
-               grant->kind == GrantEntry::Kind::kUser ? "uid" : "gid",
-               grant->id);
+  Log().info("key {}: use revoked from {} {}", args.key->ref.ToString(),
+             grant->kind == GrantEntry::Kind::kUser ? "uid" : "gid", grant->id);
   response->mutable_revoke_use();
   return Status::Ok();
 }

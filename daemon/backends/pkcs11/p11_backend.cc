@@ -41,9 +41,12 @@
 #include "common/key_types.h"
 #include "common/ssl_ptr.h"
 #include "daemon/backends/pkcs11/p11_errors.h"
+#include "daemon/log.h"
 
 namespace keyhold::backend::pkcs11 {
+
 namespace {
+spdlog::logger& Log() { return keyhold::daemon::ComponentLog("pkcs11"); }
 
 // Every token object keyhold creates carries this CKA_LABEL prefix; objects
 // without it are never touched (reconciliation included).
@@ -887,7 +890,7 @@ struct P11Backend::Impl {
         DropIdleSessions();
         ForgetAllHandles();
         if (attempt == 0) {
-          spdlog::warn("{}session lost ({}); reopening", Where(), CkrName(rv));
+          Log().warn("{}session lost ({}); reopening", Where(), CkrName(rv));
           continue;
         }
       }
@@ -1195,7 +1198,7 @@ StatusOr<std::unique_ptr<P11Backend>> P11Backend::Create(
     leases.push_back(std::move(*lease));
   }
   leases.clear();
-  spdlog::info(
+  Log().info(
       "{}token serial '{}' in {}: {} sessions, {} mechanisms{}", where,
       impl->serial, config.module, config.sessions, impl->mechanisms.size(),
       impl->mechanisms.contains(CKM_EDDSA) ? ", Ed25519" : ", no Ed25519");
@@ -1805,14 +1808,14 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
   for (const KeyHandle& k : recorded) {
     StatusOr<Blob> blob = DecodeBlob(k.blob);
     if (!blob.ok()) {
-      spdlog::error("{}key '{}': {}", im.Where(), k.ref.ToString(),
-                    blob.status().message());
+      Log().error("{}key '{}': {}", im.Where(), k.ref.ToString(),
+                  blob.status().message());
       may_delete = false;
       continue;
     }
     if (blob->serial != im.serial) {
-      spdlog::error("{}key '{}' lives on token serial '{}', not on '{}'",
-                    im.Where(), k.ref.ToString(), blob->serial, im.serial);
+      Log().error("{}key '{}' lives on token serial '{}', not on '{}'",
+                  im.Where(), k.ref.ToString(), blob->serial, im.serial);
       may_delete = false;
       continue;
     }
@@ -1851,7 +1854,7 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
         // No recorded key at all for this backend while keyhold objects
         // exist looks like a renamed [[backend.pkcs11]] section or another
         // keyhold sharing the token, not a crash: report, touch nothing.
-        spdlog::warn(
+        Log().warn(
             "{}token key '{}' (id {}) is not recorded for this backend; "
             "left in place",
             im.Where(), std::string(l), HexEncode(id));
@@ -1865,14 +1868,14 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
         return rv;
       }
       ++removed;
-      spdlog::warn("{}removed unrecorded token key '{}' (id {})", im.Where(),
-                   std::string(l), HexEncode(id));
+      Log().warn("{}removed unrecorded token key '{}' (id {})", im.Where(),
+                 std::string(l), HexEncode(id));
     }
     missing = 0;
     for (const auto& [id, k] : wanted) {
       if (!present.contains(id)) {
         ++missing;
-        spdlog::error(
+        Log().error(
             "{}key '{}' is recorded but its token object (id {}) is gone; "
             "the key store row is kept",
             im.Where(), k->ref.ToString(), HexEncode(id));
@@ -1883,8 +1886,8 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
   if (!st.ok()) {
     return st;
   }
-  spdlog::info("{}reconciled: {} recorded, {} missing, {} unrecorded removed",
-               im.Where(), wanted.size(), missing, removed);
+  Log().info("{}reconciled: {} recorded, {} missing, {} unrecorded removed",
+             im.Where(), wanted.size(), missing, removed);
   return Status::Ok();
 }
 
