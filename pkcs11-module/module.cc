@@ -46,13 +46,7 @@
 #include <p11-kit/pkcs11.h>
 
 #include "pkcs11-module/interface3.h"
-
-#ifndef CKK_EC_MONTGOMERY
-#define CKK_EC_MONTGOMERY (0x41UL)
-#endif
-#ifndef CKM_EC_MONTGOMERY_KEY_PAIR_GEN
-#define CKM_EC_MONTGOMERY_KEY_PAIR_GEN (0x1056UL)
-#endif
+#include "pkcs11-module/template.h"
 
 namespace keyhold::pkcs11 {
 namespace {
@@ -115,18 +109,6 @@ CK_RV Guard(F&& f) noexcept {
 // ---------------------------------------------------------------------------
 // Small encoders.
 
-using Bytes = std::vector<uint8_t>;
-
-Bytes BoolAttr(bool b) {
-  return Bytes{static_cast<uint8_t>(b ? CK_TRUE : CK_FALSE)};
-}
-
-Bytes UlongAttr(CK_ULONG v) {
-  Bytes out(sizeof v);
-  std::memcpy(out.data(), &v, sizeof v);
-  return out;
-}
-
 Bytes StrAttr(const std::string& s) { return Bytes(s.begin(), s.end()); }
 
 // DER OCTET STRING around raw bytes.
@@ -171,8 +153,6 @@ std::string OwnerName(uint32_t uid) {
 // ---------------------------------------------------------------------------
 // Objects.
 
-using AttrMap = std::map<CK_ATTRIBUTE_TYPE, Bytes>;
-
 struct KeyObject {
   v1::KeyRef ref;
   v1::KeyType type = v1::KEY_TYPE_UNSPECIFIED;
@@ -209,23 +189,6 @@ struct KeyObject {
 
 // Handles per key: private, public, certificate.
 constexpr CK_OBJECT_HANDLE kHandlesPerKey = 3;
-
-Bytes CurveOid(v1::KeyType t) {
-  switch (t) {
-    case v1::EC_P256:
-      return {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
-    case v1::EC_P384:
-      return {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22};
-    case v1::EC_P521:
-      return {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23};
-    case v1::ED25519:
-      return {0x06, 0x03, 0x2b, 0x65, 0x70};
-    case v1::X25519:
-      return {0x06, 0x03, 0x2b, 0x65, 0x6e};
-    default:
-      return {};
-  }
-}
 
 Bytes BnParam(EVP_PKEY* pkey, const char* name) {
   BIGNUM* bn = nullptr;
@@ -420,21 +383,6 @@ StatusOr<std::shared_ptr<KeyObject>> BuildObject(const v1::KeyInfo& info,
   obj->pub_attrs[CKA_WRAP] = BoolAttr(false);
   obj->pub_attrs[CKA_TRUSTED] = BoolAttr(false);
   return obj;
-}
-
-bool IsSensitiveAttr(CK_ATTRIBUTE_TYPE t) {
-  switch (t) {
-    case CKA_VALUE:
-    case CKA_PRIVATE_EXPONENT:
-    case CKA_PRIME_1:
-    case CKA_PRIME_2:
-    case CKA_EXPONENT_1:
-    case CKA_EXPONENT_2:
-    case CKA_COEFFICIENT:
-      return true;
-    default:
-      return false;
-  }
 }
 
 // ---------------------------------------------------------------------------
@@ -999,56 +947,14 @@ CK_RV GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE object,
     }
     secret = it->second;
   }
-  const AttrMap& attrs =
-      secret != nullptr ? secret->attrs : obj->AttrsOf(object);
-  CK_RV rv = CKR_OK;
-  for (CK_ULONG i = 0; i < n; ++i) {
-    CK_ATTRIBUTE& a = templ[i];
-    const Bytes* found = nullptr;
-    if (secret != nullptr && a.type == CKA_VALUE) {
-      if (!secret->readable) {
-        a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-        rv = CKR_ATTRIBUTE_SENSITIVE;
-        continue;
-      }
-      found = &secret->value;
-    } else if (auto it = attrs.find(a.type); it != attrs.end()) {
-      found = &it->second;
-    }
-    if (found == nullptr) {
-      a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-      if (is_private && IsSensitiveAttr(a.type)) {
-        rv = CKR_ATTRIBUTE_SENSITIVE;
-      } else {
-        rv = CKR_ATTRIBUTE_TYPE_INVALID;
-      }
-      continue;
-    }
-    const Bytes& v = *found;
-    if (a.pValue == nullptr) {
-      a.ulValueLen = v.size();
-    } else if (a.ulValueLen < v.size()) {
-      a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
-      rv = CKR_BUFFER_TOO_SMALL;
-    } else {
-      if (!v.empty()) {
-        std::memcpy(a.pValue, v.data(), v.size());
-      }
-      a.ulValueLen = v.size();
-    }
+  AttrSource src;
+  src.attrs = secret != nullptr ? &secret->attrs : &obj->AttrsOf(object);
+  src.is_private = is_private;
+  if (secret != nullptr) {
+    src.secret = &secret->value;
+    src.secret_readable = secret->readable;
   }
-  return rv;
-}
-
-bool Matches(const AttrMap& attrs,
-             const std::vector<std::pair<CK_ATTRIBUTE_TYPE, Bytes>>& want) {
-  for (const auto& [type, bytes] : want) {
-    auto it = attrs.find(type);
-    if (it == attrs.end() || it->second != bytes) {
-      return false;
-    }
-  }
-  return true;
+  return ReadAttributes(src, templ, n);
 }
 
 CK_RV FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR templ, CK_ULONG n) {
@@ -1060,17 +966,12 @@ CK_RV FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR templ, CK_ULONG n) {
   if (sess->find_active) {
     return CKR_OPERATION_ACTIVE;
   }
-  std::vector<std::pair<CK_ATTRIBUTE_TYPE, Bytes>> want;
-  for (CK_ULONG i = 0; i < n; ++i) {
-    const auto* p = static_cast<const uint8_t*>(templ[i].pValue);
-    if (p == nullptr && templ[i].ulValueLen != 0) {
-      return CKR_ARGUMENTS_BAD;
-    }
-    want.emplace_back(templ[i].type, p == nullptr
-                                         ? Bytes{}
-                                         : Bytes(p, p + templ[i].ulValueLen));
+  FindTemplate want;
+  CK_RV rv = ParseFindTemplate(templ, n, &want);
+  if (rv != CKR_OK) {
+    return rv;
   }
-  CK_RV rv = LoadObjects(*st);
+  rv = LoadObjects(*st);
   if (rv != CKR_OK) {
     return rv;
   }
@@ -1805,32 +1706,6 @@ CK_RV Decrypt(CK_SESSION_HANDLE h, CK_BYTE_PTR ct, CK_ULONG ct_len,
 // ---------------------------------------------------------------------------
 // Key generation and deletion (the caller's own namespace only).
 
-std::optional<Bytes> TemplateValue(CK_ATTRIBUTE_PTR t, CK_ULONG n,
-                                   CK_ATTRIBUTE_TYPE type) {
-  for (CK_ULONG i = 0; i < n; ++i) {
-    if (t[i].type == type) {
-      const auto* p = static_cast<const uint8_t*>(t[i].pValue);
-      if (p == nullptr) {
-        return Bytes{};
-      }
-      return Bytes(p, p + t[i].ulValueLen);
-    }
-  }
-  return std::nullopt;
-}
-
-bool TemplateOk(CK_ATTRIBUTE_PTR t, CK_ULONG n) {
-  if (t == nullptr && n != 0) {
-    return false;
-  }
-  for (CK_ULONG i = 0; i < n; ++i) {
-    if (t[i].pValue == nullptr && t[i].ulValueLen != 0) {
-      return false;
-    }
-  }
-  return true;
-}
-
 // Registers a key the daemon just created and returns its object.
 std::shared_ptr<const KeyObject> AddObject(State& st,
                                            std::shared_ptr<KeyObject> obj) {
@@ -1868,87 +1743,13 @@ CK_RV GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
   if (!NoParameter(*mech)) {
     return CKR_MECHANISM_PARAM_INVALID;
   }
-  for (auto [t, n] : {std::pair{pub_t, pub_n}, std::pair{priv_t, priv_n}}) {
-    auto token = TemplateValue(t, n, CKA_TOKEN);
-    if (token && (token->size() != 1 || (*token)[0] == CK_FALSE)) {
-      return CKR_TEMPLATE_INCONSISTENT;  // session objects are not supported
-    }
+  GenerateRequest req;
+  const CK_RV parsed = ParseGenerateTemplates(mech->mechanism, pub_t, pub_n,
+                                              priv_t, priv_n, &req);
+  if (parsed != CKR_OK) {
+    return parsed;
   }
-  v1::KeyType type = v1::KEY_TYPE_UNSPECIFIED;
-  switch (mech->mechanism) {
-    case CKM_RSA_PKCS_KEY_PAIR_GEN: {
-      auto bits = TemplateValue(pub_t, pub_n, CKA_MODULUS_BITS);
-      if (!bits) {
-        return CKR_TEMPLATE_INCOMPLETE;
-      }
-      if (bits->size() != sizeof(CK_ULONG)) {
-        return CKR_ATTRIBUTE_VALUE_INVALID;
-      }
-      CK_ULONG b = 0;
-      std::memcpy(&b, bits->data(), sizeof b);
-      type = b == 2048   ? v1::RSA_2048
-             : b == 3072 ? v1::RSA_3072
-             : b == 4096 ? v1::RSA_4096
-                         : v1::KEY_TYPE_UNSPECIFIED;
-      if (type == v1::KEY_TYPE_UNSPECIFIED) {
-        return CKR_ATTRIBUTE_VALUE_INVALID;
-      }
-      if (auto e = TemplateValue(pub_t, pub_n, CKA_PUBLIC_EXPONENT)) {
-        auto first = std::find_if(e->begin(), e->end(),
-                                  [](uint8_t c) { return c != 0; });
-        if (Bytes(first, e->end()) != Bytes{0x01, 0x00, 0x01}) {
-          return CKR_ATTRIBUTE_VALUE_INVALID;  // the daemon uses 65537
-        }
-      }
-      break;
-    }
-    case CKM_EC_KEY_PAIR_GEN:
-    case CKM_EC_EDWARDS_KEY_PAIR_GEN:
-    case CKM_EC_MONTGOMERY_KEY_PAIR_GEN: {
-      auto params = TemplateValue(pub_t, pub_n, CKA_EC_PARAMS);
-      const std::vector<v1::KeyType> candidates =
-          mech->mechanism == CKM_EC_KEY_PAIR_GEN
-              ? std::vector<v1::KeyType>{v1::EC_P256, v1::EC_P384, v1::EC_P521}
-          : mech->mechanism == CKM_EC_EDWARDS_KEY_PAIR_GEN
-              ? std::vector<v1::KeyType>{v1::ED25519}
-              : std::vector<v1::KeyType>{v1::X25519};
-      if (!params) {
-        if (candidates.size() != 1) {
-          return CKR_TEMPLATE_INCOMPLETE;
-        }
-        type = candidates[0];
-        break;
-      }
-      const std::string printable(params->begin(), params->end());
-      for (v1::KeyType c : candidates) {
-        if (*params == CurveOid(c) ||
-            (c == v1::ED25519 && printable == std::string("\x13\x0c"
-                                                          "edwards25519")) ||
-            (c == v1::X25519 && printable == std::string("\x13\x0a"
-                                                         "curve25519"))) {
-          type = c;
-        }
-      }
-      if (type == v1::KEY_TYPE_UNSPECIFIED) {
-        return CKR_ATTRIBUTE_VALUE_INVALID;
-      }
-      break;
-    }
-    default:
-      return CKR_MECHANISM_INVALID;
-  }
-  auto label = TemplateValue(priv_t, priv_n, CKA_LABEL);
-  if (!label) {
-    label = TemplateValue(pub_t, pub_n, CKA_LABEL);
-  }
-  if (!label) {
-    return CKR_TEMPLATE_INCOMPLETE;  // the label is the key's name
-  }
-  const std::string name(label->begin(), label->end());
-  if (!ValidateKeyName(name).ok()) {
-    return CKR_ATTRIBUTE_VALUE_INVALID;
-  }
-  auto made = st->client->GenerateKey(client::MakeKeyRef(name), type);
+  auto made = st->client->GenerateKey(client::MakeKeyRef(req.name), req.type);
   if (!made.ok()) {
     return MapStatus(made.status(), Context::kOther);
   }
@@ -1975,39 +1776,14 @@ CK_RV CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR templ, CK_ULONG n,
   if (!IsRwSession(*sess)) {
     return CKR_SESSION_READ_ONLY;
   }
-  std::optional<Bytes> cls = TemplateValue(templ, n, CKA_CLASS);
-  if (!cls) {
-    return CKR_TEMPLATE_INCOMPLETE;
+  CertificateRequest req;
+  CK_RV rv = ParseCertificateTemplate(templ, n, &req);
+  if (rv != CKR_OK) {
+    return rv;
   }
-  if (*cls != UlongAttr(CKO_CERTIFICATE)) {
-    return CKR_TEMPLATE_INCONSISTENT;
-  }
-  std::optional<Bytes> type = TemplateValue(templ, n, CKA_CERTIFICATE_TYPE);
-  if (type && *type != UlongAttr(CKC_X_509)) {
-    return CKR_ATTRIBUTE_VALUE_INVALID;
-  }
-  std::optional<Bytes> token = TemplateValue(templ, n, CKA_TOKEN);
-  if (token && *token != BoolAttr(true)) {
-    return CKR_TEMPLATE_INCONSISTENT;  // session certificates: not kept
-  }
-  std::optional<Bytes> value = TemplateValue(templ, n, CKA_VALUE);
-  if (!value) {
-    return CKR_TEMPLATE_INCOMPLETE;
-  }
-  const auto* p = value->data();
-  SslPtr<X509> cert(d2i_X509(nullptr, &p, static_cast<long>(value->size())));
-  if (cert == nullptr || p != value->data() + value->size()) {
-    return CKR_ATTRIBUTE_VALUE_INVALID;
-  }
-  const Bytes spki =
-      Der<X509_PUBKEY, i2d_X509_PUBKEY>(X509_get_X509_PUBKEY(cert.get()));
-  Bytes id(SHA256_DIGEST_LENGTH);
-  SHA256(spki.data(), spki.size(), id.data());
-  std::optional<Bytes> want_id = TemplateValue(templ, n, CKA_ID);
-  if (want_id && *want_id != id) {
-    return CKR_TEMPLATE_INCONSISTENT;  // CKA_ID is always the key's
-  }
-  CK_RV rv = LoadObjects(*st);
+  const Bytes& value = req.der;
+  const Bytes& id = req.id;
+  rv = LoadObjects(*st);
   if (rv != CKR_OK) {
     return rv;
   }
@@ -2025,8 +1801,8 @@ CK_RV CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR templ, CK_ULONG n,
   if (key == nullptr) {
     return CKR_TEMPLATE_INCONSISTENT;  // none of the caller's own keys
   }
-  auto r = st->client->SetCertificate(
-      key->ref, std::string(value->begin(), value->end()));
+  auto r = st->client->SetCertificate(key->ref,
+                                      std::string(value.begin(), value.end()));
   if (!r.ok()) {
     return r.status().code() == Code::kInvalidArgument
                ? CKR_ATTRIBUTE_VALUE_INVALID
@@ -2137,64 +1913,15 @@ CK_RV DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
     peer.erase(peer.begin(), peer.begin() + static_cast<std::ptrdiff_t>(hdr));
   }
   // Template: a session secret key; CKA_VALUE_LEN keeps the leading bytes.
-  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-  CK_KEY_TYPE key_type = CKK_GENERIC_SECRET;
-  std::optional<CK_ULONG> value_len;
-  bool sensitive = false;
-  bool extractable = true;
-  AttrMap attrs;
-  for (CK_ULONG i = 0; i < n; ++i) {
-    const CK_ATTRIBUTE& a = t[i];
-    const auto* p = static_cast<const uint8_t*>(a.pValue);
-    const Bytes v = p == nullptr ? Bytes{} : Bytes(p, p + a.ulValueLen);
-    auto as_ulong = [&](CK_ULONG* dst) {
-      if (v.size() != sizeof(CK_ULONG)) {
-        return false;
-      }
-      std::memcpy(dst, v.data(), sizeof(CK_ULONG));
-      return true;
-    };
-    auto as_bool = [&](bool* dst) {
-      if (v.size() != 1) {
-        return false;
-      }
-      *dst = v[0] != CK_FALSE;
-      return true;
-    };
-    bool ok = true;
-    bool token = false;
-    CK_ULONG len = 0;
-    switch (a.type) {
-      case CKA_CLASS:
-        ok = as_ulong(&cls) && cls == CKO_SECRET_KEY;
-        break;
-      case CKA_KEY_TYPE:
-        ok = as_ulong(&key_type);
-        break;
-      case CKA_VALUE_LEN:
-        ok = as_ulong(&len);
-        value_len = len;
-        break;
-      case CKA_SENSITIVE:
-        ok = as_bool(&sensitive);
-        break;
-      case CKA_EXTRACTABLE:
-        ok = as_bool(&extractable);
-        break;
-      case CKA_TOKEN:
-        ok = as_bool(&token) && !token;  // session objects only
-        break;
-      case CKA_LABEL:
-      case CKA_ID:
-        attrs[a.type] = v;
-        break;
-      default:
-        break;  // usage flags etc.: the secret is handed to the application
-    }
-    if (!ok) {
-      return CKR_TEMPLATE_INCONSISTENT;
-    }
+  DeriveRequest req;
+  rv = ParseDeriveTemplate(t, n, &req);
+  if (rv != CKR_OK) {
+    return rv;
   }
+  const std::optional<CK_ULONG>& value_len = req.value_length;
+  const bool sensitive = req.sensitive;
+  const bool extractable = req.extractable;
+  AttrMap attrs = std::move(req.attrs);
   auto secret = st->client->Derive(key->ref, peer);
   if (!secret.ok()) {
     return secret.status().code() == Code::kInvalidArgument
@@ -2213,7 +1940,7 @@ CK_RV DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
   obj->value.assign(bytes.begin(), bytes.end());
   obj->readable = !sensitive && extractable;
   attrs[CKA_CLASS] = UlongAttr(CKO_SECRET_KEY);
-  attrs[CKA_KEY_TYPE] = UlongAttr(key_type);
+  attrs[CKA_KEY_TYPE] = UlongAttr(req.key_type);
   attrs[CKA_VALUE_LEN] = UlongAttr(obj->value.size());
   attrs[CKA_TOKEN] = BoolAttr(false);
   attrs[CKA_PRIVATE] = BoolAttr(false);
