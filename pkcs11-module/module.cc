@@ -1770,7 +1770,7 @@ CK_RV GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR mech,
 CK_RV CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR templ, CK_ULONG n,
                    CK_OBJECT_HANDLE_PTR out) {
   KH_SESSION_OR_RETURN(st, h, sess);
-  if ((templ == nullptr && n != 0) || out == nullptr) {
+  if (!TemplateOk(templ, n) || out == nullptr) {
     return CKR_ARGUMENTS_BAD;
   }
   if (!IsRwSession(*sess)) {

@@ -63,6 +63,12 @@ bool TemplateOk(const CK_ATTRIBUTE* t, CK_ULONG n) {
     if (t[i].pValue == nullptr && t[i].ulValueLen != 0) {
       return false;
     }
+    // What C_GetAttributeValue writes back for a value it could not give
+    // (an application may pass such a template on unchanged): no buffer is
+    // that long, and reading it would run off the end of the address space.
+    if (t[i].ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+      return false;
+    }
   }
   return true;
 }

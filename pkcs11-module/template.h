@@ -48,7 +48,8 @@ Bytes CurveOid(v1::KeyType t);
 bool IsSensitiveAttr(CK_ATTRIBUTE_TYPE t);
 
 // An input template the module may read: `t` is non-null unless `n` is 0,
-// and no pValue is null with a non-zero ulValueLen.
+// no pValue is null with a non-zero ulValueLen, and no ulValueLen is
+// CK_UNAVAILABLE_INFORMATION.
 bool TemplateOk(const CK_ATTRIBUTE* t, CK_ULONG n);
 
 // The value of the first attribute of `type` in a template TemplateOk()

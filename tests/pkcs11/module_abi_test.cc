@@ -1332,6 +1332,18 @@ void CertificateObjects(void** /*state*/) {
                            {CKA_ID, wrong_id, sizeof wrong_id},
                            {CKA_VALUE, cert.data(), cert.size()}};
   ASSERT_RV(F()->C_CreateObject(rw, bad_id, 3, &h), CKR_TEMPLATE_INCONSISTENT);
+  // Unreadable values, as C_GenerateKeyPair and C_FindObjectsInit refuse
+  // them: a null pValue with a length, and CK_UNAVAILABLE_INFORMATION (what
+  // C_GetAttributeValue leaves in a template) as a length.
+  CK_ATTRIBUTE null_id[] = {{CKA_CLASS, &cert_class, sizeof cert_class},
+                            {CKA_ID, nullptr, 32},
+                            {CKA_VALUE, cert.data(), cert.size()}};
+  ASSERT_RV(F()->C_CreateObject(rw, null_id, 3, &h), CKR_ARGUMENTS_BAD);
+  CK_ATTRIBUTE unavailable[] = {
+      {CKA_CLASS, &cert_class, sizeof cert_class},
+      {CKA_VALUE, cert.data(), CK_UNAVAILABLE_INFORMATION}};
+  ASSERT_RV(F()->C_CreateObject(rw, unavailable, 2, &h), CKR_ARGUMENTS_BAD);
+  ASSERT_RV(F()->C_FindObjectsInit(ro, unavailable, 2), CKR_ARGUMENTS_BAD);
   EVP_PKEY* lone = EVP_EC_gen("P-256");
   unsigned char* lone_der = nullptr;
   const int lone_len = i2d_PUBKEY(lone, &lone_der);
