@@ -56,6 +56,8 @@ class Session : public std::enable_shared_from_this<Session> {
   void Start() {
     clients_.Add(principal_.uid, principal_.pid);
     registered_ = true;
+    boost::system::error_code ignored;
+    socket_.non_blocking(true, ignored);  // for the direct writes (WriteNext)
     Watch();
     Log().debug("connection from uid {} pid {}", principal_.uid,
                 principal_.pid);
@@ -139,6 +141,11 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void Pump() {
+    pumping_ = true;
+    struct Done {
+      bool& flag;
+      ~Done() { flag = false; }
+    } done{pumping_};
     while (MayTakeRequests() && rlen_ >= kFrameHeaderBytes) {
       const uint8_t* data = rbuf_.data(SecretAccess::kToken);
       auto length =
@@ -147,8 +154,8 @@ class Session : public std::enable_shared_from_this<Session> {
       if (!length.ok()) {
         Log().info("uid {} pid {}: {}; closing", principal_.uid, principal_.pid,
                    length.status().message());
+        close_after_write_ = true;  // before: the answer may go out at once
         SendError(0, length.status());
-        close_after_write_ = true;
         return;
       }
       const std::size_t total = kFrameHeaderBytes + *length;
@@ -238,8 +245,8 @@ class Session : public std::enable_shared_from_this<Session> {
       }
       Log().info("uid {} pid {}: {}; closing", principal_.uid, principal_.pid,
                  st.message());
+      close_after_write_ = true;  // before: the answer may go out at once
       SendError(0, st);
-      close_after_write_ = true;
       return;
     }
     ++in_flight_;
@@ -358,13 +365,40 @@ class Session : public std::enable_shared_from_this<Session> {
     }
   }
 
+  // Writes first try a plain send() on the non-blocking socket, here and
+  // now: a response nearly always fits the socket buffer, and this way it
+  // goes out without an async_write whose completion is queued on the
+  // io_context and handed to another I/O thread (one such hand-off per
+  // request showed up as futex and epoll calls in strace). What does not
+  // fit is left to async_write, which also arms the slow-reader timeout.
   void WriteNext() {
-    writing_ = true;
-    write_since_ = Clock::now();
-    asio::async_write(
-        socket_, asio::buffer(write_queue_.front()),
-        [self = shared_from_this()](const boost::system::error_code& ec,
-                                    std::size_t) { self->OnWritten(ec); });
+    while (!write_queue_.empty()) {
+      std::string& frame = write_queue_.front();
+      boost::system::error_code ec;
+      const std::size_t n =
+          socket_.write_some(asio::buffer(frame.data() + write_offset_,
+                                          frame.size() - write_offset_),
+                             ec);
+      if (ec && ec != asio::error::would_block &&
+          ec != asio::error::try_again) {
+        Close("write failed");
+        return;
+      }
+      write_offset_ += n;
+      if (write_offset_ < frame.size()) {
+        writing_ = true;
+        write_since_ = Clock::now();
+        asio::async_write(
+            socket_,
+            asio::buffer(frame.data() + write_offset_,
+                         frame.size() - write_offset_),
+            [self = shared_from_this()](const boost::system::error_code& e,
+                                        std::size_t) { self->OnWritten(e); });
+        return;
+      }
+      FrameWritten();
+    }
+    AfterWrites();
   }
 
   void OnWritten(const boost::system::error_code& ec) {
@@ -372,17 +406,23 @@ class Session : public std::enable_shared_from_this<Session> {
     if (closed_) {
       return;
     }
-    CleanseString(write_queue_.front());
-    write_queue_.pop_front();
-    --in_flight_;
     if (ec) {
       Close("write failed");
       return;
     }
-    if (!write_queue_.empty()) {
-      WriteNext();
-      return;
-    }
+    FrameWritten();
+    WriteNext();
+  }
+
+  void FrameWritten() {
+    CleanseString(write_queue_.front());
+    write_queue_.pop_front();
+    write_offset_ = 0;
+    --in_flight_;
+  }
+
+  // Every queued response is out.
+  void AfterWrites() {
     if ((close_after_write_ || draining_) && in_flight_ == 0) {
       Close(nullptr);
       return;
@@ -390,7 +430,12 @@ class Session : public std::enable_shared_from_this<Session> {
     if (in_flight_ == 0) {
       idle_since_ = Clock::now();
     }
-    Pump();  // may have been paused at the in-flight limit
+    // Reading may have paused at the in-flight limit. Inside Pump() (an
+    // inline answer) the loop there goes on by itself; a nested Pump()
+    // would handle the frame being answered a second time.
+    if (!pumping_) {
+      Pump();
+    }
   }
 
   Server& server_;
@@ -407,6 +452,7 @@ class Session : public std::enable_shared_from_this<Session> {
   SecretBytes rbuf_{kReadChunk};
   std::size_t rlen_ = 0;  // bytes of rbuf_ in use
   std::deque<std::string> write_queue_;
+  std::size_t write_offset_ = 0;  // bytes of write_queue_.front() sent
   Clock::time_point idle_since_ = Clock::now();  // nothing in flight since
   Clock::time_point frame_since_;  // first byte of the partial frame in rbuf_
   Clock::time_point write_since_;
@@ -416,7 +462,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool closed_ = false;
   bool close_after_write_ = false;
   bool draining_ = false;
-  bool eof_ = false;  // the client shut down its sending side
+  bool eof_ = false;      // the client shut down its sending side
+  bool pumping_ = false;  // inside Pump()
   bool registered_ = false;
   // Set with closed_; read by the blocking pool (Work), hence atomic.
   std::atomic<bool> abandoned_{false};

@@ -18,7 +18,8 @@
 // the device hangs. Key generation and store writes always go to the pool.
 // Responses are written in whatever order they finish (several requests may
 // be in flight per connection, up to limits.max_in_flight_per_connection;
-// past that the session stops reading until one completes).
+// past that the session stops reading until one completes), each first with
+// a direct non-blocking send() and only what does not fit by async_write.
 //
 // The caller's identity is read from the kernel (SO_PEERCRED, SO_PEERGROUPS)
 // once, at accept, and never taken from a request.
