@@ -137,7 +137,11 @@ CK_RV ReadAttributes(const AttrSource& src, CK_ATTRIBUTE* t, CK_ULONG n) {
     const Bytes& v = *found;
     if (a.pValue == nullptr) {
       a.ulValueLen = v.size();
-    } else if (a.ulValueLen < v.size()) {
+    } else if (a.ulValueLen < v.size() ||
+               a.ulValueLen == CK_UNAVAILABLE_INFORMATION) {
+      // CK_UNAVAILABLE_INFORMATION is what a failed call left in a template
+      // the caller passes again unchanged: not a buffer size, so nothing is
+      // written to a buffer whose real size we cannot know.
       a.ulValueLen = CK_UNAVAILABLE_INFORMATION;
       rv = CKR_BUFFER_TOO_SMALL;
     } else {

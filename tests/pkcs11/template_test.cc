@@ -114,6 +114,15 @@ void ReadAttributesFollowsTheSpec(void** /*state*/) {
   assert_int_equal(big[3], 0xee);
   assert_int_equal(t[3].ulValueLen, 0);
 
+  // A template passed again after a failure still says
+  // CK_UNAVAILABLE_INFORMATION: no write into that buffer.
+  std::memset(big, 0xee, sizeof big);
+  CK_ATTRIBUTE reused_len[] = {
+      Attr(CKA_LABEL, big, CK_UNAVAILABLE_INFORMATION)};
+  assert_int_equal(ReadAttributes(src, reused_len, 1), CKR_BUFFER_TOO_SMALL);
+  assert_int_equal(reused_len[0].ulValueLen, CK_UNAVAILABLE_INFORMATION);
+  assert_int_equal(big[0], 0xee);
+
   // The error of the last failing attribute; sensitive ones on a private
   // key say so.
   CK_ATTRIBUTE missing[] = {Attr(CKA_PRIVATE_EXPONENT, nullptr, 0),
