@@ -11,7 +11,10 @@
 namespace keyhold::daemon {
 
 namespace {
-spdlog::logger& Log() { return keyhold::daemon::ComponentLog("dispatch"); }
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("dispatch");
+  return *logger;
+}
 
 using R = v1::Request;
 

@@ -14,7 +14,10 @@
 namespace keyhold::daemon {
 
 namespace {
-spdlog::logger& Log() { return keyhold::daemon::ComponentLog("pool"); }
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("pool");
+  return *logger;
+}
 
 constexpr int kPoolNice = 10;
 

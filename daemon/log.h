@@ -5,8 +5,14 @@
 // keyholdd's main() sets up; spdlog::set_level (start-up and SIGHUP) applies
 // to all of them.
 //
-// Usage, once per .cc file:
-//   namespace { spdlog::logger& Log() { return ComponentLog("server"); } }
+// Usage, once per .cc file (the static makes the lookup happen once, not on
+// every log call, which matters on the request path):
+//   namespace {
+//   spdlog::logger& Log() {
+//     static const auto logger = ComponentLog("server");
+//     return *logger;
+//   }
+//   }  // namespace
 // then Log().info("...", ...). Never log key material, PINs or plaintexts.
 #ifndef KEYHOLD_DAEMON_LOG_H_
 #define KEYHOLD_DAEMON_LOG_H_
@@ -20,9 +26,9 @@
 namespace keyhold::daemon {
 
 // The logger named `name`, created on first use from the default logger's
-// sinks, level and pattern. Thread-safe; the reference stays valid for the
-// life of the process (loggers are never dropped).
-inline spdlog::logger& ComponentLog(const std::string& name) {
+// sinks, level and pattern, and registered so spdlog::set_level reaches it.
+// Thread-safe.
+inline std::shared_ptr<spdlog::logger> ComponentLog(const std::string& name) {
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
   std::shared_ptr<spdlog::logger> logger = spdlog::get(name);
@@ -30,7 +36,7 @@ inline spdlog::logger& ComponentLog(const std::string& name) {
     logger = spdlog::default_logger()->clone(name);
     spdlog::initialize_logger(logger);  // registers; global level applies
   }
-  return *logger;
+  return logger;
 }
 
 }  // namespace keyhold::daemon

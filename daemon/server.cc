@@ -29,7 +29,10 @@
 namespace keyhold::daemon {
 
 namespace {
-spdlog::logger& Log() { return keyhold::daemon::ComponentLog("server"); }
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("server");
+  return *logger;
+}
 }  // namespace
 
 namespace asio = boost::asio;

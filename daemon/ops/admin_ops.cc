@@ -11,7 +11,10 @@
 namespace keyhold::daemon {
 
 namespace {
-spdlog::logger& Log() { return keyhold::daemon::ComponentLog("ops"); }
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("ops");
+  return *logger;
+}
 }  // namespace
 
 Status HandleListClients(OpContext& ctx, const OpArgs&, v1::Request&,

@@ -9,7 +9,10 @@
 namespace keyhold::daemon {
 
 namespace {
-spdlog::logger& Log() { return keyhold::daemon::ComponentLog("ops"); }
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("ops");
+  return *logger;
+}
 }  // namespace
 
 Status HandleSetCertificate(OpContext& ctx, const OpArgs& args,

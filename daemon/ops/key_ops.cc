@@ -12,7 +12,10 @@
 namespace keyhold::daemon {
 
 namespace {
-spdlog::logger& Log() { return keyhold::daemon::ComponentLog("ops"); }
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("ops");
+  return *logger;
+}
 }  // namespace
 
 backend::KeyHandle HandleFor(const KeyRecord& record) {

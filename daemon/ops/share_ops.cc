@@ -7,7 +7,10 @@
 namespace keyhold::daemon {
 
 namespace {
-spdlog::logger& Log() { return keyhold::daemon::ComponentLog("ops"); }
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("ops");
+  return *logger;
+}
 
 StatusOr<GrantEntry> ToGrant(const v1::Grant& g) {
   switch (g.kind()) {

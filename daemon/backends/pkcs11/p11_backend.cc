@@ -46,7 +46,10 @@
 namespace keyhold::backend::pkcs11 {
 
 namespace {
-spdlog::logger& Log() { return keyhold::daemon::ComponentLog("pkcs11"); }
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("pkcs11");
+  return *logger;
+}
 
 // Every token object keyhold creates carries this CKA_LABEL prefix; objects
 // without it are never touched (reconciliation included).
