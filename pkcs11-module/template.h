@@ -76,7 +76,9 @@ struct AttrSource {
 // Answers every attribute of `t` (n > 0 needs t non-null) by the rules of
 // PKCS#11 2.40 5.7: a null pValue asks for the length; a value that is
 // missing, sensitive or longer than ulValueLen sets ulValueLen to
-// CK_UNAVAILABLE_INFORMATION. Writes at most ulValueLen bytes to a pValue.
+// CK_UNAVAILABLE_INFORMATION. Writes at most ulValueLen bytes to a pValue,
+// and nothing when ulValueLen is CK_UNAVAILABLE_INFORMATION (a template
+// passed again after a failure: CKR_BUFFER_TOO_SMALL).
 // Returns CKR_OK or the error of the last attribute that failed.
 CK_RV ReadAttributes(const AttrSource& src, CK_ATTRIBUTE* t, CK_ULONG n);
 
