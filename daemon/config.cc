@@ -56,6 +56,21 @@ Status ReadString(const toml::table& t, const char* key, std::string* out) {
   return Status::Ok();
 }
 
+// A boolean setting; TOML integers are refused (no int-to-bool).
+Status ReadBool(const toml::table& t, const char* key, bool* out) {
+  const toml::node* node = t.get(key);
+  if (node == nullptr) {
+    return Status::Ok();
+  }
+  const toml::value<bool>* v = node->as_boolean();
+  if (v == nullptr) {
+    return InvalidArgument(std::string("setting '") + key +
+                           "' must be true or false");
+  }
+  *out = v->get();
+  return Status::Ok();
+}
+
 // [[backend.pkcs11]] and [[backend.tpm]]: arrays of tables, each with a
 // unique name; everything else in a table is for that backend to parse.
 Status ReadBackends(const toml::node* node, std::vector<BackendSection>* out) {
@@ -126,28 +141,10 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
       ReadUint(root, "worker_threads", &c.worker_threads, "", 0, 256));
   KH_RETURN_IF_ERROR(
       ReadUint(root, "blocking_threads", &c.blocking_threads, "", 0, 256));
-  if (const toml::node* node = root.get("inline_crypto")) {
-    const toml::value<bool>* v = node->as_boolean();  // no int-to-bool
-    if (v == nullptr) {
-      return InvalidArgument("setting 'inline_crypto' must be true or false");
-    }
-    c.inline_crypto = v->get();
-  }
-  if (const toml::node* node = root.get("audit_key_use")) {
-    const toml::value<bool>* v = node->as_boolean();
-    if (v == nullptr) {
-      return InvalidArgument("setting 'audit_key_use' must be true or false");
-    }
-    c.audit_key_use = v->get();
-  }
-  if (const toml::node* node = root.get("audit_key_use_per_minute")) {
-    const toml::value<bool>* v = node->as_boolean();
-    if (v == nullptr) {
-      return InvalidArgument(
-          "setting 'audit_key_use_per_minute' must be true or false");
-    }
-    c.audit_key_use_per_minute = v->get();
-  }
+  KH_RETURN_IF_ERROR(ReadBool(root, "inline_crypto", &c.inline_crypto));
+  KH_RETURN_IF_ERROR(ReadBool(root, "audit_key_use", &c.audit_key_use));
+  KH_RETURN_IF_ERROR(
+      ReadBool(root, "audit_key_use_per_minute", &c.audit_key_use_per_minute));
   if (const toml::node* admins = root.get("admins")) {
     const toml::array* arr = admins->as_array();
     if (arr == nullptr) {
