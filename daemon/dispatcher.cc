@@ -168,10 +168,19 @@ std::optional<v1::Response> Dispatcher::TryHandleInline(const Principal& caller,
 
 namespace {
 
+// A use of a private key: what audit_key_use and audit_key_use_per_minute
+// are about.
+bool IsKeyUse(v1::Request::OpCase op) {
+  return op == R::kSign || op == R::kDecrypt || op == R::kDerive;
+}
+
 // What the audit log records: everything that changes keys, grants or
 // clients, every admin operation, and (audit_key_use) every private-key use;
 // not the reads a client makes all the time (hello, ping, public key, list).
 bool Audited(const OpContext& ctx, v1::Request::OpCase op) {
+  if (IsKeyUse(op)) {
+    return ctx.settings.audit_key_use();
+  }
   switch (op) {
     case R::kHello:
     case R::kPing:
@@ -179,10 +188,6 @@ bool Audited(const OpContext& ctx, v1::Request::OpCase op) {
     case R::kListKeys:
     case R::OP_NOT_SET:
       return false;
-    case R::kSign:
-    case R::kDecrypt:
-    case R::kDerive:
-      return ctx.settings.audit_key_use();
     default:
       return true;
   }
@@ -232,10 +237,8 @@ void Dispatcher::Audit(const Principal& caller, const v1::Request& request,
   }
   e.result = status.ok() ? "ok" : std::string(CodeName(status.code()));
   e.detail = AuditDetail(request);
-  const bool key_use = request.op_case() == R::kSign ||
-                       request.op_case() == R::kDecrypt ||
-                       request.op_case() == R::kDerive;
-  if (key_use && ctx_->settings.audit_key_use_per_minute()) {
+  if (IsKeyUse(request.op_case()) &&
+      ctx_->settings.audit_key_use_per_minute()) {
     ctx_->audit->CountUse(e);  // written with the next minute's records
     return;
   }
