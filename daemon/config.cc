@@ -4,6 +4,7 @@
 #include <toml++/toml.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -131,12 +132,14 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
       root,
       {"socket", "state_dir", "admins", "log_level", "default_backend",
        "worker_threads", "blocking_threads", "inline_crypto", "audit_key_use",
-       "audit_key_use_per_minute", "limits", "backend"},
+       "audit_key_use_per_minute", "master_key_sealed_by", "limits", "backend"},
       ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
   KH_RETURN_IF_ERROR(ReadString(root, "log_level", &c.log_level));
   KH_RETURN_IF_ERROR(ReadString(root, "default_backend", &c.default_backend));
+  KH_RETURN_IF_ERROR(
+      ReadString(root, "master_key_sealed_by", &c.master_key_sealed_by));
   KH_RETURN_IF_ERROR(
       ReadUint(root, "worker_threads", &c.worker_threads, "", 0, 256));
   KH_RETURN_IF_ERROR(
@@ -199,6 +202,15 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
   }
   if (const toml::node* node = root.get("backend")) {
     KH_RETURN_IF_ERROR(ReadBackends(node, &c.backends));
+  }
+  if (!c.master_key_sealed_by.empty() &&
+      std::none_of(c.backends.begin(), c.backends.end(),
+                   [&](const BackendSection& b) {
+                     return b.kind == "tpm" && b.name == c.master_key_sealed_by;
+                   })) {
+    return InvalidArgument("setting 'master_key_sealed_by' names '" +
+                           c.master_key_sealed_by +
+                           "', which is not a [[backend.tpm]] table");
   }
   return c;
 }

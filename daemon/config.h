@@ -48,6 +48,11 @@ struct Config {
   std::vector<uint32_t> admin_uids = {0};
   std::string log_level = "info";
   std::string default_backend = "software";
+  // Name of a [[backend.tpm]] table whose TPM seals the master key
+  // (master.key.tpm in the state directory) instead of the plain
+  // master.key file; an existing master.key is moved into the TPM at the
+  // next start. Empty: the plain file.
+  std::string master_key_sealed_by;
   // Threads that do I/O and cheap, bounded crypto; 0: one per core.
   uint32_t worker_threads = 0;
   // Threads for work that may wait (key generation, key store writes,

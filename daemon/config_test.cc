@@ -108,6 +108,24 @@ TEST(ConfigTest, AuditKeyUsePerMinute) {
   EXPECT_FALSE(ParseConfig("audit_key_use_per_minute = 1", "t").ok());
 }
 
+TEST(ConfigTest, MasterKeySealedByNamesATpmBackend) {
+  auto c = ParseConfig(
+      "master_key_sealed_by = \"tpm\"\n[[backend.tpm]]\nname = \"tpm\"\n", "t");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->master_key_sealed_by, "tpm");
+  EXPECT_TRUE(Config().master_key_sealed_by.empty());
+  // Only a configured TPM can seal it: not an HSM, not a missing name.
+  auto bad = ParseConfig(
+      "master_key_sealed_by = \"hsm\"\n[[backend.pkcs11]]\nname = \"hsm\"\n",
+      "t");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("not a [[backend.tpm]] table"),
+            std::string::npos)
+      << bad.status().ToString();
+  EXPECT_FALSE(ParseConfig("master_key_sealed_by = \"tpm\"", "t").ok());
+  EXPECT_FALSE(ParseConfig("master_key_sealed_by = 1", "t").ok());
+}
+
 TEST(ConfigTest, MissingFile) {
   EXPECT_FALSE(LoadConfigFile("/nonexistent/keyholdd.toml").ok());
 }
@@ -162,6 +180,7 @@ TEST(ConfigTest, ShippedExampleMatchesDefaults) {
   EXPECT_EQ(c->inline_crypto, d.inline_crypto);
   EXPECT_EQ(c->audit_key_use, d.audit_key_use);
   EXPECT_EQ(c->audit_key_use_per_minute, d.audit_key_use_per_minute);
+  EXPECT_EQ(c->master_key_sealed_by, d.master_key_sealed_by);
   EXPECT_EQ(c->limits.max_frame_bytes, d.limits.max_frame_bytes);
   EXPECT_EQ(c->limits.max_in_flight_per_connection,
             d.limits.max_in_flight_per_connection);

@@ -32,6 +32,7 @@
 #include "daemon/dispatcher.h"
 #include "daemon/keystore/key_store.h"
 #include "daemon/live_settings.h"
+#include "daemon/master_key.h"
 #include "daemon/server.h"
 
 namespace {
@@ -115,6 +116,9 @@ std::vector<std::string> NeedRestart(const keyhold::daemon::Config& running,
   }
   if (next.default_backend != running.default_backend) {
     changed.push_back("default_backend");
+  }
+  if (next.master_key_sealed_by != running.master_key_sealed_by) {
+    changed.push_back("master_key_sealed_by");
   }
   const auto same_backend = [](const keyhold::daemon::BackendSection& a,
                                const keyhold::daemon::BackendSection& b) {
@@ -253,8 +257,14 @@ int Run(int argc, char** argv) {
     spdlog::critical("audit log: {}", audit.status().message());
     return 1;
   }
+  keyhold::StatusOr<keyhold::SecretBytes> master_key =
+      keyhold::daemon::LoadMasterKey(config);
+  if (!master_key.ok()) {
+    spdlog::critical("master key: {}", master_key.status().message());
+    return 1;
+  }
   auto software = keyhold::backend::software::SoftwareBackend::Create(
-      "software", fs::path(config.state_dir) / "master.key");
+      "software", master_key->Clone());
   if (!software.ok()) {
     spdlog::critical("software backend: {}", software.status().message());
     return 1;
@@ -271,8 +281,8 @@ int Run(int argc, char** argv) {
     if (section.kind == "pkcs11") {
       made = keyhold::backend::pkcs11::CreateP11Backend(section.settings);
     } else if (section.kind == "tpm") {
-      made = keyhold::backend::tpm::CreateTpmBackend(
-          section.settings, fs::path(config.state_dir) / "master.key");
+      made = keyhold::backend::tpm::CreateTpmBackend(section.settings,
+                                                     *master_key);
     }
     if (!made.ok()) {
       spdlog::critical("backend '{}': {}", section.name,
@@ -281,6 +291,8 @@ int Run(int argc, char** argv) {
     }
     devices.push_back(std::move(*made));
   }
+  // Each backend keeps what it derived from the master key; main's copy goes.
+  *master_key = keyhold::SecretBytes();
   // Each device backend learns which of its keys the store records (an HSM
   // removes objects it created but never saw recorded, reports lost ones).
   for (const auto& device : devices) {

@@ -3,8 +3,10 @@
 # talking to a swtpm started here on 127.0.0.1, driven by the keyhold CLI.
 # Every signature is verified, every ciphertext made and every shared secret
 # cross-checked by the plain openssl CLI. Also: software and TPM keys side by
-# side, a daemon restart, a TPM restart (clear error, then recovery), and a
-# copy of the state directory used with a fresh TPM (cannot sign).
+# side, a daemon restart, a TPM restart (clear error, then recovery), a
+# copy of the state directory used with a fresh TPM (cannot sign), and the
+# master key sealed by the TPM (moved from master.key, unsealed at every
+# start, refused by another TPM).
 # Optional: KEYHOLD_PROVIDER and KEYHOLD_PKCS11 (dev builds) also sign
 # through the OpenSSL provider and the PKCS#11 module with TPM-backed keys. docs/tpm.md shows the same steps.
 source "$(dirname "$0")/../lib.sh"
@@ -178,5 +180,100 @@ kh_start --config "$KH_DIR/fresh.toml"
 fails "copied key store cannot sign on a fresh TPM" "TPM" \
   "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/sig" --digest sha256
 check "software key from the copy still signs" "$KEYHOLD" sign s-ec --in "$W/msg" --out "$W/sig" --digest sha256
+
+# The master key sealed by the TPM (master_key_sealed_by, docs/tpm.md): back
+# on the original state directory and TPM, the existing master.key moves
+# into the TPM, and from then on the state directory needs this TPM.
+kh_stop
+stop_swtpm
+rm -rf "$KH_DIR/state"
+mv "$KH_DIR/state.orig" "$KH_DIR/state"
+start_swtpm "$KH_DIR/tpm" "$PORT"
+S="$KH_DIR/state"
+cp "$S/master.key" "$W/master.key.offline"
+{ echo 'master_key_sealed_by = "tpm"'; cat "$KH_DIR/keyholdd.toml"; } >"$KH_DIR/sealed.toml"
+kh_start --config "$KH_DIR/sealed.toml"
+check "master.key moved into the TPM" sh -c "test ! -e '$S/master.key' && test -s '$S/master.key.tpm'"
+check "master.key.tpm is 0600" test "$(stat -c %a "$S/master.key.tpm")" = 600
+check "master.key.tpm does not hold the key in clear" python3 -c \
+  "import sys; sys.exit(open(sys.argv[1], 'rb').read() in open(sys.argv[2], 'rb').read())" \
+  "$W/master.key.offline" "$S/master.key.tpm"
+check "the move is logged" grep -q "master key moved into TPM backend 'tpm'" "$KH_DIR/keyholdd.log"
+check "software key from before signs" "$KEYHOLD" sign s-ec --in "$W/msg" --out "$W/sig" --digest sha256
+check "openssl verifies it" openssl dgst -sha256 -verify "$W/s-ec.pub" -signature "$W/sig" "$W/msg"
+check "TPM key from before signs" "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/sig" --digest sha256
+check "openssl verifies the TPM key" openssl dgst -sha256 -verify "$W/t-ec-p256.pub" -signature "$W/sig" "$W/msg"
+check "create a software key under the sealed master key" "$KEYHOLD" key create s-sealed --type rsa-2048
+check "public s-sealed" "$KEYHOLD" key public s-sealed
+cp "$KH_DIR/out" "$W/s-sealed.pub"
+kh_stop
+kh_start --config "$KH_DIR/sealed.toml"
+check "after a restart the TPM unseals it" grep -q "master key unsealed by TPM backend 'tpm'" "$KH_DIR/keyholdd.log"
+for k in s-ec s-sealed; do
+  check "$k signs after the restart" "$KEYHOLD" sign "$k" --in "$W/msg" --out "$W/sig" --digest sha256
+  check "openssl verifies $k" openssl dgst -sha256 -verify "$W/$k.pub" -signature "$W/sig" "$W/msg"
+done
+# A crash after master.key.tpm was written but before master.key was deleted
+# (or the offline copy restored by mistake): the same key, so it goes.
+kh_stop
+cp "$W/master.key.offline" "$S/master.key"
+kh_start --config "$KH_DIR/sealed.toml"
+check "a leftover master.key with the same key is deleted" test ! -e "$S/master.key"
+check "and keys still sign" "$KEYHOLD" sign s-sealed --in "$W/msg" --out "$W/sig" --digest sha256
+kh_stop
+# A different master.key next to the sealed one: refuse, delete nothing.
+head -c 32 /dev/urandom >"$S/master.key"
+chmod 600 "$S/master.key"
+sum_before="$(sha256sum "$S/master.key" "$S/master.key.tpm")"
+fails "conflicting master keys stop the start" "hold different master keys" \
+  timeout 30 "$KEYHOLDD" --config "$KH_DIR/sealed.toml" --socket "$KH_DIR/other.sock" \
+  --state-dir "$S" --log-level error
+check "neither file was touched" test "$sum_before" = "$(sha256sum "$S/master.key" "$S/master.key.tpm")"
+rm "$S/master.key"
+# The state directory with another TPM: the daemon does not start, says
+# why, and keeps the sealed file.
+stop_swtpm
+start_swtpm "$KH_DIR/fresh-tpm" "$PORT2"
+sed "s/port=$PORT/port=$PORT2/" "$KH_DIR/sealed.toml" >"$KH_DIR/sealed-fresh.toml"
+sum_before="$(sha256sum "$S/master.key.tpm")"
+fails "another TPM cannot unseal the master key" "another TPM" \
+  timeout 30 "$KEYHOLDD" --config "$KH_DIR/sealed-fresh.toml" --socket "$KH_DIR/other.sock" \
+  --state-dir "$S" --log-level error
+check "the sealed file is kept" test "$sum_before" = "$(sha256sum "$S/master.key.tpm")"
+check "no master.key appeared" test ! -e "$S/master.key"
+# Without the TPM at all: a clear error too.
+stop_swtpm
+fails "no TPM: the daemon says so" "TPM" \
+  timeout 30 "$KEYHOLDD" --config "$KH_DIR/sealed.toml" --socket "$KH_DIR/other.sock" \
+  --state-dir "$S" --log-level error
+# The right TPM again: everything is back.
+start_swtpm "$KH_DIR/tpm" "$PORT"
+kh_start --config "$KH_DIR/sealed.toml"
+check "with its own TPM the key store works again" "$KEYHOLD" sign s-sealed --in "$W/msg" \
+  --out "$W/sig" --digest sha256
+check "openssl verifies s-sealed" openssl dgst -sha256 -verify "$W/s-sealed.pub" -signature "$W/sig" "$W/msg"
+# A fresh state directory with sealing from the start never writes master.key.
+kh_stop
+mv "$S" "$KH_DIR/state.sealed"
+kh_start --config "$KH_DIR/sealed.toml"
+check "fresh install: only master.key.tpm" sh -c "test ! -e '$S/master.key' && test -s '$S/master.key.tpm'"
+check "fresh install: keys work" "$KEYHOLD" key create s-fresh --type ec-p256
+check "fresh install: sign" "$KEYHOLD" sign s-fresh --in "$W/msg" --out "$W/sig" --digest sha256
+# Recovery on a new TPM from the offline copy (docs/tpm.md): restore it as
+# master.key, delete master.key.tpm, start; the new TPM seals it.
+kh_stop
+rm -rf "$S"
+mv "$KH_DIR/state.sealed" "$S"
+stop_swtpm
+start_swtpm "$KH_DIR/fresh-tpm" "$PORT2"
+cp "$W/master.key.offline" "$S/master.key"
+chmod 600 "$S/master.key"
+rm "$S/master.key.tpm"
+kh_start --config "$KH_DIR/sealed-fresh.toml"
+check "recovered on a new TPM: software key signs" "$KEYHOLD" sign s-sealed --in "$W/msg" \
+  --out "$W/sig" --digest sha256
+check "openssl verifies the recovered key" openssl dgst -sha256 -verify "$W/s-sealed.pub" \
+  -signature "$W/sig" "$W/msg"
+check "recovered: sealed for the new TPM" sh -c "test ! -e '$S/master.key' && test -s '$S/master.key.tpm'"
 
 kh_summary

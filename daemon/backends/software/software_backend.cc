@@ -1036,6 +1036,19 @@ struct LoadedKey {
 
 }  // namespace
 
+StatusOr<SecretBytes> LoadOrCreateMasterKeyFile(
+    const std::filesystem::path& path) {
+  return LoadOrCreateMasterKey(path);
+}
+
+StatusOr<SecretBytes> ReadMasterKeyFile(const std::filesystem::path& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+  if (fd.get() < 0) {
+    return MasterKeyErrno(path, "cannot open", errno);
+  }
+  return ReadMasterKey(path, fd);
+}
+
 // ---------------------------------------------------------------------------
 
 struct SoftwareBackend::Impl {
@@ -1123,9 +1136,18 @@ StatusOr<std::unique_ptr<SoftwareBackend>> SoftwareBackend::Create(
   if (!master_key.ok()) {
     return master_key.status();
   }
+  return Create(std::move(name), std::move(*master_key));
+}
+
+StatusOr<std::unique_ptr<SoftwareBackend>> SoftwareBackend::Create(
+    std::string name, SecretBytes master_key) {
+  if (master_key.size() != kMasterKeySize) {
+    return InvalidArgument("the master key must be " +
+                           std::to_string(kMasterKeySize) + " bytes");
+  }
   auto impl = std::make_unique<Impl>();
   impl->name = std::move(name);
-  impl->master_key = std::move(*master_key);
+  impl->master_key = std::move(master_key);
   return std::unique_ptr<SoftwareBackend>(new SoftwareBackend(std::move(impl)));
 }
 

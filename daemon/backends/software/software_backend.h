@@ -15,13 +15,24 @@
 
 namespace keyhold::backend::software {
 
+// Loads the daemon's 32-byte master key from path, creating it (mode 0600,
+// O_EXCL, fsynced) if it does not exist. Refuses a file that is not a
+// regular file of exactly 32 bytes, is owned by another uid or that group
+// or others can access.
+StatusOr<SecretBytes> LoadOrCreateMasterKeyFile(
+    const std::filesystem::path& path);
+// The same checks on an existing file; never creates one.
+StatusOr<SecretBytes> ReadMasterKeyFile(const std::filesystem::path& path);
+
 class SoftwareBackend : public Backend {
  public:
-  // Loads the 32-byte master key from master_key_path, creating it (mode
-  // 0600, O_EXCL, fsynced) if it does not exist. Refuses a file that is not a
-  // regular file of exactly 32 bytes or that others can read.
+  // With the master key from LoadOrCreateMasterKeyFile(master_key_path).
   static StatusOr<std::unique_ptr<SoftwareBackend>> Create(
       std::string name, const std::filesystem::path& master_key_path);
+  // With a master key the caller obtained (e.g. unsealed by a TPM); it must
+  // be 32 bytes.
+  static StatusOr<std::unique_ptr<SoftwareBackend>> Create(
+      std::string name, SecretBytes master_key);
   ~SoftwareBackend() override;
 
   std::string_view Name() const override;

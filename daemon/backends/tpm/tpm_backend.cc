@@ -1,6 +1,5 @@
 #include "daemon/backends/tpm/tpm_backend.h"
 
-#include <fcntl.h>
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
@@ -10,20 +9,18 @@
 #include <openssl/param_build.h>
 #include <openssl/rand.h>
 #include <openssl/x509.h>
-#include <sys/stat.h>
 #include <toml++/toml.h>
 #include <tss2/tss2_esys.h>
 #include <tss2/tss2_mu.h>
 #include <tss2/tss2_rc.h>
 #include <tss2/tss2_sys.h>
 #include <tss2/tss2_tctildr.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
-#include <cerrno>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <list>
 #include <mutex>
@@ -33,6 +30,7 @@
 #include <utility>
 
 #include "common/key_types.h"
+#include "common/private_file.h"
 #include "common/ssl_ptr.h"
 #include "daemon/backends/tpm/tpm_errors.h"
 
@@ -78,59 +76,6 @@ std::unique_ptr<T, decltype(&Esys_Free)> Owned(T* p) {
 Status SslError(Code code, std::string message) {
   ERR_clear_error();
   return Status(code, std::move(message));
-}
-
-// ---------------------------------------------------------------------------
-// Files
-
-Status FileError(const std::filesystem::path& path, std::string_view reason) {
-  return Internal("file '" + path.string() + "': " + std::string(reason));
-}
-
-// Reads a small secret file that must be a regular file owned by us with no
-// group or other access. exact_size 0: any size up to max_size.
-StatusOr<SecretBytes> ReadPrivateFile(const std::filesystem::path& path,
-                                      std::size_t exact_size,
-                                      std::size_t max_size) {
-  const int fd =
-      ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-  if (fd < 0) {
-    return FileError(path, std::string("cannot open: ") + std::strerror(errno));
-  }
-  struct stat st {};
-  Status status;
-  if (::fstat(fd, &st) != 0) {
-    status = FileError(path, "cannot stat");
-  } else if (!S_ISREG(st.st_mode)) {
-    status = FileError(path, "not a regular file");
-  } else if (st.st_uid != ::geteuid()) {
-    status = FileError(path, "not owned by the daemon's uid");
-  } else if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0) {
-    status = FileError(path, "gives access to group or others (must be 0600)");
-  }
-  SecretBytes data(max_size + 1);
-  std::size_t got = 0;
-  while (status.ok() && got < data.size()) {
-    const ssize_t n =
-        ::read(fd, data.data(SecretAccess::kToken) + got, data.size() - got);
-    if (n < 0 && errno == EINTR) {
-      continue;
-    }
-    if (n < 0) {
-      status = FileError(path, "cannot read");
-    }
-    if (n <= 0) {
-      break;
-    }
-    got += static_cast<std::size_t>(n);
-  }
-  ::close(fd);
-  KH_RETURN_IF_ERROR(status);
-  if ((exact_size != 0 && got != exact_size) || got > max_size) {
-    return FileError(path, "has the wrong size");
-  }
-  data.resize(got);
-  return data;
 }
 
 // ---------------------------------------------------------------------------
@@ -1483,25 +1428,64 @@ struct TpmBackend::Impl {
 TpmBackend::TpmBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 TpmBackend::~TpmBackend() = default;
 
-StatusOr<std::unique_ptr<TpmBackend>> TpmBackend::Create(
-    TpmOptions options, const std::filesystem::path& master_key_path) {
+namespace {
+
+// Reads options.owner_auth_file (if set) into *out.
+Status LoadOwnerAuth(const TpmOptions& options, SecretBytes* out) {
+  if (options.owner_auth_file.empty()) {
+    return Status::Ok();
+  }
+  StatusOr<SecretBytes> auth =
+      ReadPrivateFile(options.owner_auth_file, 0, sizeof(TPMU_HA));
+  if (!auth.ok()) {
+    return Status(auth.status().code(),
+                  "owner auth: " + auth.status().message());
+  }
+  // A trailing newline from `echo secret > file` is not part of the auth.
+  std::size_t n = auth->size();
+  while (n > 0 && (auth->Expose(SecretAccess::kToken)[n - 1] == '\n' ||
+                   auth->Expose(SecretAccess::kToken)[n - 1] == '\r')) {
+    --n;
+  }
+  auth->resize(n);
+  *out = std::move(*auth);
+  return Status::Ok();
+}
+
+void QuietTss2Log() {
   // tpm2-tss logs every TPM error code to stderr itself; the daemon reports
   // them as statuses. An explicit TSS2_LOG from the environment still wins.
   ::setenv("TSS2_LOG", "all+none", /*overwrite=*/0);
-  auto impl = std::make_unique<Impl>();
-  // The auth values are sealed under a key derived from the daemon's master
-  // key (the file the software backend keeps, 0600 in the state dir): one
-  // secret to protect and back up, and keys.db alone is useless. The label
-  // keeps the derived key distinct from the software backend's use.
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<TpmBackend>> TpmBackend::Create(
+    TpmOptions options, const std::filesystem::path& master_key_path) {
   StatusOr<SecretBytes> master =
       ReadPrivateFile(master_key_path, kMasterKeySize, kMasterKeySize);
   if (!master.ok()) {
     return Status(master.status().code(),
                   "master key: " + master.status().message());
   }
+  return Create(std::move(options), *master);
+}
+
+StatusOr<std::unique_ptr<TpmBackend>> TpmBackend::Create(
+    TpmOptions options, const SecretBytes& master_key) {
+  QuietTss2Log();
+  if (master_key.size() != kMasterKeySize) {
+    return InvalidArgument("master key: must be " +
+                           std::to_string(kMasterKeySize) + " bytes");
+  }
+  auto impl = std::make_unique<Impl>();
+  // The auth values are sealed under a key derived from the daemon's master
+  // key: one secret to protect and back up, and keys.db alone is useless.
+  // The label keeps the derived key distinct from the software backend's
+  // use.
   impl->seal_key = SecretBytes(32);
   std::size_t out_len = 0;
-  const auto mk = master->Expose(SecretAccess::kToken);
+  const auto mk = master_key.Expose(SecretAccess::kToken);
   if (EVP_Q_mac(nullptr, "HMAC", nullptr, "SHA256", nullptr, mk.data(),
                 mk.size(),
                 reinterpret_cast<const unsigned char*>(kSealKeyLabel.data()),
@@ -1510,28 +1494,150 @@ StatusOr<std::unique_ptr<TpmBackend>> TpmBackend::Create(
       out_len != 32) {
     return SslError(Code::kInternal, "cannot derive the TPM sealing key");
   }
-  if (!options.owner_auth_file.empty()) {
-    StatusOr<SecretBytes> auth =
-        ReadPrivateFile(options.owner_auth_file, 0, sizeof(TPMU_HA));
-    if (!auth.ok()) {
-      return Status(auth.status().code(),
-                    "owner auth: " + auth.status().message());
-    }
-    // A trailing newline from `echo secret > file` is not part of the auth.
-    std::size_t n = auth->size();
-    while (n > 0 && (auth->Expose(SecretAccess::kToken)[n - 1] == '\n' ||
-                     auth->Expose(SecretAccess::kToken)[n - 1] == '\r')) {
-      --n;
-    }
-    auth->resize(n);
-    impl->owner_auth = std::move(*auth);
-  }
+  KH_RETURN_IF_ERROR(LoadOwnerAuth(options, &impl->owner_auth));
   impl->options = std::move(options);
   {
     std::lock_guard lock(impl->mu);
     KH_RETURN_IF_ERROR(impl->Connect());
   }
   return std::unique_ptr<TpmBackend>(new TpmBackend(std::move(impl)));
+}
+
+// ---------------------------------------------------------------------------
+// The daemon's master key sealed by the TPM
+
+namespace {
+
+// Sealed master key: magic | u16 len | TPM2B_PUBLIC | u16 len | TPM2B_PRIVATE
+// of a keyed-hash data object (fixedTPM, fixedParent, empty auth, noDA)
+// whose sensitive data is the master key, a child of the storage primary.
+constexpr std::string_view kSealedMagic = "keyhold-sealed-master-key-v1";
+
+}  // namespace
+
+StatusOr<std::vector<uint8_t>> TpmBackend::SealMasterKey(
+    const TpmOptions& options, const SecretBytes& master_key) {
+  QuietTss2Log();
+  if (master_key.size() == 0 ||
+      master_key.size() > sizeof(TPM2B_SENSITIVE_DATA::buffer)) {
+    return InvalidArgument("master key: bad length");
+  }
+  Impl im;
+  im.options = options;
+  KH_RETURN_IF_ERROR(LoadOwnerAuth(options, &im.owner_auth));
+  std::lock_guard lock(im.mu);
+  KH_RETURN_IF_ERROR(im.Connect());
+  TPM2B_SENSITIVE_CREATE sensitive{};
+  const auto mk = master_key.Expose(SecretAccess::kToken);
+  sensitive.sensitive.data.size = static_cast<UINT16>(mk.size());
+  std::memcpy(sensitive.sensitive.data.buffer, mk.data(), mk.size());
+  TPM2B_PUBLIC tmpl{};
+  tmpl.publicArea.type = TPM2_ALG_KEYEDHASH;
+  tmpl.publicArea.nameAlg = TPM2_ALG_SHA256;
+  // Without sensitiveDataOrigin: the data is ours. noDA: an empty auth
+  // value has nothing to guess, so it must not count towards a lockout.
+  tmpl.publicArea.objectAttributes =
+      TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT |
+      TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA;
+  tmpl.publicArea.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG_NULL;
+  TPM2B_DATA outside{};
+  TPML_PCR_SELECTION pcrs{};
+  TPM2B_PRIVATE* priv_raw = nullptr;
+  TPM2B_PUBLIC* pub_raw = nullptr;
+  const TSS2_RC rc = Esys_Create(
+      im.esys, im.primary, im.session, ESYS_TR_NONE, ESYS_TR_NONE, &sensitive,
+      &tmpl, &outside, &pcrs, &priv_raw, &pub_raw, nullptr, nullptr, nullptr);
+  OPENSSL_cleanse(&sensitive, sizeof(sensitive));
+  if (rc != TSS2_RC_SUCCESS) {
+    return TpmError(rc, "cannot seal the master key");
+  }
+  auto priv = Owned(priv_raw);
+  auto pub = Owned(pub_raw);
+  uint8_t pub_buf[sizeof(TPM2B_PUBLIC)];
+  uint8_t priv_buf[sizeof(TPM2B_PRIVATE)];
+  std::size_t pub_len = 0;
+  std::size_t priv_len = 0;
+  if (Tss2_MU_TPM2B_PUBLIC_Marshal(pub.get(), pub_buf, sizeof(pub_buf),
+                                   &pub_len) != TSS2_RC_SUCCESS ||
+      Tss2_MU_TPM2B_PRIVATE_Marshal(priv.get(), priv_buf, sizeof(priv_buf),
+                                    &priv_len) != TSS2_RC_SUCCESS) {
+    return Internal("cannot marshal the sealed master key");
+  }
+  std::vector<uint8_t> blob(kSealedMagic.begin(), kSealedMagic.end());
+  PutU16(&blob, pub_len);
+  blob.insert(blob.end(), pub_buf, pub_buf + pub_len);
+  PutU16(&blob, priv_len);
+  blob.insert(blob.end(), priv_buf, priv_buf + priv_len);
+  return blob;
+}
+
+StatusOr<SecretBytes> TpmBackend::UnsealMasterKey(
+    const TpmOptions& options, std::span<const uint8_t> sealed) {
+  QuietTss2Log();
+  const Status bad = InvalidArgument(
+      "sealed master key: not a keyhold sealed master key (damaged file?)");
+  if (sealed.size() < kSealedMagic.size() ||
+      !std::equal(kSealedMagic.begin(), kSealedMagic.end(), sealed.begin())) {
+    return bad;
+  }
+  std::size_t pos = kSealedMagic.size();
+  TPM2B_PUBLIC pub{};
+  TPM2B_PRIVATE priv{};
+  for (int part = 0; part < 2; ++part) {
+    if (sealed.size() - pos < 2) {
+      return bad;
+    }
+    const std::size_t len = (std::size_t{sealed[pos]} << 8) | sealed[pos + 1];
+    pos += 2;
+    if (sealed.size() - pos < len) {
+      return bad;
+    }
+    std::size_t used = 0;
+    const TSS2_RC rc = part == 0 ? Tss2_MU_TPM2B_PUBLIC_Unmarshal(
+                                       sealed.data() + pos, len, &used, &pub)
+                                 : Tss2_MU_TPM2B_PRIVATE_Unmarshal(
+                                       sealed.data() + pos, len, &used, &priv);
+    if (rc != TSS2_RC_SUCCESS || used != len) {
+      return bad;
+    }
+    pos += len;
+  }
+  if (pos != sealed.size() || pub.publicArea.type != TPM2_ALG_KEYEDHASH) {
+    return bad;
+  }
+  Impl im;
+  im.options = options;
+  KH_RETURN_IF_ERROR(LoadOwnerAuth(options, &im.owner_auth));
+  std::lock_guard lock(im.mu);
+  KH_RETURN_IF_ERROR(im.Connect());
+  ESYS_TR handle = ESYS_TR_NONE;
+  TSS2_RC rc = Esys_Load(im.esys, im.primary, im.session, ESYS_TR_NONE,
+                         ESYS_TR_NONE, &priv, &pub, &handle);
+  if (rc != TSS2_RC_SUCCESS) {
+    if (BaseRc(rc) == TPM2_RC_INTEGRITY || BaseRc(rc) == TPM2_RC_BINDING) {
+      return PermissionDenied(
+          "this TPM cannot unseal the master key: it was sealed under "
+          "another TPM's storage key (another machine, or a TPM that was "
+          "cleared since)");
+    }
+    return TpmError(rc, "cannot load the sealed master key");
+  }
+  TPM2B_SENSITIVE_DATA* raw = nullptr;
+  rc = Esys_Unseal(im.esys, handle, im.session, ESYS_TR_NONE, ESYS_TR_NONE,
+                   &raw);
+  (void)Esys_FlushContext(im.esys, handle);
+  if (rc != TSS2_RC_SUCCESS) {
+    return TpmError(rc, "cannot unseal the master key");
+  }
+  auto data = OwnedSecret(raw);
+  if (data->size != kMasterKeySize) {
+    return Internal("the unsealed master key has " +
+                    std::to_string(data->size) + " bytes, not " +
+                    std::to_string(kMasterKeySize));
+  }
+  SecretBytes out(kMasterKeySize);
+  std::memcpy(out.data(SecretAccess::kToken), data->buffer, kMasterKeySize);
+  return out;
 }
 
 std::string_view TpmBackend::Name() const { return impl_->options.name; }
@@ -1829,14 +1935,13 @@ Status TpmBackend::Destroy(const KeyHandle& key) {
 }
 
 StatusOr<std::unique_ptr<Backend>> CreateTpmBackend(
-    std::string_view settings_toml,
-    const std::filesystem::path& master_key_path) {
+    std::string_view settings_toml, const SecretBytes& master_key) {
   StatusOr<TpmOptions> options = ParseTpmSettings(settings_toml);
   if (!options.ok()) {
     return options.status();
   }
   StatusOr<std::unique_ptr<TpmBackend>> backend =
-      TpmBackend::Create(std::move(*options), master_key_path);
+      TpmBackend::Create(std::move(*options), master_key);
   if (!backend.ok()) {
     return backend.status();
   }

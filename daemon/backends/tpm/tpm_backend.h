@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -63,6 +64,23 @@ class TpmBackend : public Backend {
   // (written by the software backend, which the daemon creates first).
   static StatusOr<std::unique_ptr<TpmBackend>> Create(
       TpmOptions options, const std::filesystem::path& master_key_path);
+  // The same with the master key itself (32 bytes).
+  static StatusOr<std::unique_ptr<TpmBackend>> Create(
+      TpmOptions options, const SecretBytes& master_key);
+
+  // The daemon's master key sealed by this TPM: a keyed-hash data object
+  // (fixedTPM, fixedParent, empty auth value, noDA) under the storage
+  // primary key, returned as an opaque blob for the state directory. Only
+  // this TPM, with the same owner seed (no TPM2_Clear since), can unseal
+  // it. With encrypted_sessions the key crosses the TCTI only encrypted.
+  // Each call opens its own connection to the TPM and closes it.
+  static StatusOr<std::vector<uint8_t>> SealMasterKey(
+      const TpmOptions& options, const SecretBytes& master_key);
+  // The master key from a SealMasterKey blob. A blob from another TPM (or
+  // from before a TPM clear) is kPermissionDenied with a message saying so;
+  // a damaged one kInvalidArgument.
+  static StatusOr<SecretBytes> UnsealMasterKey(const TpmOptions& options,
+                                               std::span<const uint8_t> sealed);
   // Flushes every loaded key and the primary.
   ~TpmBackend() override;
 
@@ -97,8 +115,7 @@ class TpmBackend : public Backend {
 
 // The daemon's factory: parses settings and creates the backend.
 StatusOr<std::unique_ptr<Backend>> CreateTpmBackend(
-    std::string_view settings_toml,
-    const std::filesystem::path& master_key_path);
+    std::string_view settings_toml, const SecretBytes& master_key);
 
 }  // namespace keyhold::backend::tpm
 

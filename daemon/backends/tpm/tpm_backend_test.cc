@@ -13,15 +13,15 @@
 #include <openssl/rand.h>
 #include <openssl/rsa.h>
 #include <openssl/x509.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <tss2/tss2_tpm2_types.h>
 #include <unistd.h>
 
-#include <poll.h>
-#include <tss2/tss2_tpm2_types.h>
-
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -763,6 +763,69 @@ TEST_F(TpmBackendTest, CopiedKeyStoreCannotSignOnAFreshTpm) {
   sig = wrong->Sign(k.handle, p, Sha(EVP_sha256(), "x"));
   ASSERT_FALSE(sig.ok());
   EXPECT_NE(sig.status().message().find("authentication"), std::string::npos);
+}
+
+// The daemon's master key sealed by the TPM: it unseals again (the storage
+// primary is recreated at every connection, from the same seed), never
+// appears in the blob, and another TPM cannot unseal it.
+TEST_F(TpmBackendTest, SealedMasterKeyUnsealsOnlyOnItsTpm) {
+  SecretBytes key(32);
+  ASSERT_EQ(RAND_bytes(key.data(SecretAccess::kToken), 32), 1);
+  TpmOptions o;
+  o.name = "tpm";
+  o.tcti = tpm_->Tcti();
+  auto blob = TpmBackend::SealMasterKey(o, key);
+  ASSERT_TRUE(blob.ok()) << blob.status().ToString();
+  const std::vector<uint8_t> k = Bytes(key);
+  EXPECT_EQ(std::search(blob->begin(), blob->end(), k.begin(), k.end()),
+            blob->end());
+  for (bool encrypted : {false, true}) {
+    o.encrypted_sessions = encrypted;
+    auto back = TpmBackend::UnsealMasterKey(o, *blob);
+    ASSERT_TRUE(back.ok()) << back.status().ToString();
+    EXPECT_EQ(Bytes(*back), k);
+  }
+  // Sealed through an encrypted session, unsealed through a plain one.
+  auto blob2 = TpmBackend::SealMasterKey(o, key);
+  ASSERT_TRUE(blob2.ok()) << blob2.status().ToString();
+  o.encrypted_sessions = false;
+  auto back = TpmBackend::UnsealMasterKey(o, *blob2);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(Bytes(*back), k);
+
+  // Damaged blobs: a clear error, never a crash or a wrong key.
+  std::vector<uint8_t> bad = *blob;
+  bad[0] ^= 1;
+  auto r = TpmBackend::UnsealMasterKey(o, bad);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+  for (std::size_t cut : {std::size_t{0}, std::size_t{10}, blob->size() - 1}) {
+    r = TpmBackend::UnsealMasterKey(
+        o, std::span<const uint8_t>(blob->data(), cut));
+    ASSERT_FALSE(r.ok()) << cut;
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << cut;
+  }
+  bad = *blob;
+  bad.push_back(0);
+  EXPECT_FALSE(TpmBackend::UnsealMasterKey(o, bad).ok());
+  bad = *blob;
+  bad[bad.size() - 5] ^= 0x40;  // inside the wrapped private area
+  r = TpmBackend::UnsealMasterKey(o, bad);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().code(), Code::kInternal) << r.status().ToString();
+
+  // Another TPM (another machine, or this one after TPM2_Clear).
+  Swtpm fresh(dir_ / "fresh-tpm");
+  ASSERT_TRUE(fresh.Start());
+  TpmOptions other = o;
+  other.tcti = fresh.Tcti();
+  r = TpmBackend::UnsealMasterKey(other, *blob);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kPermissionDenied)
+      << r.status().ToString();
+  EXPECT_NE(r.status().message().find("another TPM"), std::string::npos);
+
+  EXPECT_FALSE(TpmBackend::SealMasterKey(o, SecretBytes()).ok());
 }
 
 // Without a resource manager the TPM keeps the transient objects (and the
