@@ -4,6 +4,13 @@
 #
 #   bench/nginx_bench.sh [--seconds N] [--threads N] [--tls 1.3|1.2]
 #                        [--build-dir DIR] [--configs LIST]
+#                        [--worker-cpu-affinity] [--keyholdd-config FILE]
+#
+# --worker-cpu-affinity adds `worker_cpu_affinity auto;` (each nginx worker
+# pinned to its own CPU) for both the file and the keyhold configurations;
+# keyholdd then serves each worker from an I/O thread on the worker's CPU
+# (cpu_local_sessions). --keyholdd-config passes a config file to keyholdd
+# (e.g. one with cpu_local_sessions = false).
 #
 # Starts its own keyholdd and nginx (2 workers, as www-data, the provider
 # loaded through OPENSSL_CONF as in tests/ossl/nginx_test.sh) on 127.0.0.1,
@@ -22,9 +29,11 @@ TLS=1.3
 BUILD_DIR="$ROOT/build/dev"
 CONFIGS="file-ec-p256,keyhold-ec-p256,file-rsa-2048,keyhold-rsa-2048"
 WARMUP=1
+AFFINITY=""
+KH_CONFIG=""
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
 }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,6 +43,8 @@ while [ $# -gt 0 ]; do
     --build-dir) BUILD_DIR="$(realpath "$2")"; shift 2 ;;
     --configs) CONFIGS="$2"; shift 2 ;;
     --warmup) WARMUP="$2"; shift 2 ;;
+    --worker-cpu-affinity) AFFINITY="worker_cpu_affinity auto;"; shift ;;
+    --keyholdd-config) KH_CONFIG="$(realpath "$2")"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "nginx_bench: unknown option $1" >&2; usage; exit 2 ;;
   esac
@@ -96,7 +107,7 @@ die() {
 plain() { env -u OPENSSL_CONF -u OPENSSL_MODULES openssl "$@"; }
 
 "$KEYHOLDD" --socket "$KEYHOLD_SOCKET" --state-dir "$T/state" --log-level warn \
-  2>>"$T/keyholdd.log" &
+  ${KH_CONFIG:+--config "$KH_CONFIG"} 2>>"$T/keyholdd.log" &
 KH_PID=$!
 for _ in $(seq 1 100); do
   "$KEYHOLD" ping >/dev/null 2>&1 && break
@@ -158,6 +169,7 @@ BLOCK
   cat <<CONF
 user www-data;
 worker_processes 2;
+$AFFINITY
 daemon off;
 pid $T/nginx/nginx.pid;
 error_log $T/nginx/logs/error.log warn;
@@ -252,13 +264,13 @@ done
 {
   echo "## nginx full TLS handshakes: key in keyhold vs key file"
   echo
-  echo "- command: \`bench/nginx_bench.sh --seconds $SECONDS_PER --threads $THREADS --tls $TLS --build-dir ${BUILD_DIR#"$ROOT"/} --configs $CONFIGS\`"
+  echo "- command: \`bench/nginx_bench.sh --seconds $SECONDS_PER --threads $THREADS --tls $TLS --build-dir ${BUILD_DIR#"$ROOT"/} --configs $CONFIGS${AFFINITY:+ --worker-cpu-affinity}${KH_CONFIG:+ --keyholdd-config $KH_CONFIG}\`"
   echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "- machine: nproc $(nproc), CPU $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), kernel $(uname -sr)"
   echo "- load average at start: $(cat /proc/loadavg)"
-  echo "- nginx: $(nginx -v 2>&1 | sed 's/.*: //'), 2 workers as www-data, OPENSSL_CONF with the default and keyhold providers (\`?provider=default\`), ssl_session_cache off, ssl_session_tickets off, access_log off"
+  echo "- nginx: $(nginx -v 2>&1 | sed 's/.*: //'), 2 workers as www-data${AFFINITY:+ pinned one per CPU (worker_cpu_affinity auto)}, OPENSSL_CONF with the default and keyhold providers (\`?provider=default\`), ssl_session_cache off, ssl_session_tickets off, access_log off"
   echo "- OpenSSL: $(openssl version)"
-  echo "- keyholdd: \`$KEYHOLDD --socket <tmp>/run/keyhold.sock --state-dir <tmp>/state --log-level warn\` (pid $KH_PID), software backend; keys generated as PEM files and imported, so both configurations of a type use the same key and certificate"
+  echo "- keyholdd: \`$KEYHOLDD --socket <tmp>/run/keyhold.sock --state-dir <tmp>/state --log-level warn${KH_CONFIG:+ --config $KH_CONFIG}\` (pid $KH_PID), software backend; keys generated as PEM files and imported, so both configurations of a type use the same key and certificate"
   echo "- load: \`tls_handshake_load --threads $THREADS --tls $TLS\` on the same 2 cores: a fresh connection and full handshake per request (no session offered, no tickets), server certificate verified, then \`GET /\` with \`Connection: close\`"
   echo "- method: each configuration runs ${SECONDS_PER} s in two halves, ec-p256 in the order file, keyhold, keyhold, file and rsa-2048 keyhold, file, file, keyhold, after a ${WARMUP} s warm-up of each; server CPU = utime + stime (/proc/PID/stat, ${CLK_TCK} Hz ticks) of the nginx master and workers and of keyholdd over the measured segments; cross-checked with the run time of all their threads from /proc/PID/task/*/schedstat (ns)"
   echo

@@ -132,7 +132,8 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
       root,
       {"socket", "state_dir", "admins", "log_level", "default_backend",
        "worker_threads", "blocking_threads", "inline_crypto", "audit_key_use",
-       "audit_key_use_per_minute", "master_key_sealed_by", "limits", "backend"},
+       "audit_key_use_per_minute", "master_key_sealed_by", "cpu_local_sessions",
+       "limits", "backend"},
       ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
@@ -145,6 +146,8 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
   KH_RETURN_IF_ERROR(
       ReadUint(root, "blocking_threads", &c.blocking_threads, "", 0, 256));
   KH_RETURN_IF_ERROR(ReadBool(root, "inline_crypto", &c.inline_crypto));
+  KH_RETURN_IF_ERROR(
+      ReadBool(root, "cpu_local_sessions", &c.cpu_local_sessions));
   KH_RETURN_IF_ERROR(ReadBool(root, "audit_key_use", &c.audit_key_use));
   KH_RETURN_IF_ERROR(
       ReadBool(root, "audit_key_use_per_minute", &c.audit_key_use_per_minute));

@@ -26,6 +26,7 @@ admins = [0, 1000]
 log_level = "debug"
 default_backend = "software"
 worker_threads = 3
+cpu_local_sessions = false
 [limits]
 max_frame_bytes = 4096
 max_in_flight_per_connection = 4
@@ -38,6 +39,8 @@ io_timeout_seconds = 2
   EXPECT_EQ(c->socket_path, "/tmp/k.sock");
   EXPECT_EQ(c->admin_uids, (std::vector<uint32_t>{0, 1000}));
   EXPECT_EQ(c->worker_threads, 3u);
+  EXPECT_FALSE(c->cpu_local_sessions);
+  EXPECT_TRUE(Config().cpu_local_sessions);
   EXPECT_EQ(c->limits.max_frame_bytes, 4096u);
   EXPECT_EQ(c->limits.max_in_flight_per_connection, 4u);
   EXPECT_EQ(c->limits.idle_timeout_seconds, 0u);
@@ -181,6 +184,7 @@ TEST(ConfigTest, ShippedExampleMatchesDefaults) {
   EXPECT_EQ(c->audit_key_use, d.audit_key_use);
   EXPECT_EQ(c->audit_key_use_per_minute, d.audit_key_use_per_minute);
   EXPECT_EQ(c->master_key_sealed_by, d.master_key_sealed_by);
+  EXPECT_EQ(c->cpu_local_sessions, d.cpu_local_sessions);
   EXPECT_EQ(c->limits.max_frame_bytes, d.limits.max_frame_bytes);
   EXPECT_EQ(c->limits.max_in_flight_per_connection,
             d.limits.max_in_flight_per_connection);

@@ -4,6 +4,7 @@
 // its socket from socket activation and reports READY/RELOADING/STOPPING
 // (sd_notify; both are no-ops elsewhere). The only file that names concrete
 // backends.
+#include <sched.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/prctl.h>
@@ -13,13 +14,16 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
+#include <cerrno>
 #include <csignal>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -119,6 +123,9 @@ std::vector<std::string> NeedRestart(const keyhold::daemon::Config& running,
   }
   if (next.master_key_sealed_by != running.master_key_sealed_by) {
     changed.push_back("master_key_sealed_by");
+  }
+  if (next.cpu_local_sessions != running.cpu_local_sessions) {
+    changed.push_back("cpu_local_sessions");
   }
   const auto same_backend = [](const keyhold::daemon::BackendSection& a,
                                const keyhold::daemon::BackendSection& b) {
@@ -349,6 +356,24 @@ int Run(int argc, char** argv) {
   boost::asio::thread_pool blocking(blocking_threads);
   keyhold::daemon::Server server(all_io, io_threads, blocking, blocking_threads,
                                  dispatcher, clients, ctx.settings);
+  // One context per CPU the daemon may run on, each run by a thread pinned
+  // there, for clients confined to one CPU (server.h, SetCpuLocalContexts).
+  // Pointless with one CPU.
+  std::vector<std::unique_ptr<boost::asio::io_context>> cpu_io;
+  std::map<int, boost::asio::io_context*> cpu_io_by_cpu;
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (config.cpu_local_sessions &&
+      ::sched_getaffinity(0, sizeof(allowed), &allowed) == 0 &&
+      CPU_COUNT(&allowed) > 1) {
+    for (std::size_t cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+      if (CPU_ISSET(cpu, &allowed)) {
+        cpu_io.push_back(std::make_unique<boost::asio::io_context>(1));
+        cpu_io_by_cpu[static_cast<int>(cpu)] = cpu_io.back().get();
+      }
+    }
+  }
+  server.SetCpuLocalContexts(cpu_io_by_cpu);
   // Socket activation: systemd (or systemd-socket-activate) passes exactly
   // one listening socket in LISTEN_FDS; otherwise bind our own.
   const int passed = sd_listen_fds(/*unset_environment=*/1);
@@ -391,16 +416,42 @@ int Run(int argc, char** argv) {
 
   server.Start();
   spdlog::info(
-      "keyholdd {} listening on {} (state {}, {} I/O threads, {} blocking)",
+      "keyholdd {} listening on {} (state {}, {} I/O threads, {} CPU-local, "
+      "{} blocking)",
       KEYHOLD_VERSION, listening_on, config.state_dir, io_threads,
-      blocking_threads);
+      cpu_io.size(), blocking_threads);
   NotifySystemd("READY=1\nSTATUS=serving on " + listening_on);
   std::vector<std::thread> threads;
   for (unsigned i = 1; i < io_threads; ++i) {
     threads.emplace_back([&io] { io.run(); });
   }
+  // The CPU-local threads run until the shared context is done (the server
+  // has stopped and its sessions are gone), idle or not.
+  using WorkGuard =
+      boost::asio::executor_work_guard<boost::asio::io_context::executor_type>;
+  std::vector<WorkGuard> cpu_guards;
+  std::vector<std::thread> cpu_threads;
+  for (const auto& [cpu, context] : cpu_io_by_cpu) {
+    cpu_guards.push_back(boost::asio::make_work_guard(*context));
+    cpu_threads.emplace_back([cpu = cpu, context = context] {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(static_cast<std::size_t>(cpu), &one);
+      if (::sched_setaffinity(0, sizeof(one), &one) != 0) {
+        spdlog::warn("cannot pin an I/O thread to CPU {}: {}", cpu,
+                     std::strerror(errno));
+      }
+      context->run();
+    });
+  }
   io.run();
   for (auto& t : threads) {
+    t.join();
+  }
+  for (WorkGuard& guard : cpu_guards) {
+    guard.reset();
+  }
+  for (auto& t : cpu_threads) {
     t.join();
   }
   blocking.join();

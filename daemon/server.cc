@@ -1,5 +1,6 @@
 #include "daemon/server.h"
 
+#include <sched.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -40,11 +41,13 @@ using Socket = asio::local::stream_protocol::socket;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(Server& server, Socket socket, asio::thread_pool& workers,
-          Dispatcher& dispatcher, ClientRegistry& clients, Principal principal,
+  Session(Server& server, Socket socket, bool cpu_local,
+          asio::thread_pool& workers, Dispatcher& dispatcher,
+          ClientRegistry& clients, Principal principal,
           std::shared_ptr<std::atomic<uint32_t>> uid_pool_use)
       : server_(server),
         socket_(std::move(socket)),
+        cpu_local_(cpu_local),
         watchdog_(socket_.get_executor()),
         workers_(workers),
         dispatcher_(dispatcher),
@@ -62,8 +65,13 @@ class Session : public std::enable_shared_from_this<Session> {
     boost::system::error_code ignored;
     socket_.non_blocking(true, ignored);  // for the direct writes (WriteNext)
     Watch();
-    Log().debug("connection from uid {} pid {}", principal_.uid,
-                principal_.pid);
+    if (cpu_local_) {
+      Log().debug("connection from uid {} pid {}, served on its CPU {}",
+                  principal_.uid, principal_.pid, sched_getcpu());
+    } else {
+      Log().debug("connection from uid {} pid {}", principal_.uid,
+                  principal_.pid);
+    }
     Pump();
   }
 
@@ -266,7 +274,8 @@ class Session : public std::enable_shared_from_this<Session> {
     // A TPM or HSM key use: this thread runs it itself if the pool is idle
     // and another I/O thread stays free to serve everyone else (see
     // server.h), which saves two thread hops per operation.
-    if (device_key_use && server_.TryRunHere()) {
+    // Not on a CPU-local context: its one thread is all its sessions have.
+    if (device_key_use && !cpu_local_ && server_.TryRunHere()) {
       v1::Response r = dispatcher_.Handle(principal_, *request);
       server_.DoneRunningHere();
       Queue(Encode(*request, r));
@@ -443,6 +452,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   Server& server_;
   Socket socket_;
+  // On a CPU-local context (Server::SetCpuLocalContexts).
+  const bool cpu_local_;
   asio::steady_timer watchdog_;
   asio::thread_pool& workers_;
   Dispatcher& dispatcher_;
@@ -707,15 +718,65 @@ void Server::Accept() {
         if (!pool_use) {
           pool_use = std::make_shared<std::atomic<uint32_t>>(0);
         }
+        const bool cpu_local = MoveToClientCpu(cred->pid, &socket);
         auto session = std::make_shared<Session>(
-            *this, std::move(socket), workers_, dispatcher_, clients_,
-            std::move(who), pool_use);
+            *this, std::move(socket), cpu_local, workers_, dispatcher_,
+            clients_, std::move(who), pool_use);
         sessions_.emplace(session.get(), session);
         ++sessions_per_uid_[session->uid()];
         Accept();
         lock.unlock();
         asio::dispatch(session->executor(), [session] { session->Start(); });
       });
+}
+
+void Server::SetCpuLocalContexts(std::map<int, asio::io_context*> contexts) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cpu_contexts_ = std::move(contexts);
+}
+
+std::optional<int> SoleCpuOf(pid_t pid) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (pid <= 0 || ::sched_getaffinity(pid, sizeof(set), &set) != 0 ||
+      CPU_COUNT(&set) != 1) {
+    return std::nullopt;
+  }
+  for (std::size_t cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) {
+      return static_cast<int>(cpu);
+    }
+  }
+  return std::nullopt;
+}
+
+bool Server::MoveToClientCpu(pid_t pid, Socket* socket) {
+  if (cpu_contexts_.empty()) {
+    return false;
+  }
+  const std::optional<int> cpu = SoleCpuOf(pid);
+  if (!cpu) {
+    return false;
+  }
+  const auto it = cpu_contexts_.find(*cpu);
+  if (it == cpu_contexts_.end()) {
+    return false;  // the daemon may not run there (cpuset, CPUAffinity=)
+  }
+  boost::system::error_code ec;
+  const int fd = socket->release(ec);
+  if (ec) {
+    return false;  // still registered where it was: stays there
+  }
+  Socket moved(asio::make_strand(*it->second));
+  moved.assign(asio::local::stream_protocol(), fd, ec);
+  if (ec) {
+    // Cannot happen short of running out of memory; the connection is
+    // closed and the client reconnects.
+    ::close(fd);
+    Log().warn("cannot move a connection to CPU {}: {}", *cpu, ec.message());
+  }
+  *socket = std::move(moved);
+  return !ec;
 }
 
 void Server::LogRefusal(const std::string& why) {

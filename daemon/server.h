@@ -21,10 +21,17 @@
 // past that the session stops reading until one completes), each first with
 // a direct non-blocking send() and only what does not fit by async_write.
 //
+// Clients confined to one CPU (nginx with worker_cpu_affinity) are the
+// exception to the shared context: each is served by an I/O thread pinned
+// to its CPU (SetCpuLocalContexts), so a request and its answer change hands
+// on one CPU.
+//
 // The caller's identity is read from the kernel (SO_PEERCRED, SO_PEERGROUPS)
 // once, at accept, and never taken from a request.
 #ifndef KEYHOLD_DAEMON_SERVER_H_
 #define KEYHOLD_DAEMON_SERVER_H_
+
+#include <sys/types.h>
 
 #include <atomic>
 #include <boost/asio/io_context.hpp>
@@ -35,6 +42,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,6 +76,16 @@ class Server {
   // Takes a listening Unix stream socket handed over by systemd (socket
   // activation). The socket file is systemd's: Stop() leaves it in place.
   Status Adopt(int fd);
+  // Contexts each run by one thread pinned to one CPU (CPU number ->
+  // context), set before Start(). A client whose process may run on one CPU
+  // only (sched_getaffinity of its pid, e.g. nginx workers with
+  // worker_cpu_affinity) is served by the thread pinned to that CPU: its
+  // request and the daemon's work on it then hand over on one CPU. Across
+  // CPUs, each request costs a wake-up of an idle CPU on both sides, which
+  // on the test VM is most of keyhold's CPU cost per signature (~40 of
+  // ~60 us daemon CPU for an ec-p256 signature; bench/RESULTS.md). Other
+  // clients are served by the shared I/O threads as before.
+  void SetCpuLocalContexts(std::map<int, boost::asio::io_context*> contexts);
   // Starts accepting; runs on the io_context.
   void Start();
   // Stops accepting, closes every session, removes the socket file.
@@ -89,6 +107,10 @@ class Server {
 
  private:
   void Accept();  // with mu_ held
+  // Re-homes *socket on the CPU-local context of the CPU that process pid
+  // is confined to, if it is confined to one that has one. With mu_ held.
+  bool MoveToClientCpu(pid_t pid,
+                       boost::asio::local::stream_protocol::socket* socket);
 
   boost::asio::io_context& io_;  // io_contexts_[0]
   std::vector<boost::asio::io_context*> io_contexts_;
@@ -105,6 +127,7 @@ class Server {
   std::unique_ptr<boost::asio::local::stream_protocol::acceptor> acceptor_;
   std::mutex mu_;  // guards everything below
   std::map<Session*, std::shared_ptr<Session>> sessions_;
+  std::map<int, boost::asio::io_context*> cpu_contexts_;
   std::map<uint32_t, uint32_t> sessions_per_uid_;
   // Each uid's requests on the blocking pool, shared by its sessions.
   std::map<uint32_t, std::shared_ptr<std::atomic<uint32_t>>> pool_use_per_uid_;
@@ -116,6 +139,9 @@ class Server {
   std::unique_ptr<boost::asio::steady_timer> stop_timer_;
   bool stopped_ = false;
 };
+
+// The CPU a process may run on, if its affinity allows exactly one.
+std::optional<int> SoleCpuOf(pid_t pid);
 
 }  // namespace keyhold::daemon
 

@@ -55,6 +55,7 @@ mkdir -p "$KH_DIR/nginx/logs"
 cat >"$KH_DIR/nginx/nginx.conf" <<CONF
 user www-data;
 worker_processes 2;
+worker_cpu_affinity auto;  # docs/openssl.md: keyholdd serves each on its CPU
 daemon off;
 pid $KH_DIR/nginx/nginx.pid;
 error_log $KH_DIR/nginx/logs/error.log warn;
@@ -116,6 +117,16 @@ check "100 HTTPS requests (rsa-2048) all 200" many "$P2" "$W/web-rsa.crt" 100
 check "TLS 1.2 requests all 200" sh -c "for i in \$(seq 1 20); do
     env -u OPENSSL_CONF curl -sf --tls-max 1.2 --cacert '$W/web.crt' https://127.0.0.1:$P1/ >/dev/null || exit 1
   done"
+
+# worker_cpu_affinity pins each worker to one CPU; keyholdd serves a pinned
+# worker on that CPU (cpu_local_sessions). Skipped on a single CPU.
+if [ "$(nproc)" -ge 2 ]; then
+  check "keyholdd serves each pinned worker on its own CPU" sh -c "
+    for w in \$(pgrep -P $NGINX_PID); do
+      cpu=\$(taskset -c -p \$w | sed 's/.*: //')
+      grep -q \"pid \$w, served on its CPU \$cpu\\\$\" '$KH_DIR/keyholdd.log' || exit 1
+    done"
+fi
 
 # curl mutual TLS with a key reference file (curl loads the provider).
 check "curl --cert --key client.ref.pem authenticates" sh -c \
