@@ -55,11 +55,11 @@ struct Config {
   std::string master_key_sealed_by;
   // Threads that do I/O and cheap, bounded crypto; 0: one per core.
   uint32_t worker_threads = 0;
-  // Serve a client confined to one CPU (its affinity, e.g. nginx's
-  // worker_cpu_affinity) from an I/O thread pinned to that CPU, so requests
-  // and answers hand over on one CPU instead of waking another (server.h).
-  // Adds one idle thread per CPU. false: every client on the shared I/O
-  // threads.
+  // Serve each connection from an I/O thread pinned to its client's CPU
+  // (the CPU the client process is confined to, else the one the client
+  // library names in its socket address), so requests and answers hand
+  // over on one CPU instead of waking another (server.h). Adds two mostly
+  // idle threads per CPU. false: every client on the shared I/O threads.
   bool cpu_local_sessions = true;
   // Threads for work that may wait (key generation, key store writes,
   // device backends); 0: max(2, cores).

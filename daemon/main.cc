@@ -368,7 +368,7 @@ int Run(int argc, char** argv) {
       CPU_COUNT(&allowed) > 1) {
     for (std::size_t cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
       if (CPU_ISSET(cpu, &allowed)) {
-        cpu_io.push_back(std::make_unique<boost::asio::io_context>(1));
+        cpu_io.push_back(std::make_unique<boost::asio::io_context>(2));
         cpu_io_by_cpu[static_cast<int>(cpu)] = cpu_io.back().get();
       }
     }
@@ -444,8 +444,16 @@ int Run(int argc, char** argv) {
       context->run();
     });
   }
+  std::vector<std::thread> stand_ins;
+  for (const auto& [cpu, context] : cpu_io_by_cpu) {
+    stand_ins.emplace_back(
+        [&server, cpu = cpu] { server.RunCpuLocalStandIn(cpu); });
+  }
   io.run();
   for (auto& t : threads) {
+    t.join();
+  }
+  for (auto& t : stand_ins) {
     t.join();
   }
   for (WorkGuard& guard : cpu_guards) {

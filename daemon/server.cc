@@ -16,12 +16,14 @@
 #include <boost/asio/write.hpp>
 #include <cerrno>
 #include <chrono>
+#include <cstddef>
 #include <cstring>
 #include <deque>
 #include <filesystem>
 #include <mutex>
 #include <optional>
 
+#include "common/cpu_hint.h"
 #include "common/frame.h"
 #include "common/peer_cred.h"
 #include "common/secret.h"
@@ -41,7 +43,7 @@ using Socket = asio::local::stream_protocol::socket;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(Server& server, Socket socket, bool cpu_local,
+  Session(Server& server, Socket socket, int cpu_local,
           asio::thread_pool& workers, Dispatcher& dispatcher,
           ClientRegistry& clients, Principal principal,
           std::shared_ptr<std::atomic<uint32_t>> uid_pool_use)
@@ -65,9 +67,9 @@ class Session : public std::enable_shared_from_this<Session> {
     boost::system::error_code ignored;
     socket_.non_blocking(true, ignored);  // for the direct writes (WriteNext)
     Watch();
-    if (cpu_local_) {
+    if (cpu_local_ >= 0) {
       Log().debug("connection from uid {} pid {}, served on its CPU {}",
-                  principal_.uid, principal_.pid, sched_getcpu());
+                  principal_.uid, principal_.pid, cpu_local_);
     } else {
       Log().debug("connection from uid {} pid {}", principal_.uid,
                   principal_.pid);
@@ -274,10 +276,15 @@ class Session : public std::enable_shared_from_this<Session> {
     // A TPM or HSM key use: this thread runs it itself if the pool is idle
     // and another I/O thread stays free to serve everyone else (see
     // server.h), which saves two thread hops per operation.
-    // Not on a CPU-local context: its one thread is all its sessions have.
-    if (device_key_use && !cpu_local_ && server_.TryRunHere()) {
+    const bool local = cpu_local_ >= 0;
+    if (device_key_use &&
+        (local ? server_.TryRunHereLocal(cpu_local_) : server_.TryRunHere())) {
       v1::Response r = dispatcher_.Handle(principal_, *request);
-      server_.DoneRunningHere();
+      if (local) {
+        server_.DoneRunningHereLocal(cpu_local_);
+      } else {
+        server_.DoneRunningHere();
+      }
       Queue(Encode(*request, r));
       return;
     }
@@ -452,8 +459,9 @@ class Session : public std::enable_shared_from_this<Session> {
 
   Server& server_;
   Socket socket_;
-  // On a CPU-local context (Server::SetCpuLocalContexts).
-  const bool cpu_local_;
+  // The CPU whose CPU-local context serves this session
+  // (Server::SetCpuLocalContexts); -1: the shared context.
+  const int cpu_local_;
   asio::steady_timer watchdog_;
   asio::thread_pool& workers_;
   Dispatcher& dispatcher_;
@@ -718,7 +726,7 @@ void Server::Accept() {
         if (!pool_use) {
           pool_use = std::make_shared<std::atomic<uint32_t>>(0);
         }
-        const bool cpu_local = MoveToClientCpu(cred->pid, &socket);
+        const int cpu_local = MoveToClientCpu(cred->pid, &socket);
         auto session = std::make_shared<Session>(
             *this, std::move(socket), cpu_local, workers_, dispatcher_,
             clients_, std::move(who), pool_use);
@@ -733,6 +741,62 @@ void Server::Accept() {
 void Server::SetCpuLocalContexts(std::map<int, asio::io_context*> contexts) {
   std::lock_guard<std::mutex> lock(mu_);
   cpu_contexts_ = std::move(contexts);
+  device_use_since_.clear();
+  for (const auto& [cpu, context] : cpu_contexts_) {
+    device_use_since_[cpu] = std::make_unique<std::atomic<int64_t>>(0);
+  }
+}
+
+namespace {
+int64_t SteadyNowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             Clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
+bool Server::TryRunHereLocal(int cpu) {
+  std::atomic<int64_t>& since = *device_use_since_.at(cpu);
+  int64_t none = 0;
+  if (!since.compare_exchange_strong(none, SteadyNowNs())) {
+    return false;  // one device key use at a time per context
+  }
+  if (!blocking_queue_.TryClaim()) {
+    since.store(0);
+    return false;
+  }
+  return true;
+}
+
+void Server::DoneRunningHereLocal(int cpu) {
+  blocking_queue_.Release();
+  device_use_since_.at(cpu)->store(0);
+}
+
+void Server::RunCpuLocalStandIn(int cpu) {
+  constexpr auto kPatience = std::chrono::milliseconds(100);
+  std::atomic<int64_t>& since = *device_use_since_.at(cpu);
+  asio::io_context& context = *cpu_contexts_.at(cpu);
+  std::unique_lock<std::mutex> lock(stand_in_mu_);
+  while (!stopping_) {
+    stand_in_cv_.wait_for(lock, kPatience);
+    const int64_t began = since.load();
+    if (stopping_ || began == 0 ||
+        SteadyNowNs() - began <
+            std::chrono::duration_cast<std::chrono::nanoseconds>(kPatience)
+                .count()) {
+      continue;
+    }
+    lock.unlock();
+    Log().warn(
+        "a device key use has held the I/O thread of CPU {} for over {} ms; "
+        "another thread serves that CPU's connections until it returns",
+        cpu, kPatience.count());
+    while (!stopping_ && since.load() == began) {
+      context.run_for(std::chrono::milliseconds(20));
+    }
+    lock.lock();
+  }
 }
 
 std::optional<int> SoleCpuOf(pid_t pid) {
@@ -750,22 +814,38 @@ std::optional<int> SoleCpuOf(pid_t pid) {
   return std::nullopt;
 }
 
-bool Server::MoveToClientCpu(pid_t pid, Socket* socket) {
-  if (cpu_contexts_.empty()) {
-    return false;
+std::optional<int> CpuHintOf(int fd) {
+  struct sockaddr_un addr {};
+  socklen_t len = sizeof(addr);
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+      len <= offsetof(struct sockaddr_un, sun_path) || len > sizeof(addr)) {
+    return std::nullopt;
   }
-  const std::optional<int> cpu = SoleCpuOf(pid);
+  return CpuFromHintAddress(std::string_view(
+      addr.sun_path, len - offsetof(struct sockaddr_un, sun_path)));
+}
+
+int Server::MoveToClientCpu(pid_t pid, Socket* socket) {
+  if (cpu_contexts_.empty()) {
+    return -1;
+  }
+  // A process confined to one CPU runs there whatever its connection says;
+  // otherwise the CPU the client made the connection on (common/cpu_hint.h).
+  std::optional<int> cpu = SoleCpuOf(pid);
   if (!cpu) {
-    return false;
+    cpu = CpuHintOf(socket->native_handle());
+  }
+  if (!cpu) {
+    return -1;
   }
   const auto it = cpu_contexts_.find(*cpu);
   if (it == cpu_contexts_.end()) {
-    return false;  // the daemon may not run there (cpuset, CPUAffinity=)
+    return -1;  // the daemon may not run there (cpuset, CPUAffinity=)
   }
   boost::system::error_code ec;
   const int fd = socket->release(ec);
   if (ec) {
-    return false;  // still registered where it was: stays there
+    return -1;  // still registered where it was: stays there
   }
   Socket moved(asio::make_strand(*it->second));
   moved.assign(asio::local::stream_protocol(), fd, ec);
@@ -776,7 +856,7 @@ bool Server::MoveToClientCpu(pid_t pid, Socket* socket) {
     Log().warn("cannot move a connection to CPU {}: {}", *cpu, ec.message());
   }
   *socket = std::move(moved);
-  return !ec;
+  return ec ? -1 : *cpu;
 }
 
 void Server::LogRefusal(const std::string& why) {
@@ -818,6 +898,10 @@ void Server::Stop() {
   }
   stopped_ = true;
   stopping_ = true;
+  {
+    std::lock_guard<std::mutex> stand_in_lock(stand_in_mu_);
+    stand_in_cv_.notify_all();
+  }
   if (acceptor_) {
     boost::system::error_code ignored;
     acceptor_->close(ignored);

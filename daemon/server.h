@@ -39,6 +39,8 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <chrono>
+#include <condition_variable>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -77,14 +79,16 @@ class Server {
   // activation). The socket file is systemd's: Stop() leaves it in place.
   Status Adopt(int fd);
   // Contexts each run by one thread pinned to one CPU (CPU number ->
-  // context), set before Start(). A client whose process may run on one CPU
-  // only (sched_getaffinity of its pid, e.g. nginx workers with
-  // worker_cpu_affinity) is served by the thread pinned to that CPU: its
-  // request and the daemon's work on it then hand over on one CPU. Across
-  // CPUs, each request costs a wake-up of an idle CPU on both sides, which
-  // on the test VM is most of keyhold's CPU cost per signature (~40 of
-  // ~60 us daemon CPU for an ec-p256 signature; bench/RESULTS.md). Other
-  // clients are served by the shared I/O threads as before.
+  // context), set before Start(). A connection is served by the thread
+  // pinned to its client's CPU: the CPU the client process is confined to
+  // (sched_getaffinity of its pid, e.g. nginx workers with
+  // worker_cpu_affinity), else the CPU the client library made the
+  // connection on (it keeps one per CPU and names the CPU in its socket
+  // address, common/cpu_hint.h). A request and the daemon's work on it then
+  // change hands on one CPU. Across CPUs each request costs a wake-up of an
+  // idle CPU on both sides, which on the test VM was most of keyhold's CPU
+  // cost per signature (bench/RESULTS.md). Connections without either
+  // (other client code) are served by the shared I/O threads.
   void SetCpuLocalContexts(std::map<int, boost::asio::io_context*> contexts);
   // Starts accepting; runs on the io_context.
   void Start();
@@ -102,15 +106,28 @@ class Server {
   // the answer is always no. A yes is paired with DoneRunningHere().
   bool TryRunHere();
   void DoneRunningHere();
+  // The same for a session on the CPU-local context of cpu: yes if no other
+  // device key use runs on that context and a pool slot is free. Its one
+  // pinned thread then runs it; should that take long (a hung device), that
+  // context's stand-in thread serves its other connections meanwhile.
+  bool TryRunHereLocal(int cpu);
+  void DoneRunningHereLocal(int cpu);
+  // Body of the stand-in thread of cpu's CPU-local context (one per
+  // context; returns when the server stops): every 100 ms it looks whether
+  // a device key use has held the context's pinned thread for over 100 ms,
+  // and if so runs the context's other handlers until it returns.
+  void RunCpuLocalStandIn(int cpu);
   const LiveSettings& settings() const { return settings_; }
   bool stopping() const { return stopping_.load(); }
 
  private:
   void Accept();  // with mu_ held
-  // Re-homes *socket on the CPU-local context of the CPU that process pid
-  // is confined to, if it is confined to one that has one. With mu_ held.
-  bool MoveToClientCpu(pid_t pid,
-                       boost::asio::local::stream_protocol::socket* socket);
+  // Re-homes *socket on the CPU-local context of the client's CPU: the one
+  // process pid is confined to, else the one its connection names
+  // (common/cpu_hint.h), if that CPU has a context. Returns the CPU, or -1
+  // (the socket stays on the shared context). With mu_ held.
+  int MoveToClientCpu(pid_t pid,
+                      boost::asio::local::stream_protocol::socket* socket);
 
   boost::asio::io_context& io_;  // io_contexts_[0]
   std::vector<boost::asio::io_context*> io_contexts_;
@@ -128,6 +145,12 @@ class Server {
   std::mutex mu_;  // guards everything below
   std::map<Session*, std::shared_ptr<Session>> sessions_;
   std::map<int, boost::asio::io_context*> cpu_contexts_;
+  // Per CPU-local context: since when (steady clock, ns) a device key use
+  // runs on its pinned thread; 0: none. Created by SetCpuLocalContexts,
+  // never changed after Start().
+  std::map<int, std::unique_ptr<std::atomic<int64_t>>> device_use_since_;
+  std::mutex stand_in_mu_;
+  std::condition_variable stand_in_cv_;  // notified by Stop()
   std::map<uint32_t, uint32_t> sessions_per_uid_;
   // Each uid's requests on the blocking pool, shared by its sessions.
   std::map<uint32_t, std::shared_ptr<std::atomic<uint32_t>>> pool_use_per_uid_;

@@ -1,10 +1,11 @@
 #!/bin/bash
 # CPU-local sessions (cpu_local_sessions, daemon/server.h): a client whose
 # affinity allows one CPU only is served by the daemon's I/O thread pinned to
-# that CPU, everyone else by the shared I/O threads. Checks the routing (the
-# daemon's debug log), that pinned clients on every CPU sign correctly side
-# by side, the switch to turn it off, and a shutdown with a CPU-local
-# connection still open.
+# that CPU; a keyhold client library connection by the thread on the CPU it
+# was made on (its socket address says which, common/cpu_hint.h); other
+# clients by the shared I/O threads. Checks the routing (the daemon's debug
+# log), that pinned and unpinned clients sign correctly side by side, the
+# switch to turn it off, and a shutdown with a CPU-local connection open.
 source "$(dirname "$0")/lib.sh"
 
 mapfile -t CPUS < <(taskset -c -p $$ | sed 's/.*: //' | tr ',' '\n' |
@@ -26,9 +27,21 @@ for cpu in "${CPUS[@]:0:2}"; do
   taskset -c "$cpu" sh -c 'echo $$ >"$1"; exec "$2" ping' _ "$W/pid" "$KEYHOLD" >/dev/null
   check "a client pinned to CPU $cpu is served on CPU $cpu" served_on "$(cat "$W/pid")" "$cpu"
 done
+# An unpinned client: the client library names the CPU it connected on in
+# its socket address (common/cpu_hint.h), and the daemon serves it there.
 sh -c 'echo $$ >"$1"; exec "$2" ping' _ "$W/pid" "$KEYHOLD" >/dev/null
 pid="$(cat "$W/pid")"
-check "an unpinned client is served by the shared threads" sh -c \
+check "an unpinned keyhold client is served on the CPU it connected from" sh -c \
+  "grep -q 'connection from uid [0-9]* pid $pid, served on its CPU [0-9]*\$' '$KH_DIR/keyholdd.log'"
+# Other client code (no hint, not pinned) is served by the shared threads.
+python3 -c '
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+open(sys.argv[2], "w").write(str(os.getpid()))
+time.sleep(0.3)' "$KEYHOLD_SOCKET" "$W/pid"
+pid="$(cat "$W/pid")"
+check "a client without a CPU hint is served by the shared threads" sh -c \
   "grep -q 'connection from uid [0-9]* pid $pid\$' '$KH_DIR/keyholdd.log'"
 
 check "create a key" "$KEYHOLD" key create local-ec --type ec-p256

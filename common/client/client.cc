@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -10,6 +11,8 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -17,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/cpu_hint.h"
 #include "common/frame.h"
 #include "common/peer_cred.h"
 
@@ -81,7 +85,7 @@ bool IsRepeatable(v1::Request::OpCase op) {
 
 class Connection {
  public:
-  explicit Connection(int fd) : fd_(fd) {}
+  Connection(int fd, int cpu) : fd_(fd), cpu_(cpu) {}
   ~Connection() {
     if (fd_ >= 0) {
       close(fd_);
@@ -91,6 +95,8 @@ class Connection {
   Connection& operator=(const Connection&) = delete;
 
   int fd() const { return fd_; }
+  // The CPU this connection was made for (its hint to the daemon); -1: none.
+  int cpu() const { return cpu_; }
 
   Status WriteAll(const std::string& bytes, Clock::time_point deadline) {
     std::size_t done = 0;
@@ -158,7 +164,47 @@ class Connection {
 
  private:
   int fd_;
+  int cpu_;
 };
+
+// The CPU the calling thread runs on, or -1.
+int CurrentCpu() {
+  const int cpu = sched_getcpu();
+  return cpu < 0 ? -1 : cpu;
+}
+
+// Binds fd to the abstract address that tells the daemon which CPU this
+// connection is for (common/cpu_hint.h). Best effort: without it the daemon
+// serves the connection from its shared threads.
+void BindCpuHint(int fd, int cpu) {
+  static std::atomic<uint64_t> counter{0};
+  if (cpu < 0) {
+    return;
+  }
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    // pid and a counter make the name unique within this process's pid
+    // namespace; the clock covers other pid namespaces sharing the network
+    // namespace.
+    const uint64_t id =
+        (static_cast<uint64_t>(getpid()) << 40) ^
+        (counter.fetch_add(1, std::memory_order_relaxed) << 20) ^
+        static_cast<uint64_t>(
+            std::chrono::steady_clock::now().time_since_epoch().count());
+    const std::string name = CpuHintAddress(cpu, id);
+    struct sockaddr_un addr {};
+    addr.sun_family = AF_UNIX;
+    if (name.size() > sizeof(addr.sun_path)) {
+      return;
+    }
+    std::memcpy(addr.sun_path, name.data(), name.size());
+    const auto len = static_cast<socklen_t>(
+        offsetof(struct sockaddr_un, sun_path) + name.size());
+    if (bind(fd, reinterpret_cast<const sockaddr*>(&addr), len) == 0 ||
+        errno != EADDRINUSE) {
+      return;
+    }
+  }
+}
 
 }  // namespace
 
@@ -198,11 +244,13 @@ struct Client::Impl {
     }
   }
 
-  StatusOr<std::unique_ptr<Connection>> Connect();
+  // A new connection, made for (and hinting) cpu.
+  StatusOr<std::unique_ptr<Connection>> Connect(int cpu);
   // *sent tells whether the whole request reached the socket.
   StatusOr<v1::Response> RoundTrip(Connection& conn, const std::string& frame,
                                    uint64_t id, bool* sent);
-  std::unique_ptr<Connection> TakeIdle(bool* reused);
+  // An idle connection made for cpu, if any.
+  std::unique_ptr<Connection> TakeIdle(int cpu, bool* reused);
   void ReturnIdle(std::unique_ptr<Connection> conn);
 
   Options options;
@@ -261,7 +309,7 @@ void RegisterAtFork() {
 }
 }  // namespace
 
-StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect() {
+StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect(int cpu) {
   const std::string& path = options.socket_path;
   struct sockaddr_un addr {};
   addr.sun_family = AF_UNIX;
@@ -278,7 +326,8 @@ StatusOr<std::unique_ptr<Connection>> Client::Impl::Connect() {
     if (fd < 0) {
       return Unavailable(Errno("socket"));
     }
-    conn = std::make_unique<Connection>(fd);
+    conn = std::make_unique<Connection>(fd, cpu);
+    BindCpuHint(fd, cpu);
     int rc;
     do {
       rc = connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr));
@@ -401,27 +450,36 @@ StatusOr<v1::Response> Client::Impl::RoundTrip(Connection& conn,
   return response;
 }
 
-std::unique_ptr<Connection> Client::Impl::TakeIdle(bool* reused) {
+std::unique_ptr<Connection> Client::Impl::TakeIdle(int cpu, bool* reused) {
   std::lock_guard<std::mutex> lock(mu);
   if (owner_pid != getpid()) {  // belt and braces next to pthread_atfork
     idle.clear();
     owner_pid = getpid();
   }
   *reused = false;
-  if (idle.empty()) {
-    return nullptr;
+  // The most recently used connection made for this CPU: the daemon serves
+  // it on this CPU. One made for another CPU would wake a daemon thread
+  // there; a new connection costs less than that after a few calls.
+  for (auto it = idle.rbegin(); it != idle.rend(); ++it) {
+    if ((*it)->cpu() == cpu) {
+      auto conn = std::move(*it);
+      idle.erase(std::next(it).base());
+      *reused = true;
+      return conn;
+    }
   }
-  auto conn = std::move(idle.back());
-  idle.pop_back();
-  *reused = true;
-  return conn;
+  return nullptr;
 }
 
 void Client::Impl::ReturnIdle(std::unique_ptr<Connection> conn) {
   std::lock_guard<std::mutex> lock(mu);
-  if (owner_pid == getpid() && idle.size() < options.max_idle_connections) {
-    idle.push_back(std::move(conn));
+  if (owner_pid != getpid() || options.max_idle_connections == 0) {
+    return;
   }
+  if (idle.size() >= options.max_idle_connections) {
+    idle.erase(idle.begin());  // the least recently used one goes
+  }
+  idle.push_back(std::move(conn));
 }
 
 Client::Client(Options options)
@@ -456,10 +514,11 @@ StatusOr<v1::Response> Client::Call(v1::Request request) {
   } wipe{*frame};
 
   bool reused = false;
-  std::unique_ptr<Connection> conn = impl_->TakeIdle(&reused);
+  const int cpu = CurrentCpu();
+  std::unique_ptr<Connection> conn = impl_->TakeIdle(cpu, &reused);
   for (int attempt = 0;; ++attempt) {
     if (!conn) {
-      auto fresh = impl_->Connect();
+      auto fresh = impl_->Connect(cpu);
       if (!fresh.ok()) {
         return fresh.status();
       }
