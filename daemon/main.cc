@@ -357,8 +357,8 @@ int Run(int argc, char** argv) {
   keyhold::daemon::Server server(all_io, io_threads, blocking, blocking_threads,
                                  dispatcher, clients, ctx.settings);
   // One context per CPU the daemon may run on, each run by a thread pinned
-  // there, for clients confined to one CPU (server.h, SetCpuLocalContexts).
-  // Pointless with one CPU.
+  // there, serving the connections made on that CPU (server.h,
+  // SetCpuLocalContexts). Pointless with one CPU.
   std::vector<std::unique_ptr<boost::asio::io_context>> cpu_io;
   std::map<int, boost::asio::io_context*> cpu_io_by_cpu;
   cpu_set_t allowed;

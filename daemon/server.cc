@@ -748,6 +748,18 @@ void Server::SetCpuLocalContexts(std::map<int, asio::io_context*> contexts) {
 }
 
 namespace {
+// The CPU a connection's client names in its socket address, if any.
+std::optional<int> CpuHintOf(int fd) {
+  struct sockaddr_un addr {};
+  socklen_t len = sizeof(addr);
+  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
+      len <= offsetof(struct sockaddr_un, sun_path) || len > sizeof(addr)) {
+    return std::nullopt;
+  }
+  return CpuFromHintAddress(std::string_view(
+      addr.sun_path, len - offsetof(struct sockaddr_un, sun_path)));
+}
+
 int64_t SteadyNowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              Clock::now().time_since_epoch())
@@ -812,17 +824,6 @@ std::optional<int> SoleCpuOf(pid_t pid) {
     }
   }
   return std::nullopt;
-}
-
-std::optional<int> CpuHintOf(int fd) {
-  struct sockaddr_un addr {};
-  socklen_t len = sizeof(addr);
-  if (::getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
-      len <= offsetof(struct sockaddr_un, sun_path) || len > sizeof(addr)) {
-    return std::nullopt;
-  }
-  return CpuFromHintAddress(std::string_view(
-      addr.sun_path, len - offsetof(struct sockaddr_un, sun_path)));
 }
 
 int Server::MoveToClientCpu(pid_t pid, Socket* socket) {

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -182,14 +183,14 @@ void BindCpuHint(int fd, int cpu) {
     return;
   }
   for (int attempt = 0; attempt < 3; ++attempt) {
-    // pid and a counter make the name unique within this process's pid
-    // namespace; the clock covers other pid namespaces sharing the network
-    // namespace.
-    const uint64_t id =
-        (static_cast<uint64_t>(getpid()) << 40) ^
-        (counter.fetch_add(1, std::memory_order_relaxed) << 20) ^
-        static_cast<uint64_t>(
-            std::chrono::steady_clock::now().time_since_epoch().count());
+    // Random, so the name (listed in /proc/net/unix) says nothing about
+    // the process; a counter and the clock if the kernel has no entropy yet.
+    uint64_t id = 0;
+    if (getrandom(&id, sizeof(id), GRND_NONBLOCK) != sizeof(id)) {
+      id = (counter.fetch_add(1, std::memory_order_relaxed) << 32) ^
+           static_cast<uint64_t>(
+               std::chrono::steady_clock::now().time_since_epoch().count());
+    }
     const std::string name = CpuHintAddress(cpu, id);
     struct sockaddr_un addr {};
     addr.sun_family = AF_UNIX;
