@@ -57,10 +57,19 @@ Status WithFile(const Status& st, const fs::path& file) {
 
 StatusOr<SecretBytes> LoadMasterKey(const Config& config) {
   const fs::path plain = fs::path(config.state_dir) / "master.key";
+  const fs::path sealed = fs::path(config.state_dir) / "master.key.tpm";
   if (config.master_key_sealed_by.empty()) {
+    // Without the setting a missing master.key would be created afresh,
+    // and every key under the sealed one would be lost to this daemon.
+    if (!Exists(plain) && Exists(sealed)) {
+      return Internal(
+          "the master key is sealed by a TPM (" + sealed.string() +
+          ") but master_key_sealed_by is not set; set it to the "
+          "[[backend.tpm]] that sealed it, or put the offline copy back as " +
+          plain.string());
+    }
     return backend::software::LoadOrCreateMasterKeyFile(plain);
   }
-  const fs::path sealed = fs::path(config.state_dir) / "master.key.tpm";
   auto section = std::find_if(config.backends.begin(), config.backends.end(),
                               [&](const BackendSection& b) {
                                 return b.kind == "tpm" &&

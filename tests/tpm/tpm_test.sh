@@ -230,6 +230,13 @@ fails "conflicting master keys stop the start" "hold different master keys" \
   --state-dir "$S" --log-level error
 check "neither file was touched" test "$sum_before" = "$(sha256sum "$S/master.key" "$S/master.key.tpm")"
 rm "$S/master.key"
+# The setting removed while only the sealed key exists: refuse to start
+# (a fresh master.key would orphan every key), create nothing.
+fails "without master_key_sealed_by the sealed key is not replaced" \
+  "master_key_sealed_by is not set" \
+  timeout 30 "$KEYHOLDD" --config "$KH_DIR/keyholdd.toml" --socket "$KH_DIR/other.sock" \
+  --state-dir "$S" --log-level error
+check "and no new master.key was made" test ! -e "$S/master.key"
 # The state directory with another TPM: the daemon does not start, says
 # why, and keeps the sealed file.
 stop_swtpm
