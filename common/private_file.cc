@@ -108,6 +108,10 @@ Status WritePrivateFileAtomically(const std::filesystem::path& path,
     ::unlink(tmp.c_str());
     return status;
   }
+  return FsyncDirectoryOf(path);
+}
+
+Status FsyncDirectoryOf(const std::filesystem::path& path) {
   std::filesystem::path dir = path.parent_path();
   if (dir.empty()) {
     dir = ".";

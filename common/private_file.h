@@ -27,6 +27,10 @@ StatusOr<SecretBytes> ReadPrivateFile(const std::filesystem::path& path,
 Status WritePrivateFileAtomically(const std::filesystem::path& path,
                                   std::span<const uint8_t> data);
 
+// fsyncs the directory that holds path ("." for a bare name), so that a
+// file created, renamed or deleted there stays so after a crash.
+Status FsyncDirectoryOf(const std::filesystem::path& path);
+
 }  // namespace keyhold
 
 #endif  // KEYHOLD_COMMON_PRIVATE_FILE_H_

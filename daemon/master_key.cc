@@ -1,6 +1,5 @@
 #include "daemon/master_key.h"
 
-#include <fcntl.h>
 #include <openssl/rand.h>
 #include <unistd.h>
 
@@ -39,13 +38,9 @@ Status RemovePlainFile(const fs::path& plain) {
     return Internal("cannot delete '" + plain.string() +
                     "' after sealing it: " + std::strerror(errno));
   }
-  const fs::path dir =
-      plain.parent_path().empty() ? fs::path(".") : plain.parent_path();
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd >= 0) {
-    (void)::fsync(fd);
-    ::close(fd);
-  }
+  // Not an error if the deletion is lost in a crash: the next start finds
+  // both files holding the same key and deletes the plain one again.
+  (void)FsyncDirectoryOf(plain);
   return Status::Ok();
 }
 

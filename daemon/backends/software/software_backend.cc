@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/key_types.h"
+#include "common/private_file.h"
 #include "common/ssl_ptr.h"
 
 namespace keyhold::backend::software {
@@ -413,21 +414,6 @@ StatusOr<SecretBytes> ReadMasterKey(const std::filesystem::path& path,
   return key;
 }
 
-Status FsyncParentDir(const std::filesystem::path& path) {
-  std::filesystem::path dir = path.parent_path();
-  if (dir.empty()) {
-    dir = ".";
-  }
-  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (fd.get() < 0) {
-    return MasterKeyErrno(path, "cannot open parent directory", errno);
-  }
-  if (::fsync(fd.get()) != 0) {
-    return MasterKeyErrno(path, "cannot fsync parent directory", errno);
-  }
-  return Status::Ok();
-}
-
 // Writes a fresh key to a file that does not exist yet. Returns kAlreadyExists
 // (not an error for the caller) if another process created it first.
 StatusOr<SecretBytes> CreateMasterKey(const std::filesystem::path& path) {
@@ -475,7 +461,7 @@ StatusOr<SecretBytes> CreateMasterKey(const std::filesystem::path& path) {
     ::unlink(path.c_str());
     return status;
   }
-  KH_RETURN_IF_ERROR(FsyncParentDir(path));
+  KH_RETURN_IF_ERROR(FsyncDirectoryOf(path));
   return key;
 }
 
