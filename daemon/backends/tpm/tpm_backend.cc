@@ -431,11 +431,22 @@ v1::KeyType TypeOfPublic(const TPMT_PUBLIC& a) {
 // ---------------------------------------------------------------------------
 // Blobs
 
-struct ParsedBlob {
+// Both blob formats (key blob, sealed master key) carry the object as
+// u16 length | TPM2B_PUBLIC | u16 length | TPM2B_PRIVATE.
+struct Areas {
   TPM2B_PUBLIC pub{};
   TPM2B_PRIVATE priv{};
   std::span<const uint8_t> pub_bytes;
   std::span<const uint8_t> priv_bytes;
+  std::size_t size = 0;  // bytes the two areas take, length prefixes included
+};
+
+struct MarshalledAreas {
+  std::vector<uint8_t> pub;
+  std::vector<uint8_t> priv;
+};
+
+struct ParsedBlob : Areas {
   std::span<const uint8_t> nonce;
   std::span<const uint8_t> sealed;  // ciphertext || tag
 };
@@ -460,31 +471,49 @@ Status BadBlob(std::string_view why) {
   return Internal("TPM key blob is invalid (" + std::string(why) + ")");
 }
 
-StatusOr<ParsedBlob> ParseBlob(std::span<const uint8_t> blob) {
-  ParsedBlob out;
-  std::size_t pos = 0;
-  if (blob.empty() || blob[0] != kBlobVersion) {
-    return BadBlob("unknown version");
+StatusOr<MarshalledAreas> MarshalAreas(const TPM2B_PUBLIC& pub,
+                                       const TPM2B_PRIVATE& priv) {
+  MarshalledAreas out;
+  out.pub.resize(sizeof(TPM2B_PUBLIC));
+  out.priv.resize(sizeof(TPM2B_PRIVATE));
+  std::size_t pub_len = 0;
+  std::size_t priv_len = 0;
+  if (Tss2_MU_TPM2B_PUBLIC_Marshal(&pub, out.pub.data(), out.pub.size(),
+                                   &pub_len) != TSS2_RC_SUCCESS ||
+      Tss2_MU_TPM2B_PRIVATE_Marshal(&priv, out.priv.data(), out.priv.size(),
+                                    &priv_len) != TSS2_RC_SUCCESS) {
+    return Internal("cannot marshal a TPM object");
   }
-  pos = 1;
+  out.pub.resize(pub_len);
+  out.priv.resize(priv_len);
+  return out;
+}
+
+void AppendAreas(const MarshalledAreas& areas, std::vector<uint8_t>* out) {
+  PutU16(out, areas.pub.size());
+  out->insert(out->end(), areas.pub.begin(), areas.pub.end());
+  PutU16(out, areas.priv.size());
+  out->insert(out->end(), areas.priv.begin(), areas.priv.end());
+}
+
+// Parses AppendAreas' layout at the start of data (more may follow).
+StatusOr<Areas> ParseAreas(std::span<const uint8_t> data) {
+  Areas out;
+  std::size_t pos = 0;
   std::span<const uint8_t>* parts[] = {&out.pub_bytes, &out.priv_bytes};
   for (std::span<const uint8_t>* part : parts) {
-    if (blob.size() < pos + 2) {
+    if (data.size() - pos < 2) {
       return BadBlob("truncated");
     }
-    const std::size_t len = (std::size_t{blob[pos]} << 8) | blob[pos + 1];
+    const std::size_t len = (std::size_t{data[pos]} << 8) | data[pos + 1];
     pos += 2;
-    if (blob.size() < pos + len) {
+    if (data.size() - pos < len) {
       return BadBlob("truncated");
     }
-    *part = blob.subspan(pos, len);
+    *part = data.subspan(pos, len);
     pos += len;
   }
-  if (blob.size() != pos + kNonceSize + kAuthSize + kTagSize) {
-    return BadBlob("bad length");
-  }
-  out.nonce = blob.subspan(pos, kNonceSize);
-  out.sealed = blob.subspan(pos + kNonceSize);
+  out.size = pos;
   std::size_t off = 0;
   if (Tss2_MU_TPM2B_PUBLIC_Unmarshal(out.pub_bytes.data(), out.pub_bytes.size(),
                                      &off, &out.pub) != TSS2_RC_SUCCESS ||
@@ -498,6 +527,25 @@ StatusOr<ParsedBlob> ParseBlob(std::span<const uint8_t> blob) {
       off != out.priv_bytes.size()) {
     return BadBlob("private area");
   }
+  return out;
+}
+
+StatusOr<ParsedBlob> ParseBlob(std::span<const uint8_t> blob) {
+  if (blob.empty() || blob[0] != kBlobVersion) {
+    return BadBlob("unknown version");
+  }
+  StatusOr<Areas> areas = ParseAreas(blob.subspan(1));
+  if (!areas.ok()) {
+    return areas.status();
+  }
+  ParsedBlob out;
+  static_cast<Areas&>(out) = *areas;
+  const std::size_t pos = 1 + areas->size;
+  if (blob.size() != pos + kNonceSize + kAuthSize + kTagSize) {
+    return BadBlob("bad length");
+  }
+  out.nonce = blob.subspan(pos, kNonceSize);
+  out.sealed = blob.subspan(pos + kNonceSize);
   return out;
 }
 
@@ -1553,21 +1601,12 @@ StatusOr<std::vector<uint8_t>> TpmBackend::SealMasterKey(
   }
   auto priv = Owned(priv_raw);
   auto pub = Owned(pub_raw);
-  uint8_t pub_buf[sizeof(TPM2B_PUBLIC)];
-  uint8_t priv_buf[sizeof(TPM2B_PRIVATE)];
-  std::size_t pub_len = 0;
-  std::size_t priv_len = 0;
-  if (Tss2_MU_TPM2B_PUBLIC_Marshal(pub.get(), pub_buf, sizeof(pub_buf),
-                                   &pub_len) != TSS2_RC_SUCCESS ||
-      Tss2_MU_TPM2B_PRIVATE_Marshal(priv.get(), priv_buf, sizeof(priv_buf),
-                                    &priv_len) != TSS2_RC_SUCCESS) {
-    return Internal("cannot marshal the sealed master key");
+  StatusOr<MarshalledAreas> areas = MarshalAreas(*pub, *priv);
+  if (!areas.ok()) {
+    return areas.status();
   }
   std::vector<uint8_t> blob(kSealedMagic.begin(), kSealedMagic.end());
-  PutU16(&blob, pub_len);
-  blob.insert(blob.end(), pub_buf, pub_buf + pub_len);
-  PutU16(&blob, priv_len);
-  blob.insert(blob.end(), priv_buf, priv_buf + priv_len);
+  AppendAreas(*areas, &blob);
   return blob;
 }
 
@@ -1580,29 +1619,9 @@ StatusOr<SecretBytes> TpmBackend::UnsealMasterKey(
       !std::equal(kSealedMagic.begin(), kSealedMagic.end(), sealed.begin())) {
     return bad;
   }
-  std::size_t pos = kSealedMagic.size();
-  TPM2B_PUBLIC pub{};
-  TPM2B_PRIVATE priv{};
-  for (int part = 0; part < 2; ++part) {
-    if (sealed.size() - pos < 2) {
-      return bad;
-    }
-    const std::size_t len = (std::size_t{sealed[pos]} << 8) | sealed[pos + 1];
-    pos += 2;
-    if (sealed.size() - pos < len) {
-      return bad;
-    }
-    std::size_t used = 0;
-    const TSS2_RC rc = part == 0 ? Tss2_MU_TPM2B_PUBLIC_Unmarshal(
-                                       sealed.data() + pos, len, &used, &pub)
-                                 : Tss2_MU_TPM2B_PRIVATE_Unmarshal(
-                                       sealed.data() + pos, len, &used, &priv);
-    if (rc != TSS2_RC_SUCCESS || used != len) {
-      return bad;
-    }
-    pos += len;
-  }
-  if (pos != sealed.size() || pub.publicArea.type != TPM2_ALG_KEYEDHASH) {
+  StatusOr<Areas> areas = ParseAreas(sealed.subspan(kSealedMagic.size()));
+  if (!areas.ok() || kSealedMagic.size() + areas->size != sealed.size() ||
+      areas->pub.publicArea.type != TPM2_ALG_KEYEDHASH) {
     return bad;
   }
   Impl im;
@@ -1612,7 +1631,7 @@ StatusOr<SecretBytes> TpmBackend::UnsealMasterKey(
   KH_RETURN_IF_ERROR(im.Connect());
   ESYS_TR handle = ESYS_TR_NONE;
   TSS2_RC rc = Esys_Load(im.esys, im.primary, im.session, ESYS_TR_NONE,
-                         ESYS_TR_NONE, &priv, &pub, &handle);
+                         ESYS_TR_NONE, &areas->priv, &areas->pub, &handle);
   if (rc != TSS2_RC_SUCCESS) {
     if (BaseRc(rc) == TPM2_RC_INTEGRITY || BaseRc(rc) == TPM2_RC_BINDING) {
       return PermissionDenied(
@@ -1705,37 +1724,26 @@ StatusOr<CreatedKey> TpmBackend::Generate(const daemon::KeyRef& ref,
     }
     auto priv = Owned(priv_raw);
     auto pub = Owned(pub_raw);
-    uint8_t pub_buf[sizeof(TPM2B_PUBLIC)];
-    uint8_t priv_buf[sizeof(TPM2B_PRIVATE)];
-    std::size_t pub_len = 0;
-    std::size_t priv_len = 0;
-    if (Tss2_MU_TPM2B_PUBLIC_Marshal(pub.get(), pub_buf, sizeof(pub_buf),
-                                     &pub_len) != TSS2_RC_SUCCESS ||
-        Tss2_MU_TPM2B_PRIVATE_Marshal(priv.get(), priv_buf, sizeof(priv_buf),
-                                      &priv_len) != TSS2_RC_SUCCESS) {
-      return Internal("cannot marshal TPM key");
+    StatusOr<MarshalledAreas> areas = MarshalAreas(*pub, *priv);
+    if (!areas.ok()) {
+      return areas.status();
     }
     StatusOr<std::vector<uint8_t>> der = PublicDer(pub->publicArea);
     if (!der.ok()) {
       return der.status();
     }
     std::vector<uint8_t> blob;
-    blob.reserve(1 + 4 + pub_len + priv_len + kNonceSize + kAuthSize +
-                 kTagSize);
+    blob.reserve(1 + 4 + areas->pub.size() + areas->priv.size() + kNonceSize +
+                 kAuthSize + kTagSize);
     blob.push_back(kBlobVersion);
-    PutU16(&blob, pub_len);
-    blob.insert(blob.end(), pub_buf, pub_buf + pub_len);
-    PutU16(&blob, priv_len);
-    blob.insert(blob.end(), priv_buf, priv_buf + priv_len);
+    AppendAreas(*areas, &blob);
     const std::size_t nonce_at = blob.size();
     blob.resize(blob.size() + kNonceSize + kAuthSize + kTagSize);
     uint8_t* nonce = blob.data() + nonce_at;
     if (RAND_bytes(nonce, static_cast<int>(kNonceSize)) != 1) {
       return SslError(Code::kInternal, "cannot draw a random nonce");
     }
-    const std::string aad =
-        AssociatedData(ref, std::span<const uint8_t>(pub_buf, pub_len),
-                       std::span<const uint8_t>(priv_buf, priv_len));
+    const std::string aad = AssociatedData(ref, areas->pub, areas->priv);
     const auto a = auth.Expose(SecretAccess::kToken);
     if (!GcmCrypt(true, im.seal_key,
                   std::span<const uint8_t>(nonce, kNonceSize), aad, a.data(),
