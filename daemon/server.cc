@@ -43,15 +43,13 @@ using Socket = asio::local::stream_protocol::socket;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(Server& server, Socket socket, int cpu_local,
-          asio::thread_pool& workers, Dispatcher& dispatcher,
+  Session(Server& server, Socket socket, int cpu_local, Dispatcher& dispatcher,
           ClientRegistry& clients, Principal principal,
           std::shared_ptr<std::atomic<uint32_t>> uid_pool_use)
       : server_(server),
         socket_(std::move(socket)),
         cpu_local_(cpu_local),
         watchdog_(socket_.get_executor()),
-        workers_(workers),
         dispatcher_(dispatcher),
         clients_(clients),
         limits_(server.settings().Get()->limits),
@@ -463,7 +461,6 @@ class Session : public std::enable_shared_from_this<Session> {
   // (Server::SetCpuLocalContexts); -1: the shared context.
   const int cpu_local_;
   asio::steady_timer watchdog_;
-  asio::thread_pool& workers_;
   Dispatcher& dispatcher_;
   ClientRegistry& clients_;
   Limits limits_;  // the daemon's, as of the last watchdog tick
@@ -500,7 +497,6 @@ Server::Server(std::vector<asio::io_context*> io, unsigned io_threads,
     : io_(*io.at(0)),
       io_contexts_(std::move(io)),
       io_threads_(io_threads),
-      workers_(workers),
       blocking_queue_(workers, blocking_threads),
       dispatcher_(dispatcher),
       clients_(clients),
@@ -728,8 +724,8 @@ void Server::Accept() {
         }
         const int cpu_local = MoveToClientCpu(cred->pid, &socket);
         auto session = std::make_shared<Session>(
-            *this, std::move(socket), cpu_local, workers_, dispatcher_,
-            clients_, std::move(who), pool_use);
+            *this, std::move(socket), cpu_local, dispatcher_, clients_,
+            std::move(who), pool_use);
         sessions_.emplace(session.get(), session);
         ++sessions_per_uid_[session->uid()];
         Accept();
@@ -910,7 +906,8 @@ void Server::Stop() {
   if (!path_.empty()) {
     ::unlink(path_.c_str());
   }
-  for (const auto& [raw, session] : sessions_) {
+  for (const auto& entry : sessions_) {
+    const std::shared_ptr<Session>& session = entry.second;
     asio::post(session->executor(), [session] { session->Drain(); });
   }
   // Whatever has not finished within the I/O timeout is cut off.
@@ -922,7 +919,8 @@ void Server::Stop() {
       return;
     }
     std::lock_guard<std::mutex> relock(mu_);
-    for (const auto& [raw, session] : sessions_) {
+    for (const auto& entry : sessions_) {
+      const std::shared_ptr<Session>& session = entry.second;
       asio::post(session->executor(),
                  [session] { session->Close("daemon shutting down"); });
     }

@@ -134,7 +134,6 @@ class Server {
   std::size_t next_context_ = 0;  // guarded by mu_
   const unsigned io_threads_;
   std::atomic<unsigned> io_threads_running_jobs_{0};
-  boost::asio::thread_pool& workers_;
   FairQueue blocking_queue_;
   std::atomic<bool> stopping_{false};
   Dispatcher& dispatcher_;
