@@ -15,11 +15,8 @@ cleanup() {
   rm -rf "$D"
 }
 trap cleanup EXIT
-mkdir -p "$D/tokens"
-export SOFTHSM2_CONF="$D/softhsm2.conf"
-printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
-  "$D/tokens" >"$SOFTHSM2_CONF"
-softhsm2-util --init-token --free --label kh-bench --pin 1234 --so-pin 5678 >/dev/null
+source tests/softhsm.sh
+kh_softhsm_token "$D" kh-bench 1234
 printf '1234\n' >"$D/pin"
 chmod 600 "$D/pin"
 cat >"$D/keyholdd.toml" <<TOML

@@ -49,15 +49,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 1' INT TERM
 
-mkdir "$T/tokens"
-cat >"$T/softhsm2.conf" <<CONF
-directories.tokendir = $T/tokens
-objectstore.backend = file
-log.level = ERROR
-slots.removable = false
-CONF
-export SOFTHSM2_CONF="$T/softhsm2.conf"
-softhsm2-util --init-token --free --label bench --pin 1234 --so-pin 5678 >/dev/null
+source "$ROOT/tests/softhsm.sh"
+kh_softhsm_token "$T" bench 1234
 
 SOCK="$T/p11-kit.sock"
 p11-kit server -f -n "$SOCK" --provider "$SOFTHSM" "pkcs11:token=bench" \

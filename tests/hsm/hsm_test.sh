@@ -6,6 +6,7 @@
 # extractable; a software and an HSM backend together; start-up errors;
 # concurrent clients; reconciliation and kill -9 during creation.
 source "$(dirname "$0")/../lib.sh"
+source "$(dirname "$0")/../softhsm.sh"
 
 M=/usr/lib/softhsm/libsofthsm2.so
 if [ ! -f "$M" ] || ! command -v softhsm2-util >/dev/null ||
@@ -16,14 +17,11 @@ fi
 
 H="$KH_DIR/hsm"
 W="$KH_DIR/work"
-mkdir -p "$H/tokens" "$W"
-export SOFTHSM2_CONF="$H/softhsm2.conf"
-printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
-  "$H/tokens" >"$SOFTHSM2_CONF"
+mkdir -p "$W"
 # Random PINs, so "the PIN is not in the log" cannot match a timestamp or a pid.
 PIN="pin-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 BADPIN="bad-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-softhsm2-util --init-token --free --label kh-hsm --pin "$PIN" --so-pin 5678 >/dev/null
+kh_softhsm_token "$H" kh-hsm "$PIN"
 printf '%s\n' "$PIN" >"$H/pin"
 chmod 600 "$H/pin"
 printf '%s\n' "$BADPIN" >"$H/badpin"
