@@ -14,11 +14,14 @@ namespace keyhold {
 template <typename T>
 struct SslDeleter;
 
+// `type` names a type, which cannot be parenthesized.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define KH_SSL_DELETER(type, fn)              \
   template <>                                 \
   struct SslDeleter<type> {                   \
     void operator()(type* p) const { fn(p); } \
   }
+// NOLINTEND(bugprone-macro-parentheses)
 
 KH_SSL_DELETER(EVP_PKEY, EVP_PKEY_free);
 KH_SSL_DELETER(EVP_PKEY_CTX, EVP_PKEY_CTX_free);

@@ -74,9 +74,9 @@ void AppendUtcNow(std::string& out) {
                   1000;
   std::tm tm{};
   gmtime_r(&secs, &tm);
-  AppendDecimal(out, static_cast<uint64_t>(tm.tm_year + 1900), 4);
+  AppendDecimal(out, static_cast<uint64_t>(tm.tm_year) + 1900, 4);
   out.push_back('-');
-  AppendDecimal(out, static_cast<uint64_t>(tm.tm_mon + 1), 2);
+  AppendDecimal(out, static_cast<uint64_t>(tm.tm_mon) + 1, 2);
   out.push_back('-');
   AppendDecimal(out, static_cast<uint64_t>(tm.tm_mday), 2);
   out.push_back('T');

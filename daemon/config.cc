@@ -185,7 +185,7 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
         "limits."));
     Limits& l = c.limits;
     KH_RETURN_IF_ERROR(ReadUint(*t, "max_frame_bytes", &l.max_frame_bytes,
-                                "limits.", 1024, 16 * 1024 * 1024));
+                                "limits.", 1024, int64_t{16} * 1024 * 1024));
     KH_RETURN_IF_ERROR(ReadUint(*t, "max_in_flight_per_connection",
                                 &l.max_in_flight_per_connection, "limits.", 1,
                                 1024));
@@ -199,7 +199,7 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
                                 "limits.", 1, 1000000));
     KH_RETURN_IF_ERROR(ReadUint(*t, "idle_timeout_seconds",
                                 &l.idle_timeout_seconds, "limits.", 0,
-                                86400 * 7));
+                                int64_t{86400} * 7));
     KH_RETURN_IF_ERROR(ReadUint(*t, "io_timeout_seconds", &l.io_timeout_seconds,
                                 "limits.", 1, 3600));
   }

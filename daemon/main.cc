@@ -445,6 +445,7 @@ int Run(int argc, char** argv) {
     });
   }
   std::vector<std::thread> stand_ins;
+  stand_ins.reserve(cpu_io_by_cpu.size());
   for (const auto& [cpu, context] : cpu_io_by_cpu) {
     stand_ins.emplace_back(
         [&server, cpu = cpu] { server.RunCpuLocalStandIn(cpu); });

@@ -61,7 +61,7 @@ constexpr std::size_t kMaxPinSize = 256;
 constexpr std::size_t kMaxOutput = 1024;
 // Largest attribute value we read (an RSA-4096 modulus is 512 bytes, a P-521
 // CKA_EC_POINT 136); a module that reports more is faulty.
-constexpr CK_ULONG kMaxAttribute = 16 * 1024;
+constexpr CK_ULONG kMaxAttribute = CK_ULONG{16} * 1024;
 // Most slots or mechanisms a module may list.
 constexpr CK_ULONG kMaxListCount = 4096;
 
@@ -595,8 +595,8 @@ StatusOr<P11Config> ParseP11Config(const std::string& settings_toml) {
   KH_RETURN_IF_ERROR(str("token_serial", &c.token_serial));
   KH_RETURN_IF_ERROR(str("pin_file", &c.pin_file));
   KH_RETURN_IF_ERROR(num("sessions", &c.sessions, 1, 256));
-  KH_RETURN_IF_ERROR(
-      num("acquire_timeout_ms", &c.acquire_timeout_ms, 1, 3600 * 1000));
+  KH_RETURN_IF_ERROR(num("acquire_timeout_ms", &c.acquire_timeout_ms, 1,
+                         int64_t{3600} * 1000));
   if (const toml::node* n = t.get("allowed_modules")) {
     const toml::array* arr = n->as_array();
     if (arr == nullptr) {
