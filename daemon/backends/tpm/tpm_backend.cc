@@ -33,9 +33,15 @@
 #include "common/private_file.h"
 #include "common/ssl_ptr.h"
 #include "daemon/backends/tpm/tpm_errors.h"
+#include "daemon/log.h"
 
 namespace keyhold::backend::tpm {
 namespace {
+
+spdlog::logger& Log() {
+  static const auto logger = keyhold::daemon::ComponentLog("tpm");
+  return *logger;
+}
 
 // Blob: version | u16 len | TPM2B_PUBLIC | u16 len | TPM2B_PRIVATE |
 //       nonce | AES-256-GCM(auth value) | tag
@@ -801,6 +807,22 @@ struct LoadedEntry {
 
 }  // namespace
 
+std::size_t TransientLimitOfTcti(std::string_view tcti) {
+  // "device:/dev/tpmrm0", "device:/dev/tpmrm1", ...; "device" alone opens
+  // /dev/tpm0 (no resource manager).
+  constexpr std::string_view kPrefix = "device:/dev/tpmrm";
+  if (!tcti.starts_with(kPrefix)) {
+    return 0;
+  }
+  const std::string_view rest = tcti.substr(kPrefix.size());
+  if (rest.empty() || !std::all_of(rest.begin(), rest.end(), [](char c) {
+        return c >= '0' && c <= '9';
+      })) {
+    return 0;
+  }
+  return 3;
+}
+
 StatusOr<TpmOptions> ParseTpmSettings(std::string_view toml_text) {
   return ParseSettings(toml_text);
 }
@@ -1171,6 +1193,19 @@ struct TpmBackend::Impl {
     }
     capacity = std::max<std::size_t>(
         1, std::min<std::size_t>(options.max_loaded_keys, avail));
+    // Under the kernel's resource manager the storage primary (when
+    // transient) takes one of the connection's three object handles.
+    if (const std::size_t limit = TransientLimitOfTcti(options.tcti);
+        limit != 0) {
+      const std::size_t keys = primary_transient ? limit - 1 : limit;
+      if (capacity > keys) {
+        Log().info(
+            "TPM backend '{}': {} keeps at most {} objects per connection; "
+            "at most {} keys stay loaded",
+            options.name, options.tcti, limit, keys);
+        capacity = keys;
+      }
+    }
     return Status::Ok();
   }
 

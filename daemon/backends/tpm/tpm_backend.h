@@ -57,6 +57,13 @@ struct TpmOptions {
 // Parses a [[backend.tpm]] table (TOML text). Unknown keys are an error.
 StatusOr<TpmOptions> ParseTpmSettings(std::string_view toml_text);
 
+// How many transient objects one connection may hold when the TCTI is the
+// kernel's resource manager (device:/dev/tpmrmN): the kernel keeps three
+// per open file and fails a command that would make a fourth ("out of
+// slots"), whatever the TPM itself has free. 0: no such per-connection limit
+// (another TCTI).
+std::size_t TransientLimitOfTcti(std::string_view tcti);
+
 class TpmBackend : public Backend {
  public:
   // Connects to the TPM, creates or opens the storage primary and reads the

@@ -415,6 +415,17 @@ Key MakeKey(TpmBackend* b, uint64_t id, v1::KeyType type,
   return k;
 }
 
+TEST(TpmSettingsTest, KernelResourceManagerLimitsObjectsPerConnection) {
+  EXPECT_EQ(TransientLimitOfTcti("device:/dev/tpmrm0"), 3u);
+  EXPECT_EQ(TransientLimitOfTcti("device:/dev/tpmrm12"), 3u);
+  EXPECT_EQ(TransientLimitOfTcti("device:/dev/tpm0"), 0u);
+  EXPECT_EQ(TransientLimitOfTcti("device"), 0u);
+  EXPECT_EQ(TransientLimitOfTcti("device:/dev/tpmrm"), 0u);
+  EXPECT_EQ(TransientLimitOfTcti("device:/dev/tpmrm0x"), 0u);
+  EXPECT_EQ(TransientLimitOfTcti("tabrmd:"), 0u);
+  EXPECT_EQ(TransientLimitOfTcti("swtpm:host=127.0.0.1,port=2321"), 0u);
+}
+
 TEST(TpmSettingsTest, ParsesAndRejectsUnknownKeys) {
   auto o = ParseTpmSettings("name = \"t\"\n");
   ASSERT_TRUE(o.ok());
