@@ -300,19 +300,22 @@ int Run(int argc, char** argv) {
   }
   // Each backend keeps what it derived from the master key; main's copy goes.
   *master_key = keyhold::SecretBytes();
-  // Each device backend learns which of its keys the store records (an HSM
-  // removes objects it created but never saw recorded, reports lost ones).
+  // Each device backend learns which keys the store records, its own and
+  // the other backends' (an HSM removes pending objects no row records,
+  // reports lost ones).
+  auto rows = (*store)->ListAll();
+  if (!rows.ok()) {
+    spdlog::critical("key store: {}", rows.status().message());
+    return 1;
+  }
   for (const auto& device : devices) {
-    auto rows = (*store)->ListByBackend(std::string(device->Name()));
-    if (!rows.ok()) {
-      spdlog::critical("key store: {}", rows.status().message());
-      return 1;
-    }
-    std::vector<keyhold::backend::KeyHandle> handles;
+    std::vector<keyhold::backend::KeyHandle> own;
+    std::vector<keyhold::backend::KeyHandle> others;
     for (const keyhold::daemon::KeyRecord& row : *rows) {
-      handles.push_back({row.id, row.ref, row.type, row.blob});
+      (row.backend == device->Name() ? own : others)
+          .push_back({row.id, row.ref, row.type, row.blob});
     }
-    if (Status st = device->Reconcile(handles); !st.ok()) {
+    if (Status st = device->Reconcile(own, others); !st.ok()) {
       spdlog::critical("backend '{}': reconciliation: {}", device->Name(),
                        st.message());
       return 1;

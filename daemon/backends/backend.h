@@ -90,12 +90,30 @@ class Backend {
   // the key store row is gone.
   virtual Status Destroy(const KeyHandle& key) = 0;
 
+  // Backends holding objects outside the key store (HSM tokens) mark an
+  // object "pending" while no key store row may exist for it, so that a
+  // crash in between leaves something reconciliation may remove:
+  // Generate/Import create pending objects; Recorded() is called once the
+  // store has committed the new row (a failure only delays the mark to the
+  // next start); Retire() before the row is deleted (an error other than
+  // kNotFound keeps the row: the key stays usable and the caller may retry).
+  virtual void Recorded(const KeyHandle& key) { (void)key; }
+  virtual Status Retire(const KeyHandle& key) {
+    (void)key;
+    return Status::Ok();
+  }
+
   // Called once at start with every key the key store records for this
-  // backend. Backends holding objects outside the store (HSM tokens) report
-  // recorded keys whose object is gone and remove objects they created but
-  // never saw recorded (a crash between creation and the store's insert).
-  virtual Status Reconcile(std::span<const KeyHandle> recorded) {
+  // backend, and every key it records for other backends (an HSM token may
+  // be named by two backend tables, or a table renamed). Backends holding
+  // objects outside the store report recorded keys whose object is gone,
+  // remove pending objects no row records (a crash between creation and the
+  // store's insert, or between a row's deletion and the object's), and
+  // leave any other unrecorded object in place.
+  virtual Status Reconcile(std::span<const KeyHandle> recorded,
+                           std::span<const KeyHandle> others) {
     (void)recorded;
+    (void)others;
     return Status::Ok();
   }
 };

@@ -624,6 +624,16 @@ StatusOr<std::vector<KeyRecord>> KeyStore::ListByBackend(
   return ReadKeys(db_, stmt->get());
 }
 
+StatusOr<std::vector<KeyRecord>> KeyStore::ListAll() {
+  std::lock_guard<std::mutex> lock(mu_);
+  StatusOr<Stmt> stmt = Prepare(
+      db_, std::string("SELECT ") + kKeyColumns + " FROM keys ORDER BY id");
+  if (!stmt.ok()) {
+    return stmt.status();
+  }
+  return ReadKeys(db_, stmt->get());
+}
+
 StatusOr<std::vector<KeyRecord>> KeyStore::ListSharedWith(
     const Principal& who) {
   std::set<uint32_t> groups(who.groups.begin(), who.groups.end());

@@ -89,6 +89,8 @@ class KeyStore {
   // Every key held by the named backend, ordered by row id (for a backend's
   // reconciliation at start).
   StatusOr<std::vector<KeyRecord>> ListByBackend(const std::string& backend);
+  // Every row, whatever its owner and backend (start-up reconciliation).
+  StatusOr<std::vector<KeyRecord>> ListAll();
   // Keys of other owners granted to who's uid or one of its groups.
   StatusOr<std::vector<KeyRecord>> ListSharedWith(const Principal& who);
 

@@ -312,6 +312,10 @@ TEST_F(KeyStoreTest, ListByBackend) {
   auto none = store->ListByBackend("tpm");
   ASSERT_TRUE(none.ok());
   EXPECT_TRUE(none->empty());
+  auto all = store->ListAll();
+  ASSERT_TRUE(all.ok());
+  EXPECT_EQ(Names(*all),
+            (std::vector<std::string>{"1000/soft", "1000/hsm1", "2000/hsm2"}));
 }
 
 TEST_F(KeyStoreTest, ListOwnedAndSharedWith) {

@@ -51,6 +51,16 @@ Status HandleListClients(OpContext& ctx, const OpArgs&, v1::Request&,
 Status HandleDeleteClient(OpContext& ctx, const OpArgs& args,
                           v1::Request& request, v1::Response* response) {
   const uint32_t uid = request.delete_client().uid();
+  // As for one key (HandleDestroyKey): every backend object is marked
+  // pending before the rows go; an unreachable token refuses the whole
+  // request and nothing is deleted.
+  auto owned = ctx.store->ListOwned(uid);
+  if (!owned.ok()) {
+    return owned.status();
+  }
+  for (const KeyRecord& key : *owned) {
+    KH_RETURN_IF_ERROR(RetireInBackend(ctx, key));
+  }
   auto removed = ctx.store->DeleteAllOf(uid);
   if (!removed.ok()) {
     return removed.status();

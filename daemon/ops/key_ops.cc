@@ -55,6 +55,14 @@ void FillKeyInfo(const KeyRecord& record, bool include_grants,
   }
 }
 
+Status RetireInBackend(OpContext& ctx, const KeyRecord& key) {
+  auto backend = BackendFor(ctx, key.backend);
+  if (!backend.ok()) {
+    return Status::Ok();  // its backend is not configured: nothing to mark
+  }
+  return (*backend)->Retire(HandleFor(key));
+}
+
 void ForgetInBackend(OpContext& ctx, const KeyRecord& key) {
   auto backend = BackendFor(ctx, key.backend);
   if (!backend.ok()) {
@@ -62,8 +70,10 @@ void ForgetInBackend(OpContext& ctx, const KeyRecord& key) {
   }
   Status st = (*backend)->Destroy(HandleFor(key));
   if (!st.ok()) {
-    Log().warn("key {}: backend cleanup failed: {}", key.ref.ToString(),
-               st.ToString());
+    Log().warn(
+        "key {}: backend cleanup failed: {} (a pending token object is "
+        "removed at the next start)",
+        key.ref.ToString(), st.ToString());
   }
 }
 
@@ -87,6 +97,7 @@ Status StoreNewKey(OpContext& ctx, backend::Backend* backend, const KeyRef& ref,
     (void)backend->Destroy(HandleFor(record));
     return st;
   }
+  backend->Recorded(HandleFor(record));
   FillKeyInfo(record, /*include_grants=*/true, info);
   public_key->assign(record.public_key.begin(), record.public_key.end());
   Log().info("key {} created ({}, backend {})", ref.ToString(),
@@ -204,9 +215,12 @@ Status HandleListKeys(OpContext& ctx, const OpArgs& args, v1::Request& request,
 Status HandleDestroyKey(OpContext& ctx, const OpArgs& args, v1::Request&,
                         v1::Response* response) {
   const KeyRecord& key = *args.key;
+  // Marked pending first (an HSM object), then the row goes, then the
+  // object: a crash in between leaves a pending object no row records,
+  // which the next start removes, never a row pointing at nothing. A token
+  // that cannot be reached now refuses the delete; the key stays usable.
+  KH_RETURN_IF_ERROR(RetireInBackend(ctx, key));
   KH_RETURN_IF_ERROR(ctx.store->Delete(key.ref, key.id));
-  // The row is gone first: a crash here leaves at most an unused backend
-  // object, never a row pointing at nothing.
   ForgetInBackend(ctx, key);
   Log().info("key {} deleted by uid {}", key.ref.ToString(), args.caller.uid);
   response->mutable_destroy_key();

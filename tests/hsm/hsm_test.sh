@@ -274,21 +274,27 @@ fails "deleted HSM key is gone" "not found" "$KEYHOLD" key public h-rsa-3072
 
 # --- reconciliation at start -----------------------------------------------
 kh_stop
-# A keyhold object no row records (as after a crash before the insert), and a
-# foreign object keyhold must never touch.
+# A pending keyhold object no row records (as after a crash before the
+# insert), a final one no row records (as after restoring an older key store),
+# and a foreign object keyhold must never touch.
 check "orphan keyhold object" p11 --keypairgen --key-type EC:prime256v1 \
-  --label "keyhold:$ME/ghost" --id 00112233445566778899aabbccddeeff
+  --label "keyhold-pending:$ME/ghost" --id 00112233445566778899aabbccddeeff
+check "unrecorded final keyhold object" p11 --keypairgen --key-type EC:prime256v1 \
+  --label "keyhold:$ME/stray" --id 00112233445566778899aabbccddee02
 check "foreign object" p11 --keypairgen --key-type EC:prime256v1 --label foreign --id 01
 # A recorded key whose token object disappears.
 check "remove h-ec-p384's object behind keyhold's back" p11 --delete-object --type privkey \
   --label "keyhold:$ME/h-ec-p384"
 kh_start --config "$H/keyholdd.toml"
-check "the orphan was removed" grep -q "removed unrecorded token key 'keyhold:$ME/ghost'" "$KH_DIR/keyholdd.log"
+check "the orphan was removed" grep -q "removed unrecorded pending token key 'keyhold-pending:$ME/ghost'" "$KH_DIR/keyholdd.log"
+check "the unrecorded final object was reported" grep -q "token key 'keyhold:$ME/stray' .* is not recorded in the key store; left in place" "$KH_DIR/keyholdd.log"
 check "the lost object was reported" grep -q "key '$ME/h-ec-p384' is recorded but its token object" "$KH_DIR/keyholdd.log"
 check "pkcs11-tool lists after reconciliation" p11 --list-objects --type privkey
 cp "$KH_DIR/out" "$W/objects"
 check "orphan gone from the token" sh -c "! grep -q 'keyhold:$ME/ghost' '$W/objects'"
 check "foreign object untouched" grep -q "label:.*foreign" "$W/objects"
+check "unrecorded final object untouched" grep -q "label:.*keyhold:$ME/stray" "$W/objects"
+check "remove the stray object" p11 --delete-object --type privkey --label "keyhold:$ME/stray"
 check "the reported key's row is kept" "$KEYHOLD" key public h-ec-p384
 fails "its use says the object is gone" "not found" "$KEYHOLD" sign h-ec-p384 --in "$W/msg" --out "$W/sig"
 check "sign after restart" "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig"
@@ -313,7 +319,10 @@ import json, re, sys
 keys = json.load(open(sys.argv[1]))
 keys = keys['keys'] if isinstance(keys, dict) else keys
 recorded = {k['name'] for k in keys if k['backend'] == 'hsm'} - {'h-ec-p384'}
-labels = set(re.findall(r"label:\s+keyhold:%s/(\S+)" % sys.argv[3], open(sys.argv[2]).read()))
+# Pending or final: after the restart no pending object may be left, and
+# every recorded key is marked final.
+labels = set(re.findall(r"label:\s+keyhold(?:-pending)?:%s/(\S+)" % sys.argv[3], open(sys.argv[2]).read()))
+assert "keyhold-pending:" not in open(sys.argv[2]).read()
 assert recorded == labels, (sorted(recorded), sorted(labels))
 PY
 for n in $(python3 -c "

@@ -54,6 +54,12 @@ spdlog::logger& Log() {
 // Every token object keyhold creates carries this CKA_LABEL prefix; objects
 // without it are never touched (reconciliation included).
 constexpr std::string_view kLabelPrefix = "keyhold:";
+// The label of an object no key store row may record yet (being created) or
+// any more (being deleted): reconciliation at start removes such an object
+// when no row records it, and marks it final (kLabelPrefix) when one does.
+// An unrecorded object with the final label is only reported, never removed
+// (a renamed backend table, a key store restored from a backup).
+constexpr std::string_view kPendingPrefix = "keyhold-pending:";
 constexpr std::size_t kIdSize = 16;
 constexpr uint8_t kBlobVersion = 0x01;
 constexpr std::size_t kMaxPinSize = 256;
@@ -524,6 +530,11 @@ class Template {
   std::vector<CK_ULONG> ulongs_;
 };
 
+// Overwrites id with fresh random bytes, in place.
+bool RedrawId(std::vector<uint8_t>* id) {
+  return RAND_bytes(id->data(), static_cast<int>(id->size())) == 1;
+}
+
 // Attributes of every private key keyhold puts on a token.
 void AddPrivateKeyPolicy(Template& t, std::span<const uint8_t> id,
                          const std::string& label) {
@@ -965,8 +976,10 @@ struct P11Backend::Impl {
   // The private key object of blob, from the cache unless fresh.
   // The object must carry the key's own label too, so a blob copied to
   // another key reference finds nothing.
+  // The private key object of key: its CKA_ID, and a label naming ref (final
+  // or pending). fresh: search the token even if a handle is cached.
   CK_RV FindKey(CK_SESSION_HANDLE s, uint64_t key_id, const Blob& blob,
-                const std::string& label, bool fresh, CK_OBJECT_HANDLE* out) {
+                const daemon::KeyRef& ref, bool fresh, CK_OBJECT_HANDLE* out) {
     if (!fresh) {
       std::shared_lock lock(cache_mu);
       auto it = handles.find(key_id);
@@ -979,21 +992,41 @@ struct P11Backend::Impl {
     t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
     t.Bool(CKA_TOKEN, true);
     t.Bytes(CKA_ID, blob.id);
-    const std::vector<uint8_t> label_bytes(label.begin(), label.end());
-    t.Bytes(CKA_LABEL, label_bytes);  // outlives the search below
     std::vector<CK_OBJECT_HANDLE> found;
-    const CK_RV rv = FindObjects(s, t, &found);
+    CK_RV rv = FindObjects(s, t, &found);
     if (rv != CKR_OK) {
       return rv;
     }
-    if (found.size() != 1) {
+    const std::string final_label = LabelFor(ref);
+    const std::string pending_label = PendingLabelFor(ref);
+    std::vector<CK_OBJECT_HANDLE> ours;
+    for (CK_OBJECT_HANDLE h : found) {
+      std::vector<uint8_t> label;
+      rv = GetAttr(s, h, CKA_LABEL, &label);
+      if (rv != CKR_OK) {
+        return rv;
+      }
+      const std::string_view l(reinterpret_cast<const char*>(label.data()),
+                               label.size());
+      if (l == final_label || l == pending_label) {
+        ours.push_back(h);
+      }
+    }
+    if (ours.size() != 1) {
       // None: the object is gone. Several: ambiguous, refuse to guess.
       return CKR_OBJECT_HANDLE_INVALID;
     }
     std::unique_lock lock(cache_mu);
-    handles.insert_or_assign(key_id, std::make_pair(blob.id, found[0]));
-    *out = found[0];
+    handles.insert_or_assign(key_id, std::make_pair(blob.id, ours[0]));
+    *out = ours[0];
     return CKR_OK;
+  }
+
+  // Sets the CKA_LABEL of the object h.
+  CK_RV SetLabel(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h,
+                 const std::string& label) {
+    CK_ATTRIBUTE a{CKA_LABEL, const_cast<char*>(label.data()), label.size()};
+    return fn->C_SetAttributeValue(s, h, &a, 1);
   }
 
   void Forget(uint64_t key_id) {
@@ -1022,7 +1055,7 @@ struct P11Backend::Impl {
   // Runs op(session, key object) with the key's private object; a stale
   // cached handle is looked up again once.
   template <typename F>
-  Status WithKey(const KeyHandle& key, F&& op) {
+  Status WithKey(const KeyHandle& key, F&& op, bool fresh_lookup = false) {
     StatusOr<Blob> blob = BlobOf(key);
     if (!blob.ok()) {
       return blob.status();
@@ -1031,7 +1064,8 @@ struct P11Backend::Impl {
       for (int i = 0; i < 2; ++i) {
         CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
         *what = "find key object";
-        CK_RV rv = FindKey(s, key.id, *blob, LabelFor(key.ref), i == 1, &h);
+        CK_RV rv =
+            FindKey(s, key.id, *blob, key.ref, fresh_lookup || i == 1, &h);
         if (rv != CKR_OK) {
           return rv;
         }
@@ -1052,6 +1086,9 @@ struct P11Backend::Impl {
 
   std::string LabelFor(const daemon::KeyRef& ref) const {
     return std::string(kLabelPrefix) + ref.ToString();
+  }
+  std::string PendingLabelFor(const daemon::KeyRef& ref) const {
+    return std::string(kPendingPrefix) + ref.ToString();
   }
 
   StatusOr<std::vector<uint8_t>> NewId() const {
@@ -1256,7 +1293,8 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
   if (!id.ok()) {
     return id.status();
   }
-  const std::string label = im.LabelFor(ref);
+  // Pending until the key store records it (Recorded()).
+  const std::string label = im.PendingLabelFor(ref);
   static constexpr uint8_t kF4[] = {0x01, 0x00, 0x01};
 
   Template pub;
@@ -1281,7 +1319,16 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
   CreatedKey out;
   out.type = type;
   Status conv;
+  bool retry = false;
   Status st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+    // A retry after a lost session may follow a pair the token did make:
+    // a new CKA_ID (same buffer, which the template points at) keeps the
+    // two apart; the first stays pending and goes at the next start.
+    if (retry && !RedrawId(&*id)) {
+      *what = "drawing a random CKA_ID";
+      return CKR_FUNCTION_FAILED;
+    }
+    retry = true;
     CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
     CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
     *what = "C_GenerateKeyPair";
@@ -1418,10 +1465,16 @@ StatusOr<CreatedKey> P11Backend::Import(const daemon::KeyRef& ref,
   if (!id.ok()) {
     return id.status();
   }
-  const std::string label = im.LabelFor(ref);
+  const std::string label = im.PendingLabelFor(ref);
   t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
   AddPrivateKeyPolicy(t, *id, label);
+  bool retry = false;
   Status st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+    if (retry && !RedrawId(&*id)) {  // as in Generate
+      *what = "drawing a random CKA_ID";
+      return CKR_FUNCTION_FAILED;
+    }
+    retry = true;
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     *what = "C_CreateObject";
     return im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
@@ -1788,12 +1841,15 @@ StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
 
 Status P11Backend::Destroy(const KeyHandle& key) {
   Impl& im = *impl_;
+  // A fresh search, not a cached handle: never destroy another object that
+  // took a stale handle's number.
   Status st = im.WithKey(
       key,
       [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
         *what = "C_DestroyObject";
         return im.fn->C_DestroyObject(s, h);
-      });
+      },
+      /*fresh_lookup=*/true);
   im.Forget(key.id);
   if (st.code() == Code::kNotFound) {
     return Status::Ok();  // already gone: the goal is reached
@@ -1801,12 +1857,50 @@ Status P11Backend::Destroy(const KeyHandle& key) {
   return st;
 }
 
-Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
+void P11Backend::Recorded(const KeyHandle& key) {
   Impl& im = *impl_;
+  const std::string label = im.LabelFor(key.ref);
+  Status st = im.WithKey(
+      key,
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+        *what = "C_SetAttributeValue(CKA_LABEL)";
+        return im.SetLabel(s, h, label);
+      },
+      /*fresh_lookup=*/true);
+  if (!st.ok()) {
+    Log().warn(
+        "{}key '{}' is recorded but its token object is still marked "
+        "pending ({}); the next start marks it",
+        im.Where(), key.ref.ToString(), st.message());
+  }
+}
+
+Status P11Backend::Retire(const KeyHandle& key) {
+  Impl& im = *impl_;
+  const std::string label = im.PendingLabelFor(key.ref);
+  Status st = im.WithKey(
+      key,
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+        *what = "C_SetAttributeValue(CKA_LABEL)";
+        return im.SetLabel(s, h, label);
+      },
+      /*fresh_lookup=*/true);
+  if (st.code() == Code::kNotFound) {
+    return Status::Ok();  // nothing left to remove
+  }
+  return st;
+}
+
+Status P11Backend::Reconcile(std::span<const KeyHandle> recorded,
+                             std::span<const KeyHandle> others) {
+  Impl& im = *impl_;
+  // This backend's keys (reported when their object is gone), and every
+  // CKA_ID on this token that any row records, with that row's reference.
   std::map<std::vector<uint8_t>, const KeyHandle*> wanted;
-  // Deleting an unrecorded object is only safe when the recorded set is
+  std::map<std::vector<uint8_t>, const KeyHandle*> known;
+  // Removing a pending object is only safe when the recorded set is
   // complete: a blob this daemon cannot read (say, from a newer version)
-  // or a key of another token means the list may miss live keys.
+  // means the list may miss live keys.
   bool may_delete = true;
   for (const KeyHandle& k : recorded) {
     StatusOr<Blob> blob = DecodeBlob(k.blob);
@@ -1819,14 +1913,22 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
     if (blob->serial != im.serial) {
       Log().error("{}key '{}' lives on token serial '{}', not on '{}'",
                   im.Where(), k.ref.ToString(), blob->serial, im.serial);
-      may_delete = false;
       continue;
     }
     wanted.emplace(blob->id, &k);
+    known.emplace(blob->id, &k);
+  }
+  for (const KeyHandle& k : others) {
+    StatusOr<Blob> blob = DecodeBlob(k.blob);
+    if (blob.ok() && blob->serial == im.serial) {
+      known.emplace(blob->id, &k);  // another backend table on this token
+    }
   }
   std::size_t removed = 0;
   std::size_t missing = 0;
+  std::size_t marked = 0;
   Status st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+    removed = missing = marked = 0;
     Template t;
     t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
     t.Bool(CKA_TOKEN, true);
@@ -1846,35 +1948,45 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
       }
       const std::string_view l(reinterpret_cast<const char*>(label.data()),
                                label.size());
-      if (!l.starts_with(kLabelPrefix) || id.size() != kIdSize) {
+      const bool pending = l.starts_with(kPendingPrefix);
+      if ((!pending && !l.starts_with(kLabelPrefix)) || id.size() != kIdSize) {
         continue;  // not ours: never touched
       }
-      if (wanted.contains(id)) {
+      if (auto k = known.find(id); k != known.end()) {
         present.insert(id);
+        if (pending) {
+          // Recorded, but the mark did not happen (a crash right after the
+          // store's commit, or a failed C_SetAttributeValue).
+          *what = "C_SetAttributeValue(CKA_LABEL)";
+          rv = im.SetLabel(s, h, im.LabelFor(k->second->ref));
+          if (rv != CKR_OK) {
+            return rv;
+          }
+          ++marked;
+        }
         continue;
       }
-      if (!may_delete || wanted.empty()) {
-        // No recorded key at all for this backend while keyhold objects
-        // exist looks like a renamed [[backend.pkcs11]] section or another
-        // keyhold sharing the token, not a crash: report, touch nothing.
+      if (!pending || !may_delete) {
+        // Marked final but recorded nowhere: a key store restored from an
+        // older backup, or another keyhold on this token. Never removed.
         Log().warn(
-            "{}token key '{}' (id {}) is not recorded for this backend; "
+            "{}token key '{}' (id {}) is not recorded in the key store; "
             "left in place",
             im.Where(), std::string(l), HexEncode(id));
         continue;
       }
-      // Created by keyhold but never recorded: a crash (or failed insert)
-      // between creation and the key store's commit.
+      // Pending and recorded nowhere: a crash (or a failed insert) between
+      // creation and the store's commit, or between a row's deletion and
+      // the object's.
       *what = "C_DestroyObject";
       rv = im.fn->C_DestroyObject(s, h);
       if (rv != CKR_OK) {
         return rv;
       }
       ++removed;
-      Log().warn("{}removed unrecorded token key '{}' (id {})", im.Where(),
-                 std::string(l), HexEncode(id));
+      Log().warn("{}removed unrecorded pending token key '{}' (id {})",
+                 im.Where(), std::string(l), HexEncode(id));
     }
-    missing = 0;
     for (const auto& [id, k] : wanted) {
       if (!present.contains(id)) {
         ++missing;
@@ -1889,8 +2001,11 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded) {
   if (!st.ok()) {
     return st;
   }
-  Log().info("{}reconciled: {} recorded, {} missing, {} unrecorded removed",
-             im.Where(), wanted.size(), missing, removed);
+  im.ForgetAllHandles();
+  Log().info(
+      "{}reconciled: {} recorded, {} missing, {} marked recorded, {} "
+      "unrecorded pending removed",
+      im.Where(), wanted.size(), missing, marked, removed);
   return Status::Ok();
 }
 

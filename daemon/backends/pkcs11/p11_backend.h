@@ -62,7 +62,10 @@ class P11Backend : public Backend {
   StatusOr<SecretBytes> Derive(const KeyHandle& key,
                                std::span<const uint8_t> peer) override;
   Status Destroy(const KeyHandle& key) override;
-  Status Reconcile(std::span<const KeyHandle> recorded) override;
+  void Recorded(const KeyHandle& key) override;
+  Status Retire(const KeyHandle& key) override;
+  Status Reconcile(std::span<const KeyHandle> recorded,
+                   std::span<const KeyHandle> others) override;
 
   // The token's serial number (as padded in CK_TOKEN_INFO, trimmed).
   const std::string& TokenSerial() const;

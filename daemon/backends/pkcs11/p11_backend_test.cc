@@ -388,13 +388,17 @@ TEST_F(P11BackendTest, ImportEcAndRsa) {
             Code::kInvalidArgument);
 }
 
-TEST_F(P11BackendTest, ReconcileRemovesUnrecordedAndKeepsRecorded) {
+// Generate/Import make pending objects; the key store's commit marks them
+// (Recorded). Reconciliation removes pending objects no row records and
+// keeps recorded ones.
+TEST_F(P11BackendTest, ReconcileRemovesUnrecordedPendingAndKeepsRecorded) {
   auto kept = backend_->Generate({1000, "kept"}, v1::EC_P256);
   auto orphan = backend_->Generate({1000, "orphan"}, v1::EC_P256);
   ASSERT_TRUE(kept.ok() && orphan.ok());
   const KeyHandle hk = Handle(*kept, 50, "kept");
   const KeyHandle ho = Handle(*orphan, 51, "orphan");
-  ASSERT_TRUE(backend_->Reconcile(std::span(&hk, 1)).ok());
+  backend_->Recorded(hk);
+  ASSERT_TRUE(backend_->Reconcile(std::span(&hk, 1), {}).ok());
   SignParams p;
   p.algorithm = v1::ECDSA;
   p.digest = v1::SHA256;
@@ -402,35 +406,80 @@ TEST_F(P11BackendTest, ReconcileRemovesUnrecordedAndKeepsRecorded) {
   EXPECT_TRUE(backend_->Sign(hk, p, digest).ok());
   EXPECT_EQ(backend_->Sign(ho, p, digest).status().code(), Code::kNotFound);
   // A recorded key whose object is gone is reported, not an error.
-  EXPECT_TRUE(backend_->Reconcile(std::vector<KeyHandle>{hk, ho}).ok());
+  EXPECT_TRUE(backend_->Reconcile(std::vector<KeyHandle>{hk, ho}, {}).ok());
   EXPECT_TRUE(backend_->Destroy(hk).ok());
 }
 
-// Deleting unrecorded objects needs a trustworthy recorded set: with no
-// recorded key at all (a renamed backend section, another keyhold on the
-// token) or an unreadable blob, nothing is deleted.
-TEST_F(P11BackendTest, ReconcileDeletesNothingWhenTheRecordIsIncomplete) {
-  auto a = backend_->Generate({1000, "a"}, v1::EC_P256);
-  auto b = backend_->Generate({1000, "b"}, v1::EC_P256);
-  ASSERT_TRUE(a.ok() && b.ok());
-  const KeyHandle ha = Handle(*a, 70, "a");
-  const KeyHandle hb = Handle(*b, 71, "b");
+// What reconciliation must never remove: a recorded key whose mark did not
+// happen (crash after the commit), a key another backend table on the same
+// token records, a marked key no row records (a key store restored from an
+// older backup, a renamed table), and anything when a recorded blob is
+// unreadable.
+TEST_F(P11BackendTest, ReconcileNeverRemovesWhatMayBeLive) {
   SignParams p;
   p.algorithm = v1::ECDSA;
   p.digest = v1::SHA256;
   const std::vector<uint8_t> digest = Sha256("r");
-  ASSERT_TRUE(backend_->Reconcile({}).ok());
-  EXPECT_TRUE(backend_->Sign(ha, p, digest).ok());
-  EXPECT_TRUE(backend_->Sign(hb, p, digest).ok());
+  auto a = backend_->Generate({1000, "a"}, v1::EC_P256);
+  auto b = backend_->Generate({1000, "b"}, v1::EC_P256);
+  auto c = backend_->Generate({1000, "c"}, v1::EC_P256);
+  auto d = backend_->Generate({1000, "d"}, v1::EC_P256);
+  ASSERT_TRUE(a.ok() && b.ok() && c.ok() && d.ok());
+  const KeyHandle ha = Handle(*a, 70, "a");
+  const KeyHandle hb = Handle(*b, 71, "b");
+  const KeyHandle hc = Handle(*c, 72, "c");
+  const KeyHandle hd = Handle(*d, 73, "d");
+  // a: recorded, still pending. b: pending, recorded by another table.
+  // c: marked, then its row lost. d: pending, unrecorded, but a recorded
+  // blob is unreadable.
+  backend_->Recorded(hc);
   const std::vector<uint8_t> garbage = {0xff, 0x00, 0x01};
-  KeyHandle unreadable = hb;
-  unreadable.id = 72;
+  KeyHandle unreadable = hd;
+  unreadable.id = 74;
   unreadable.blob = garbage;
-  const std::vector<KeyHandle> recorded = {ha, unreadable};
-  ASSERT_TRUE(backend_->Reconcile(recorded).ok());
-  EXPECT_TRUE(backend_->Sign(hb, p, digest).ok());  // b was not deleted
+  ASSERT_TRUE(backend_
+                  ->Reconcile(std::vector<KeyHandle>{ha, unreadable},
+                              std::vector<KeyHandle>{hb})
+                  .ok());
+  for (const KeyHandle* h : {&ha, &hb, &hc, &hd}) {
+    EXPECT_TRUE(backend_->Sign(*h, p, digest).ok()) << h->ref.ToString();
+  }
+  // a and b were marked by that pass (recorded): with no row at all they
+  // now stay, as c does; d, still pending and recorded nowhere, goes.
+  ASSERT_TRUE(backend_->Reconcile({}, {}).ok());
+  for (const KeyHandle* h : {&ha, &hb, &hc}) {
+    EXPECT_TRUE(backend_->Sign(*h, p, digest).ok()) << h->ref.ToString();
+    EXPECT_TRUE(backend_->Destroy(*h).ok());
+  }
+  EXPECT_EQ(backend_->Sign(hd, p, digest).status().code(), Code::kNotFound);
+}
+
+// Deleting marks the object pending first: if the row then goes but the
+// object stays (a crash, a failed C_DestroyObject), the next start removes
+// it; a retired key whose row is still there is marked final again.
+TEST_F(P11BackendTest, RetiredKeyIsRemovedOnlyWithoutItsRow) {
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> digest = Sha256("t");
+  auto a = backend_->Generate({1000, "ra"}, v1::EC_P256);
+  auto b = backend_->Generate({1000, "rb"}, v1::EC_P256);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const KeyHandle ha = Handle(*a, 80, "ra");
+  const KeyHandle hb = Handle(*b, 81, "rb");
+  backend_->Recorded(ha);
+  backend_->Recorded(hb);
+  ASSERT_TRUE(backend_->Retire(ha).ok());
+  ASSERT_TRUE(backend_->Retire(hb).ok());
+  EXPECT_TRUE(backend_->Sign(ha, p, digest).ok());  // still usable
+  // a's row survived (the delete failed after Retire); b's is gone.
+  ASSERT_TRUE(backend_->Reconcile(std::span(&ha, 1), {}).ok());
+  EXPECT_TRUE(backend_->Sign(ha, p, digest).ok());
+  EXPECT_EQ(backend_->Sign(hb, p, digest).status().code(), Code::kNotFound);
+  ASSERT_TRUE(backend_->Reconcile({}, {}).ok());  // a is marked again
+  EXPECT_TRUE(backend_->Sign(ha, p, digest).ok());
   EXPECT_TRUE(backend_->Destroy(ha).ok());
-  EXPECT_TRUE(backend_->Destroy(hb).ok());
+  EXPECT_TRUE(backend_->Retire(ha).ok());  // gone already: nothing to do
 }
 
 // A blob only works under the key reference it was made for.
@@ -711,7 +760,7 @@ TEST_F(P11FaultTest, AttributeAndFindLengthsAreChecked) {
   EXPECT_TRUE(Verifies(k->public_key, *sig, digest));
   // Reconcile: only "attr" is a keyhold object left on the token by us.
   std::vector<KeyHandle> recorded = {h};
-  EXPECT_TRUE(backend_->Reconcile(recorded).ok());
+  EXPECT_TRUE(backend_->Reconcile(recorded, {}).ok());
 }
 
 // A session that dies (or a token that goes and comes back) once: the
