@@ -530,6 +530,15 @@ class Template {
   std::vector<CK_ULONG> ulongs_;
 };
 
+// The mechanism parameters keyhold passes to C_SignInit/C_DecryptInit are
+// checked before (hash, MGF1, salt and label lengths), so a token that calls
+// them bad (SoftHSM2 does for OAEP with SHA-256 or a label, and for PSS
+// with another MGF1 hash) does not support them: "unsupported", not an
+// internal error.
+CK_RV InitRv(CK_RV rv) {
+  return rv == CKR_ARGUMENTS_BAD ? CKR_MECHANISM_PARAM_INVALID : rv;
+}
+
 // Overwrites id with fresh random bytes, in place.
 bool RedrawId(std::vector<uint8_t>* id) {
   return RAND_bytes(id->data(), static_cast<int>(id->size())) == 1;
@@ -1591,7 +1600,7 @@ StatusOr<std::vector<uint8_t>> P11Backend::Sign(const KeyHandle& key,
       key,
       [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
         *what = "C_SignInit";
-        CK_RV rv = im.fn->C_SignInit(s, &mech, h);
+        CK_RV rv = InitRv(im.fn->C_SignInit(s, &mech, h));
         if (rv != CKR_OK) {
           return rv;
         }
@@ -1710,7 +1719,7 @@ StatusOr<SecretBytes> P11Backend::Decrypt(const KeyHandle& key,
       key,
       [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
         *what = "C_DecryptInit";
-        CK_RV rv = im.fn->C_DecryptInit(s, &mech, h);
+        CK_RV rv = InitRv(im.fn->C_DecryptInit(s, &mech, h));
         if (rv != CKR_OK) {
           return rv;
         }
