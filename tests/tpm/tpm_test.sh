@@ -129,6 +129,27 @@ check "sign after daemon restart" "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out 
 check "openssl verifies after daemon restart" openssl dgst -sha256 -verify "$W/t-ec-p256.pub" \
   -signature "$W/sig" "$W/msg"
 
+# kill -9 with keys loaded: swtpm, like a TPM without resource manager,
+# keeps the dead daemon's objects and its slots stay full. Without sole_user
+# the restart refuses and names the way out; with it the leftovers are
+# flushed and the keys sign again.
+for i in 1 2 3 4; do
+  "$KEYHOLD" sign "many-$i" --in "$W/msg" --out "$W/sig" --digest sha256 >/dev/null
+done
+kill -9 "$KH_PID"
+wait "$KH_PID" 2>/dev/null || true
+KH_PID=""
+fails "restart after kill -9 names the full TPM and sole_user" "sole_user = true" \
+  timeout 30 "$KEYHOLDD" --config "$KH_DIR/keyholdd.toml" --socket "$KH_DIR/other.sock" \
+  --state-dir "$KH_DIR/state" --log-level error
+{ cat "$KH_DIR/keyholdd.toml"; echo "sole_user = true"; } >"$KH_DIR/sole.toml"
+kh_start --config "$KH_DIR/sole.toml"
+check "sole_user flushed the dead daemon's objects" \
+  grep -q "flushed [0-9]* transient objects and sessions left in the TPM" "$KH_DIR/keyholdd.log"
+check "sign after kill -9 and restart" "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/sig" --digest sha256
+check "openssl verifies after kill -9" openssl dgst -sha256 -verify "$W/t-ec-p256.pub" \
+  -signature "$W/sig" "$W/msg"
+
 # TPM restart: a clear error while it is gone, then recovery.
 stop_swtpm
 fails "sign while the TPM is down" "TPM" \

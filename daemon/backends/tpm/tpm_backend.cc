@@ -87,6 +87,23 @@ Status SslError(Code code, std::string message) {
 // ---------------------------------------------------------------------------
 // Settings
 
+// device:/dev/tpmN (no resource manager): the kernel lets one process open
+// it at a time, so whatever transient objects it holds when keyholdd gets
+// it belong to a process that is gone.
+bool IsExclusiveDevice(std::string_view tcti) {
+  constexpr std::string_view kPrefix = "device:/dev/tpm";
+  if (tcti == "device") {
+    return true;  // tcti-device's default is /dev/tpm0
+  }
+  if (!tcti.starts_with(kPrefix)) {
+    return false;
+  }
+  const std::string_view rest = tcti.substr(kPrefix.size());
+  return !rest.empty() && std::all_of(rest.begin(), rest.end(), [](char c) {
+    return c >= '0' && c <= '9';
+  });
+}
+
 StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
   toml::table t;
   try {
@@ -100,7 +117,8 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
                                        "persistent_handle",
                                        "persistent_name",
                                        "max_loaded_keys",
-                                       "encrypted_sessions"};
+                                       "encrypted_sessions",
+                                       "sole_user"};
   for (const auto& [key, value] : t) {
     if (!known.contains(std::string(key.str()))) {
       return InvalidArgument("unknown setting 'backend.tpm." +
@@ -133,13 +151,20 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
     }
     o.persistent_handle = static_cast<uint32_t>(*v);
   }
-  if (const toml::node* n = t.get("encrypted_sessions")) {
-    const toml::value<bool>* v = n->as_boolean();
-    if (v == nullptr) {
-      return InvalidArgument(
-          "setting 'backend.tpm.encrypted_sessions' must be true or false");
+  for (auto [key, out] : {std::pair<const char*, bool*>{"encrypted_sessions",
+                                                        &o.encrypted_sessions},
+                          {"sole_user", &o.sole_user}}) {
+    if (const toml::node* n = t.get(key)) {
+      const toml::value<bool>* v = n->as_boolean();
+      if (v == nullptr) {
+        return InvalidArgument(std::string("setting 'backend.tpm.") + key +
+                               "' must be true or false");
+      }
+      *out = v->get();
     }
-    o.encrypted_sessions = v->get();
+  }
+  if (t.get("sole_user") == nullptr) {
+    o.sole_user = IsExclusiveDevice(o.tcti);
   }
   if (const toml::node* n = t.get("max_loaded_keys")) {
     auto v = n->value<int64_t>();
@@ -946,6 +971,13 @@ struct TpmBackend::Impl {
       Disconnect(/*flush=*/false, /*tpm_reset=*/true);  // keep `stale`
       return st;
     }
+    if (options.sole_user) {
+      st = FlushLeftovers();
+      if (!st.ok()) {
+        Disconnect(false);
+        return st;
+      }
+    }
     st = SetUpPrimary();
     session = ESYS_TR_PASSWORD;
     if (st.ok() && options.encrypted_sessions) {
@@ -1021,6 +1053,45 @@ struct TpmBackend::Impl {
     return Status::Ok();
   }
 
+  // sole_user: flushes every transient object and loaded session in the
+  // TPM (nothing of this connection's is loaded yet).
+  Status FlushLeftovers() {
+    TSS2_SYS_CONTEXT* sys = nullptr;
+    if (Esys_GetSysContext(esys, &sys) != TSS2_RC_SUCCESS || sys == nullptr) {
+      return Internal("TPM: no SYS context for flushing leftovers");
+    }
+    std::size_t flushed = 0;
+    for (TPM2_HANDLE first :
+         {TPM2_TRANSIENT_FIRST, TPM2_LOADED_SESSION_FIRST}) {
+      TPMI_YES_NO more = TPM2_NO;
+      TPMS_CAPABILITY_DATA* raw = nullptr;
+      const TSS2_RC rc = Esys_GetCapability(
+          esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
+          first, TPM2_MAX_CAP_HANDLES, &more, &raw);
+      if (rc != TSS2_RC_SUCCESS) {
+        return TpmError(rc, "TPM2_GetCapability(handles)");
+      }
+      auto caps = Owned(raw);
+      for (UINT32 i = 0; i < caps->data.handles.count; ++i) {
+        const TPM2_HANDLE h = caps->data.handles.handle[i];
+        // The capability lists from `first` on, across handle types.
+        if ((h >> 24) != (first >> 24)) {
+          continue;
+        }
+        if (Tss2_Sys_FlushContext(sys, h) == TSS2_RC_SUCCESS) {
+          ++flushed;
+        }
+      }
+    }
+    if (flushed > 0) {
+      Log().warn(
+          "TPM backend '{}': flushed {} transient objects and sessions left "
+          "in the TPM by a process that is gone (sole_user)",
+          options.name, flushed);
+    }
+    return Status::Ok();
+  }
+
   static bool IsUnavailable(const Status& st) {
     return st.code() == Code::kBackendUnavailable;
   }
@@ -1065,6 +1136,15 @@ struct TpmBackend::Impl {
            BaseRc(rc) != TPM2_RC_VALUE)) {
         break;
       }
+    }
+    if (BaseRc(rc) == TPM2_RC_OBJECT_MEMORY) {
+      return TpmError(
+          rc,
+          "cannot create the storage primary key: the TPM's object slots are "
+          "full, most likely with objects of a process that died (a keyholdd "
+          "killed with -9 on a TPM without resource manager); restart the "
+          "TPM, flush them (tpm2_flushcontext -t), or set sole_user = true "
+          "if keyholdd is this TPM's only user");
     }
     return TpmError(rc, "cannot create the storage primary key");
   }

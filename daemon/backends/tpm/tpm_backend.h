@@ -52,6 +52,13 @@ struct TpmOptions {
   // and operation data on the TPM bus / TCTI. Off by default: on swtpm it
   // costs about 4 ms per operation (bench/RESULTS.md).
   bool encrypted_sessions = false;
+  // keyholdd is the TPM's only user: at every connection it flushes the
+  // transient objects and sessions it finds (those of a keyholdd killed
+  // with -9, say, which a TPM without a resource manager keeps until its
+  // next reset and which can fill its few object slots). Set from
+  // `sole_user`; the default is true for device:/dev/tpmN, which the
+  // kernel lets one process open at a time, else false.
+  bool sole_user = false;
 };
 
 // Parses a [[backend.tpm]] table (TOML text). Unknown keys are an error.

@@ -28,6 +28,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -413,6 +414,24 @@ Key MakeKey(TpmBackend* b, uint64_t id, v1::KeyType type,
   k.handle.type = type;
   k.handle.blob = k.created.blob;
   return k;
+}
+
+TEST(TpmSettingsTest, SoleUserDefaultsToTheExclusiveDevice) {
+  auto sole = [](const std::string& extra) -> std::optional<bool> {
+    StatusOr<TpmOptions> o = ParseTpmSettings("name = \"t\"\n" + extra);
+    if (!o.ok()) {
+      return std::nullopt;
+    }
+    return o->sole_user;
+  };
+  EXPECT_EQ(sole(""), false);  // device:/dev/tpmrm0
+  EXPECT_EQ(sole("tcti = \"device:/dev/tpm0\""), true);
+  EXPECT_EQ(sole("tcti = \"device\""), true);
+  EXPECT_EQ(sole("tcti = \"device:/dev/tpmrm1\""), false);
+  EXPECT_EQ(sole("tcti = \"swtpm:port=2321\""), false);
+  EXPECT_EQ(sole("tcti = \"swtpm:port=2321\"\nsole_user = true"), true);
+  EXPECT_EQ(sole("tcti = \"device:/dev/tpm0\"\nsole_user = false"), false);
+  EXPECT_EQ(sole("sole_user = \"yes\""), std::nullopt);
 }
 
 TEST(TpmSettingsTest, KernelResourceManagerLimitsObjectsPerConnection) {
