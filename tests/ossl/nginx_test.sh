@@ -10,7 +10,7 @@ KEYHOLD_PROVIDER="$(realpath "$KEYHOLD_PROVIDER")"
 if ! command -v nginx >/dev/null || ! command -v curl >/dev/null || ! id www-data >/dev/null 2>&1 ||
     [ "$(id -u)" -ne 0 ]; then
   echo "SKIP: needs root, nginx, curl and the www-data user"
-  exit 0
+  exit 77
 fi
 
 W="$KH_DIR/work"
