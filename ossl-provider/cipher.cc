@@ -1,7 +1,9 @@
 // ASYM_CIPHER (RSA decrypt: OAEP and PKCS#1 v1.5) and KEYEXCH (ECDH,
-// X25519). Encryption is not offered; the default provider encrypts with the
-// exported public key. The peer of a key exchange arrives as a public-only
-// key object (imported from the default provider) and is sent as DER SPKI.
+// X25519). Encryption needs no daemon: it is handed to the default provider
+// with the key's public half (OpenSSL 3.0 copies a key to another provider
+// only whole, which keyhold refuses). The peer of a key exchange arrives as
+// a public-only key object (imported from the default provider) and is sent
+// as DER SPKI.
 #include <openssl/core_names.h>
 #include <openssl/params.h>
 #include <openssl/rsa.h>
@@ -11,6 +13,7 @@
 #include <string>
 
 #include "common/secret.h"
+#include "common/ssl_ptr.h"
 #include "ossl-provider/provider.h"
 #include "ossl-provider/util.h"
 
@@ -130,11 +133,12 @@ int CipherGetParams(void* ctx, OSSL_PARAM params[]) {
   })
 }
 
-int CipherDecryptInit(void* ctx, void* provkey, const OSSL_PARAM params[]) {
-  KH_OSSL_ENTRY(0, {
+int CipherInit(void* ctx, void* provkey, const OSSL_PARAM params[],
+               bool encrypt) {
+  {
     auto* c = static_cast<CipherCtx*>(ctx);
     auto* k = static_cast<Key*>(provkey);
-    if (k == nullptr || !k->has_ref) {
+    if (k == nullptr || (!encrypt && !k->has_ref)) {
       RaiseError(kReasonBadArgument, "keyhold: not a keyhold private key");
       return 0;
     }
@@ -147,6 +151,58 @@ int CipherDecryptInit(void* ctx, void* provkey, const OSSL_PARAM params[]) {
     c->tls_client_version = 0;
     c->tls_negotiated_version = 0;
     return CipherSetParams(c, params);
+  }
+}
+
+int CipherDecryptInit(void* ctx, void* provkey, const OSSL_PARAM params[]) {
+  KH_OSSL_ENTRY(0, { return CipherInit(ctx, provkey, params, false); })
+}
+
+int CipherEncryptInit(void* ctx, void* provkey, const OSSL_PARAM params[]) {
+  KH_OSSL_ENTRY(0, { return CipherInit(ctx, provkey, params, true); })
+}
+
+int CipherEncrypt(void* ctx, unsigned char* out, size_t* outlen, size_t outsize,
+                  const unsigned char* in, size_t inlen) {
+  KH_OSSL_ENTRY(0, {
+    auto* c = static_cast<CipherCtx*>(ctx);
+    if (!c->key || c->key->pub == nullptr) return 0;
+    if (c->pad != RSA_PKCS1_PADDING && c->pad != RSA_PKCS1_OAEP_PADDING) {
+      RaiseError(kReasonUnsupported, "keyhold: unsupported RSA padding mode");
+      return 0;
+    }
+    SslPtr<EVP_PKEY_CTX> pctx(
+        EVP_PKEY_CTX_new_from_pkey(nullptr, c->key->pub, kDefaultProps));
+    if (pctx == nullptr || EVP_PKEY_encrypt_init(pctx.get()) != 1 ||
+        EVP_PKEY_CTX_set_rsa_padding(pctx.get(), c->pad) != 1) {
+      return 0;
+    }
+    if (c->pad == RSA_PKCS1_OAEP_PADDING) {
+      if ((c->oaep.set() &&
+           EVP_PKEY_CTX_set_rsa_oaep_md(pctx.get(), c->oaep.md.get()) != 1) ||
+          (c->mgf1.set() &&
+           EVP_PKEY_CTX_set_rsa_mgf1_md(pctx.get(), c->mgf1.md.get()) != 1)) {
+        return 0;
+      }
+      if (!c->label.empty()) {
+        // set0 takes ownership of an OPENSSL_malloc'ed copy.
+        void* label = OPENSSL_memdup(c->label.data(), c->label.size());
+        if (label == nullptr ||
+            EVP_PKEY_CTX_set0_rsa_oaep_label(
+                pctx.get(), label, static_cast<int>(c->label.size())) != 1) {
+          OPENSSL_free(label);
+          return 0;
+        }
+      }
+    }
+    size_t len = outsize;
+    if (out == nullptr) {
+      return EVP_PKEY_encrypt(pctx.get(), nullptr, outlen, in, inlen) == 1 ? 1
+                                                                           : 0;
+    }
+    if (EVP_PKEY_encrypt(pctx.get(), out, &len, in, inlen) != 1) return 0;
+    *outlen = len;
+    return 1;
   })
 }
 
@@ -321,6 +377,8 @@ const OSSL_DISPATCH kRsaCipherFunctions[] = {
     KH_FN(OSSL_FUNC_ASYM_CIPHER_DUPCTX, CipherDup),
     KH_FN(OSSL_FUNC_ASYM_CIPHER_DECRYPT_INIT, CipherDecryptInit),
     KH_FN(OSSL_FUNC_ASYM_CIPHER_DECRYPT, CipherDecrypt),
+    KH_FN(OSSL_FUNC_ASYM_CIPHER_ENCRYPT_INIT, CipherEncryptInit),
+    KH_FN(OSSL_FUNC_ASYM_CIPHER_ENCRYPT, CipherEncrypt),
     KH_FN(OSSL_FUNC_ASYM_CIPHER_GET_CTX_PARAMS, CipherGetParams),
     KH_FN(OSSL_FUNC_ASYM_CIPHER_GETTABLE_CTX_PARAMS, CipherGettable),
     KH_FN(OSSL_FUNC_ASYM_CIPHER_SET_CTX_PARAMS, CipherSetParams),

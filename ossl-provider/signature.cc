@@ -2,8 +2,9 @@
 //
 // Hashing happens here, with the default provider's digests; the daemon gets
 // one SignRequest with the digest (or, for Ed25519, the whole message).
-// Verify is not offered: a key's public half is exported to the default
-// provider, which verifies.
+// Verify needs no daemon: it is handed to the default provider with the
+// key's public half. OpenSSL 3.0 cannot do that itself, since it copies a
+// key to another provider only whole and keyhold refuses private parts.
 #include <openssl/core_names.h>
 #include <openssl/obj_mac.h>
 #include <openssl/objects.h>
@@ -16,6 +17,7 @@
 #include <string>
 
 #include "common/key_types.h"
+#include "common/ssl_ptr.h"
 #include "ossl-provider/provider.h"
 #include "ossl-provider/util.h"
 
@@ -80,12 +82,13 @@ void* SigDup(void* ctx) {
 
 int SigSetParams(void* ctx, const OSSL_PARAM params[]);
 
-int InitCommon(SigCtx* c, void* provkey, const OSSL_PARAM params[]) {
+int InitCommon(SigCtx* c, void* provkey, const OSSL_PARAM params[],
+               bool verify = false) {
   auto* k = static_cast<Key*>(provkey);
   if (k == nullptr) {
     if (!c->key) return 0;
   } else {
-    if (!k->has_ref) {
+    if (!verify && !k->has_ref) {
       RaiseError(kReasonBadArgument, "keyhold: not a keyhold private key");
       return 0;
     }
@@ -188,6 +191,57 @@ int DoSign(SigCtx* c, unsigned char* sig, size_t* siglen, size_t sigsize,
   return 1;
 }
 
+// Verifies with the public half in the default provider, under the same
+// parameters a signature would have been made with.
+int DoVerify(SigCtx* c, const unsigned char* sig, size_t siglen,
+             const unsigned char* tbs, size_t tbslen) {
+  if (!c->key || c->key->pub == nullptr) {
+    RaiseError(kReasonBadArgument, "keyhold: no key");
+    return 0;
+  }
+  if (c->kind == Kind::kEd25519) {
+    SslPtr<EVP_MD_CTX> mctx(EVP_MD_CTX_new());
+    return mctx != nullptr &&
+                   EVP_DigestVerifyInit_ex(mctx.get(), nullptr, nullptr,
+                                           nullptr, kDefaultProps, c->key->pub,
+                                           nullptr) == 1 &&
+                   EVP_DigestVerify(mctx.get(), sig, siglen, tbs, tbslen) == 1
+               ? 1
+               : 0;
+  }
+  SslPtr<EVP_PKEY_CTX> pctx(
+      EVP_PKEY_CTX_new_from_pkey(nullptr, c->key->pub, kDefaultProps));
+  if (pctx == nullptr || EVP_PKEY_verify_init(pctx.get()) != 1) return 0;
+  if (c->md.set() &&
+      EVP_PKEY_CTX_set_signature_md(pctx.get(), c->md.md.get()) != 1) {
+    return 0;
+  }
+  if (c->kind == Kind::kRsa) {
+    if (EVP_PKEY_CTX_set_rsa_padding(pctx.get(), c->pad) != 1) return 0;
+    if (c->pad == RSA_PKCS1_PSS_PADDING &&
+        (EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx.get(), c->saltlen) != 1 ||
+         (c->mgf1.set() &&
+          EVP_PKEY_CTX_set_rsa_mgf1_md(pctx.get(), c->mgf1.md.get()) != 1))) {
+      return 0;
+    }
+  }
+  return EVP_PKEY_verify(pctx.get(), sig, siglen, tbs, tbslen) == 1 ? 1 : 0;
+}
+
+int SigVerifyInit(void* ctx, void* provkey, const OSSL_PARAM params[]) {
+  KH_OSSL_ENTRY(0, {
+    return InitCommon(static_cast<SigCtx*>(ctx), provkey, params,
+                      /*verify=*/true);
+  })
+}
+
+int SigVerify(void* ctx, const unsigned char* sig, size_t siglen,
+              const unsigned char* tbs, size_t tbslen) {
+  KH_OSSL_ENTRY(0, {
+    return DoVerify(static_cast<SigCtx*>(ctx), sig, siglen, tbs, tbslen);
+  })
+}
+
 int SigSign(void* ctx, unsigned char* sig, size_t* siglen, size_t sigsize,
             const unsigned char* tbs, size_t tbslen) {
   KH_OSSL_ENTRY(0, {
@@ -195,11 +249,10 @@ int SigSign(void* ctx, unsigned char* sig, size_t* siglen, size_t sigsize,
   })
 }
 
-int SigDigestSignInit(void* ctx, const char* mdname, void* provkey,
-                      const OSSL_PARAM params[]) {
-  KH_OSSL_ENTRY(0, {
-    auto* c = static_cast<SigCtx*>(ctx);
-    if (!InitCommon(c, provkey, params)) return 0;
+int DigestInitCommon(SigCtx* c, const char* mdname, void* provkey,
+                     const OSSL_PARAM params[], bool verify) {
+  {
+    if (!InitCommon(c, provkey, params, verify)) return 0;
     if (c->kind == Kind::kEd25519) {
       if (mdname != nullptr && mdname[0] != '\0') {
         RaiseError(kReasonBadArgument, "keyhold: Ed25519 takes no digest");
@@ -218,6 +271,22 @@ int SigDigestSignInit(void* ctx, const char* mdname, void* provkey,
       return 0;
     }
     return 1;
+  }
+}
+
+int SigDigestSignInit(void* ctx, const char* mdname, void* provkey,
+                      const OSSL_PARAM params[]) {
+  KH_OSSL_ENTRY(0, {
+    return DigestInitCommon(static_cast<SigCtx*>(ctx), mdname, provkey, params,
+                            /*verify=*/false);
+  })
+}
+
+int SigDigestVerifyInit(void* ctx, const char* mdname, void* provkey,
+                        const OSSL_PARAM params[]) {
+  KH_OSSL_ENTRY(0, {
+    return DigestInitCommon(static_cast<SigCtx*>(ctx), mdname, provkey, params,
+                            /*verify=*/true);
   })
 }
 
@@ -239,6 +308,24 @@ int SigDigestSignFinal(void* ctx, unsigned char* sig, size_t* siglen,
     unsigned int dlen = 0;
     if (EVP_DigestFinal_ex(c->mdctx, dgst, &dlen) != 1) return 0;
     return DoSign(c, sig, siglen, sigsize, dgst, dlen);
+  })
+}
+
+int SigDigestVerifyFinal(void* ctx, const unsigned char* sig, size_t siglen) {
+  KH_OSSL_ENTRY(0, {
+    auto* c = static_cast<SigCtx*>(ctx);
+    if (c->mdctx == nullptr) return 0;
+    unsigned char dgst[EVP_MAX_MD_SIZE];
+    unsigned int dlen = 0;
+    if (EVP_DigestFinal_ex(c->mdctx, dgst, &dlen) != 1) return 0;
+    return DoVerify(c, sig, siglen, dgst, dlen);
+  })
+}
+
+int SigDigestVerify(void* ctx, const unsigned char* sig, size_t siglen,
+                    const unsigned char* tbs, size_t tbslen) {
+  KH_OSSL_ENTRY(0, {
+    return DoVerify(static_cast<SigCtx*>(ctx), sig, siglen, tbs, tbslen);
   })
 }
 
@@ -515,31 +602,39 @@ const OSSL_PARAM* SigSettable(void*, void*) {
 
 #define KH_FN(id, fn) \
   { id, reinterpret_cast<void (*)()>(fn) }
-#define KH_SIG_COMMON(K)                                                   \
-  KH_FN(OSSL_FUNC_SIGNATURE_NEWCTX, SigNew<K>),                            \
-      KH_FN(OSSL_FUNC_SIGNATURE_FREECTX, SigFree),                         \
-      KH_FN(OSSL_FUNC_SIGNATURE_DUPCTX, SigDup),                           \
-      KH_FN(OSSL_FUNC_SIGNATURE_SIGN_INIT, SigSignInit),                   \
-      KH_FN(OSSL_FUNC_SIGNATURE_SIGN, SigSign),                            \
-      KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, SigDigestSignInit),      \
-      KH_FN(OSSL_FUNC_SIGNATURE_GET_CTX_PARAMS, SigGetParams),             \
-      KH_FN(OSSL_FUNC_SIGNATURE_GETTABLE_CTX_PARAMS, SigGettable),         \
-      KH_FN(OSSL_FUNC_SIGNATURE_SET_CTX_PARAMS, SigSetParams),             \
+#define KH_SIG_COMMON(K)                                                  \
+  KH_FN(OSSL_FUNC_SIGNATURE_NEWCTX, SigNew<K>),                           \
+      KH_FN(OSSL_FUNC_SIGNATURE_FREECTX, SigFree),                        \
+      KH_FN(OSSL_FUNC_SIGNATURE_DUPCTX, SigDup),                          \
+      KH_FN(OSSL_FUNC_SIGNATURE_SIGN_INIT, SigSignInit),                  \
+      KH_FN(OSSL_FUNC_SIGNATURE_SIGN, SigSign),                           \
+      KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_INIT, SigDigestSignInit),     \
+      KH_FN(OSSL_FUNC_SIGNATURE_VERIFY_INIT, SigVerifyInit),              \
+      KH_FN(OSSL_FUNC_SIGNATURE_VERIFY, SigVerify),                       \
+      KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_INIT, SigDigestVerifyInit), \
+      KH_FN(OSSL_FUNC_SIGNATURE_GET_CTX_PARAMS, SigGetParams),            \
+      KH_FN(OSSL_FUNC_SIGNATURE_GETTABLE_CTX_PARAMS, SigGettable),        \
+      KH_FN(OSSL_FUNC_SIGNATURE_SET_CTX_PARAMS, SigSetParams),            \
       KH_FN(OSSL_FUNC_SIGNATURE_SETTABLE_CTX_PARAMS, SigSettable<K>)
 
 const OSSL_DISPATCH kEcdsaSignatureFunctions[] = {
     KH_SIG_COMMON(Kind::kEcdsa),
     KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, SigDigestSignUpdate),
     KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, SigDigestSignFinal),
+    KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_UPDATE, SigDigestSignUpdate),
+    KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_FINAL, SigDigestVerifyFinal),
     {0, nullptr}};
 const OSSL_DISPATCH kRsaSignatureFunctions[] = {
     KH_SIG_COMMON(Kind::kRsa),
     KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_UPDATE, SigDigestSignUpdate),
     KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN_FINAL, SigDigestSignFinal),
+    KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_UPDATE, SigDigestSignUpdate),
+    KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_VERIFY_FINAL, SigDigestVerifyFinal),
     {0, nullptr}};
 const OSSL_DISPATCH kEd25519SignatureFunctions[] = {
     KH_SIG_COMMON(Kind::kEd25519),
     KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_SIGN, SigDigestSign),
+    KH_FN(OSSL_FUNC_SIGNATURE_DIGEST_VERIFY, SigDigestVerify),
     {0, nullptr}};
 
 }  // namespace keyhold::ossl

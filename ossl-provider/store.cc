@@ -9,13 +9,14 @@
 #include <openssl/core_names.h>
 #include <openssl/core_object.h>
 #include <openssl/params.h>
+#include <openssl/store.h>
 #include <pwd.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <charconv>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,7 @@ struct StoreCtx {
   std::vector<v1::KeyRef> pending;  // for a listing, filled on first load
   bool listed = false;
   bool eof = false;
+  int expect = 0;  // OSSL_STORE_PARAM_EXPECT: 0 or an OSSL_STORE_INFO_* type
 };
 
 StatusOr<uint32_t> ResolveOwner(const std::string& text) {
@@ -108,6 +110,25 @@ int LoadOne(StoreCtx* s, const v1::KeyRef& ref, const std::string& uri,
   int object_type = OSSL_OBJECT_PKEY;
   std::string alg = key.alg;
   std::string desc = uri;
+  if (s->expect == OSSL_STORE_INFO_PUBKEY) {
+    // A caller that wants the public key (openssl dgst -verify keyhold:NAME)
+    // gets it by value, as DER SubjectPublicKeyInfo that the default
+    // provider decodes: OpenSSL drops a key object here, since it has
+    // private parts and so is not of the expected type.
+    std::string structure = "SubjectPublicKeyInfo";
+    OSSL_PARAM by_value[] = {
+        OSSL_PARAM_int(OSSL_OBJECT_PARAM_TYPE, &object_type),
+        OSSL_PARAM_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE, alg.data(),
+                               alg.size()),
+        OSSL_PARAM_utf8_string(OSSL_OBJECT_PARAM_DATA_STRUCTURE,
+                               structure.data(), structure.size()),
+        OSSL_PARAM_octet_string(OSSL_OBJECT_PARAM_DATA, key.spki.data(),
+                                key.spki.size()),
+        OSSL_PARAM_utf8_string(OSSL_OBJECT_PARAM_DESC, desc.data(),
+                               desc.size()),
+        OSSL_PARAM_END};
+    return object_cb(by_value, object_cbarg);
+  }
   OSSL_PARAM params[] = {
       OSSL_PARAM_int(OSSL_OBJECT_PARAM_TYPE, &object_type),
       OSSL_PARAM_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE, alg.data(), alg.size()),
@@ -193,7 +214,15 @@ const OSSL_PARAM kStoreSettable[] = {
     OSSL_PARAM_int(OSSL_STORE_PARAM_EXPECT, nullptr), OSSL_PARAM_END};
 
 const OSSL_PARAM* StoreSettable(void*) { return kStoreSettable; }
-int StoreSetParams(void*, const OSSL_PARAM[]) { return 1; }
+int StoreSetParams(void* loaderctx, const OSSL_PARAM params[]) {
+  auto* s = static_cast<StoreCtx*>(loaderctx);
+  const OSSL_PARAM* p =
+      OSSL_PARAM_locate_const(params, OSSL_STORE_PARAM_EXPECT);
+  if (s != nullptr && p != nullptr && !OSSL_PARAM_get_int(p, &s->expect)) {
+    return 0;
+  }
+  return 1;
+}
 
 }  // namespace
 

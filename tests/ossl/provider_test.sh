@@ -94,6 +94,46 @@ check "pkeyutl -sign -rawin ed25519" kossl pkeyutl -sign -rawin -inkey keyhold:k
 check "plain openssl verifies ed25519" plain pkeyutl -verify -rawin -pubin \
   -inkey "$W/k-ed25519.pub" -in "$W/msg" -sigfile "$W/sig"
 
+# Verify and encrypt with the keyhold key itself (its public half, in the
+# default provider): the URI as a public key (dgst -verify), as a private
+# key (pkeyutl -verify/-encrypt -inkey). A changed message must fail.
+printf 'tampered' >>"$W/msg.bad"
+cat "$W/msg" "$W/msg.bad" >"$W/msg.changed"
+for type in ec-p256 rsa-2048; do
+  check "dgst -sign $type for verify" kossl dgst -sha256 -sign "keyhold:k-$type" -out "$W/sig" "$W/msg"
+  check "dgst -verify keyhold:k-$type" kossl dgst -sha256 -verify "keyhold:k-$type" \
+    -signature "$W/sig" "$W/msg"
+  check "dgst -verify keyhold:k-$type refuses a changed message" sh -c \
+    "! OPENSSL_CONF='$CNF' openssl dgst -sha256 -verify keyhold:k-$type -signature '$W/sig' \
+       '$W/msg.changed' >/dev/null 2>&1"
+  check "dgst -prverify keyhold:k-$type" kossl dgst -sha256 -prverify "keyhold:k-$type" \
+    -signature "$W/sig" "$W/msg"
+done
+check "dgst -sign rsa-pss for verify" kossl dgst -sha256 -sigopt rsa_padding_mode:pss \
+  -sigopt rsa_pss_saltlen:max -sign keyhold:k-rsa-2048 -out "$W/sig" "$W/msg"
+check "dgst -verify rsa-pss with keyhold:k-rsa-2048" kossl dgst -sha256 \
+  -sigopt rsa_padding_mode:pss -sigopt rsa_pss_saltlen:max -verify keyhold:k-rsa-2048 \
+  -signature "$W/sig" "$W/msg"
+check "pkeyutl -sign -rawin ed25519 for verify" kossl pkeyutl -sign -rawin \
+  -inkey keyhold:k-ed25519 -in "$W/msg" -out "$W/sig"
+check "pkeyutl -verify -rawin -inkey keyhold:k-ed25519" kossl pkeyutl -verify -rawin \
+  -inkey keyhold:k-ed25519 -in "$W/msg" -sigfile "$W/sig"
+check "pkeyutl -verify ed25519 refuses a changed message" sh -c \
+  "! OPENSSL_CONF='$CNF' openssl pkeyutl -verify -rawin -inkey keyhold:k-ed25519 \
+     -in '$W/msg.changed' -sigfile '$W/sig' >/dev/null 2>&1"
+head -c 32 /dev/urandom >"$W/plain"
+check "pkeyutl -encrypt -inkey keyhold:k-rsa-2048 (PKCS#1 v1.5)" kossl pkeyutl -encrypt \
+  -inkey keyhold:k-rsa-2048 -in "$W/plain" -out "$W/ct"
+check "it decrypts in the daemon" sh -c \
+  "OPENSSL_CONF='$CNF' openssl pkeyutl -decrypt -inkey keyhold:k-rsa-2048 -in '$W/ct' | cmp - '$W/plain'"
+check "pkeyutl -encrypt -inkey keyhold:k-rsa-2048 (OAEP SHA-256, label)" kossl pkeyutl -encrypt \
+  -inkey keyhold:k-rsa-2048 -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 \
+  -pkeyopt rsa_oaep_label:00112233 -in "$W/plain" -out "$W/ct"
+check "the OAEP ciphertext decrypts in the daemon" sh -c \
+  "OPENSSL_CONF='$CNF' openssl pkeyutl -decrypt -inkey keyhold:k-rsa-2048 \
+     -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 \
+     -pkeyopt rsa_oaep_label:00112233 -in '$W/ct' | cmp - '$W/plain'"
+
 # --- decrypt and derive ---
 head -c 32 /dev/urandom >"$W/plain"
 for oaep in sha1 sha256; do
