@@ -62,7 +62,7 @@ struct Config {
   // idle threads per CPU. false: every client on the shared I/O threads.
   bool cpu_local_sessions = true;
   // Threads for work that may wait (key generation, key store writes,
-  // device backends); 0: max(2, cores).
+  // device backends); 0: max(2, cores) plus one per HSM session and TPM.
   uint32_t blocking_threads = 0;
   // Answer bounded-CPU private-key operations (software-backend sign,
   // decrypt, derive) on the I/O threads, saving a thread hop per request.

@@ -349,9 +349,22 @@ int Run(int argc, char** argv) {
   const unsigned io_threads = config.worker_threads != 0
                                   ? config.worker_threads
                                   : cores + (devices.empty() ? 0u : 1u);
+  // Device calls that may all hang at once (a module or TPM that stops
+  // answering) must leave pool threads for key generation and store writes.
+  unsigned device_calls = 0;
+  for (const auto& device : devices) {
+    device_calls += device->MaxBlockingCalls();
+  }
   const unsigned blocking_threads = config.blocking_threads != 0
                                         ? config.blocking_threads
-                                        : std::max(2u, cores);
+                                        : std::max(2u, cores) + device_calls;
+  if (config.blocking_threads != 0 && config.blocking_threads <= device_calls) {
+    spdlog::warn(
+        "blocking_threads = {} is not more than the {} device calls that may "
+        "block at once (HSM sessions, TPMs): a hung device could hold every "
+        "thread; 0 sizes the pool for them",
+        config.blocking_threads, device_calls);
+  }
   // One io_context run by every I/O thread (see server.h for why not one
   // context per thread).
   boost::asio::io_context io(static_cast<int>(io_threads));

@@ -59,6 +59,11 @@ class Backend {
   // The name the config and the key store use for this backend instance.
   virtual std::string_view Name() const = 0;
 
+  // How many of this backend's calls may block at once (an HSM's session
+  // pool; a TPM's one connection). keyholdd sizes its blocking pool so that
+  // these can all hang and threads remain for everyone else. 0: none.
+  virtual unsigned MaxBlockingCalls() const { return 0; }
+
   // False if Sign/Decrypt/Derive only use the CPU for a bounded time, so the
   // daemon may run them on its I/O threads (one fewer thread hop per
   // request). Backends that talk to a device (TPM, HSM) keep the default,

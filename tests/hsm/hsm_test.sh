@@ -81,8 +81,18 @@ write_config "$M" "$M" "$H/openpin"
 start_fails "PIN file readable by others" "group or others"
 write_config "$M" "$M" "$H/pin"
 
+# A blocking pool no larger than the HSM's sessions (4) is warned about; the
+# default one is sized for them.
+{ echo "blocking_threads = 3"; cat "$H/keyholdd.toml"; } >"$H/small-pool.toml"
+kh_start --config "$H/small-pool.toml"
+check "a pool within the HSM sessions is warned about" grep -q \
+  "blocking_threads = 3 is not more than the 4 device calls" "$KH_DIR/keyholdd.log"
+kh_stop
+
 # --- every key type and operation ------------------------------------------
 kh_start --config "$H/keyholdd.toml"
+check "the default pool gets no warning" sh -c "! grep -q 'device calls that may block' '$KH_DIR/keyholdd.log' ||
+  test \"\$(grep -c 'device calls that may block' '$KH_DIR/keyholdd.log')\" = 1"
 check "software key beside the HSM" "$KEYHOLD" key create soft --type ec-p256
 check "software key public" "$KEYHOLD" key public soft
 cp "$KH_DIR/out" "$W/soft.pub"

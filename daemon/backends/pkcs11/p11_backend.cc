@@ -1866,6 +1866,8 @@ Status P11Backend::Destroy(const KeyHandle& key) {
   return st;
 }
 
+unsigned P11Backend::MaxBlockingCalls() const { return impl_->config.sessions; }
+
 void P11Backend::Recorded(const KeyHandle& key) {
   Impl& im = *impl_;
   const std::string label = im.LabelFor(key.ref);

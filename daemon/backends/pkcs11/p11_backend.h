@@ -49,6 +49,7 @@ class P11Backend : public Backend {
   ~P11Backend() override;
 
   std::string_view Name() const override;
+  unsigned MaxBlockingCalls() const override;
   StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
                                 v1::KeyType type) override;
   StatusOr<CreatedKey> Import(const daemon::KeyRef& ref,

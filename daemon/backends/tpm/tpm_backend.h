@@ -99,6 +99,7 @@ class TpmBackend : public Backend {
   ~TpmBackend() override;
 
   std::string_view Name() const override;
+  unsigned MaxBlockingCalls() const override { return 1; }
   StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
                                 v1::KeyType type) override;
   // Always kUnsupported: TPM keys are created inside the TPM.
