@@ -409,8 +409,16 @@ fails_with "x25519 cannot sign" "operation not supported" \
   env OPENSSL_CONF="$CNF" openssl pkeyutl -sign -rawin -inkey keyhold:k-x25519 -in "$W/msg" -out "$W/sig"
 
 kh_stop
-fails_with "daemon down gives a clear error" "daemon unavailable" \
+fails_with "daemon down gives a clear error naming the key" "keyhold:k-ec-p256: daemon unavailable" \
   env OPENSSL_CONF="$CNF" openssl pkey -in keyhold:k-ec-p256 -pubout
+# A reference file loads without the daemon (it holds the public key), as
+# nginx and curl load theirs; the signature then fails, naming the key.
+check "reference file loads with the daemon down" kossl pkey -in "$W/ec-p256.ref.pem" -pubout \
+  -out "$W/ref.pub"
+fails_with "signing through a reference file, daemon down, names the key" \
+  "/k-ec-p256: daemon unavailable" \
+  timeout 30 env OPENSSL_CONF="$CNF" openssl dgst -sha256 -sign "$W/ec-p256.ref.pem" \
+  -out "$W/sig" "$W/msg"
 check "provider loaded, daemon down: list -providers works" kossl list -providers
 check "provider loaded, daemon down: file keys still work (lazy)" sh -c \
   "OPENSSL_CONF='$CNF' openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out '$W/f.key' &&
