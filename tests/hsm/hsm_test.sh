@@ -370,8 +370,9 @@ pin_file = "$H/pin"
 sessions = 1
 acquire_timeout_ms = 2000
 EOF
-  export KH_P11_FAULT_HANG_FILE="$W/hang" KH_P11_FAULT_ABSENT_FILE="$W/absent"
-  rm -f "$W/hang" "$W/hang.entered" "$W/absent"
+  export KH_P11_FAULT_HANG_FILE="$W/hang" KH_P11_FAULT_ABSENT_FILE="$W/absent" \
+    KH_P11_FAULT_CRASH_FILE="$W/crash"
+  rm -f "$W/hang" "$W/hang.entered" "$W/absent" "$W/crash"
   kh_start --config "$H/keyholdd.toml"
   check "sign through the fault module" timeout 20 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig"
   check "openssl verifies it" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" -signature "$W/sig" "$W/msg"
@@ -428,7 +429,30 @@ EOF
   check "openssl verifies it after the token came back" openssl dgst -sha256 \
     -verify "$W/h-ec-p256.pub" -signature "$W/sig" "$W/msg"
   check "the daemon logged the lost session" grep -q "session lost" "$KH_DIR/keyholdd.log"
-  unset KH_P11_FAULT_HANG_FILE KH_P11_FAULT_ABSENT_FILE
+
+  # The crash window itself, deterministically: keyholdd dies right after
+  # the token made the pair, before the key store's commit. The client gets
+  # an error; after a restart the pending object is gone and no key by that
+  # name exists, on the token or in the store.
+  touch "$W/crash"
+  fails "create while keyholdd dies after C_GenerateKeyPair" "daemon" \
+    timeout 20 "$KEYHOLD" key create h-crashed --type ec-p256 --backend hsm
+  for _ in $(seq 1 100); do kill -0 "$KH_PID" 2>/dev/null || break; sleep 0.1; done
+  check "keyholdd died in C_GenerateKeyPair" sh -c "! kill -0 $KH_PID 2>/dev/null"
+  kh_stop
+  check "the pending object is on the token after the crash" sh -c \
+    "pkcs11-tool --module '$M' --token-label kh-hsm --login --pin '$PIN' --list-objects \
+       --type privkey 2>/dev/null | grep -q 'keyhold-pending:$ME/h-crashed'"
+  rm -f "$W/crash"
+  kh_start --config "$H/keyholdd.toml"
+  check "the restart removed it" grep -q \
+    "removed unrecorded pending token key 'keyhold-pending:$ME/h-crashed'" "$KH_DIR/keyholdd.log"
+  check "pkcs11-tool after the restart" p11 --list-objects --type privkey
+  check "no h-crashed object on the token" sh -c "! grep -q 'h-crashed' '$KH_DIR/out'"
+  fails "no h-crashed key in the store" "not found" "$KEYHOLD" key public h-crashed
+  check "the name can be used again" timeout 20 "$KEYHOLD" key create h-crashed --type ec-p256 --backend hsm
+  check "the new key signs" timeout 20 "$KEYHOLD" sign h-crashed --in "$W/msg" --out "$W/sig"
+  unset KH_P11_FAULT_HANG_FILE KH_P11_FAULT_ABSENT_FILE KH_P11_FAULT_CRASH_FILE
 else
   echo "KH_P11_FAULT_MODULE not set: hang and removal steps skipped"
 fi

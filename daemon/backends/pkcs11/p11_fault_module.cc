@@ -13,7 +13,11 @@
 //    daemon-level test, while the file KH_P11_FAULT_ABSENT_FILE exists;
 //  - hang: while the file named by KH_P11_FAULT_HANG_FILE exists, C_Sign
 //    waits (it touches FILE.entered first), for the daemon-level test that a
-//    hanging module cannot hang the daemon's I/O.
+//    hanging module cannot hang the daemon's I/O;
+//  - crash: while the file named by KH_P11_FAULT_CRASH_FILE exists, a
+//    C_GenerateKeyPair or C_CreateObject that succeeded ends the process
+//    (_exit), as a kill -9 of keyholdd between the token's creation of a key
+//    and the key store's commit would.
 //
 // The controls are plain C functions; a test dlopen()s this module itself
 // and looks them up. Nothing here is built into keyholdd.
@@ -212,6 +216,30 @@ CK_RV FindObjects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR out, CK_ULONG max,
   return rv;
 }
 
+void CrashIfAsked(CK_RV rv) {
+  const char* file = std::getenv("KH_P11_FAULT_CRASH_FILE");
+  if (rv == CKR_OK && file != nullptr && ::access(file, F_OK) == 0) {
+    ::_exit(137);
+  }
+}
+
+CK_RV GenerateKeyPair(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
+                      CK_ATTRIBUTE_PTR pub, CK_ULONG npub,
+                      CK_ATTRIBUTE_PTR priv, CK_ULONG npriv,
+                      CK_OBJECT_HANDLE_PTR hpub, CK_OBJECT_HANDLE_PTR hpriv) {
+  const CK_RV rv =
+      g_real->C_GenerateKeyPair(s, m, pub, npub, priv, npriv, hpub, hpriv);
+  CrashIfAsked(rv);
+  return rv;
+}
+
+CK_RV CreateObject(CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR t, CK_ULONG n,
+                   CK_OBJECT_HANDLE_PTR h) {
+  const CK_RV rv = g_real->C_CreateObject(s, t, n, h);
+  CrashIfAsked(rv);
+  return rv;
+}
+
 CK_RV SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
   (void)Absent();
   Fault f;
@@ -289,6 +317,8 @@ KH_FAULT_EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out) {
     g_list.C_SignInit = &SignInit;
     g_list.C_Sign = &Sign;
     g_list.C_Decrypt = &Decrypt;
+    g_list.C_GenerateKeyPair = &GenerateKeyPair;
+    g_list.C_CreateObject = &CreateObject;
   }
   *out = &g_list;
   return CKR_OK;
