@@ -85,11 +85,11 @@ backend::KeyHandle HandleFor(const KeyRecord& record);
 StatusOr<backend::Backend*> BackendFor(OpContext& ctx, const std::string& name);
 void FillKeyInfo(const KeyRecord& record, bool include_grants,
                  v1::KeyInfo* info);
-// Tells the key's backend to forget it after its row is gone; a failure is
-// logged (the row is already gone, so the key is unusable either way).
 // Before a key's row is deleted: marks its backend object pending (see
 // Backend::Retire); an error means the row must stay.
 Status RetireInBackend(OpContext& ctx, const KeyRecord& key);
+// Tells the key's backend to forget it after its row is gone; a failure is
+// logged (the row is already gone, so the key is unusable either way).
 void ForgetInBackend(OpContext& ctx, const KeyRecord& key);
 
 }  // namespace keyhold::daemon

@@ -1889,15 +1889,27 @@ void P11Backend::Recorded(const KeyHandle& key) {
 Status P11Backend::Retire(const KeyHandle& key) {
   Impl& im = *impl_;
   const std::string label = im.PendingLabelFor(key.ref);
+  bool read_only = false;
   Status st = im.WithKey(
       key,
       [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
         *what = "C_SetAttributeValue(CKA_LABEL)";
-        return im.SetLabel(s, h, label);
+        const CK_RV rv = im.SetLabel(s, h, label);
+        if (rv == CKR_ATTRIBUTE_READ_ONLY) {
+          read_only = true;  // a token that never relabels: delete as is
+          return CKR_OK;
+        }
+        return rv;
       },
       /*fresh_lookup=*/true);
   if (st.code() == Code::kNotFound) {
     return Status::Ok();  // nothing left to remove
+  }
+  if (st.ok() && read_only) {
+    Log().warn(
+        "{}key '{}': the token does not let its label change; if removing "
+        "the object fails it is only reported at the next start",
+        im.Where(), key.ref.ToString());
   }
   return st;
 }
@@ -1968,10 +1980,15 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded,
         if (pending) {
           // Recorded, but the mark did not happen (a crash right after the
           // store's commit, or a failed C_SetAttributeValue).
-          *what = "C_SetAttributeValue(CKA_LABEL)";
           rv = im.SetLabel(s, h, im.LabelFor(k->second->ref));
-          if (rv != CKR_OK) {
+          if (IsSessionLost(rv)) {
             return rv;
+          }
+          if (rv != CKR_OK) {
+            // Harmless: a recorded object is never removed, pending or not.
+            Log().warn("{}cannot mark token key '{}' (id {}) recorded: {}",
+                       im.Where(), std::string(l), HexEncode(id), CkrName(rv));
+            continue;
           }
           ++marked;
         }
