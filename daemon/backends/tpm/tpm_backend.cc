@@ -1324,7 +1324,13 @@ struct TpmBackend::Impl {
     if (it == loaded.end()) {
       return;
     }
-    (void)Esys_FlushContext(esys, it->second.handle);
+    ESYS_TR handle = it->second.handle;
+    if (Esys_FlushContext(esys, handle) != TSS2_RC_SUCCESS) {
+      // Maybe still in the TPM (the connection broke, say): the next
+      // connection flushes it if it is there under the same name.
+      RememberStale(handle, /*is_session=*/false);
+      (void)Esys_TR_Close(esys, &handle);
+    }
     lru.erase(it->second.lru);
     loaded.erase(it);
   }
