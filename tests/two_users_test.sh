@@ -50,6 +50,20 @@ check "B lists the shared key" as_b "$KEYHOLD" key list --json
 check "shared key shows A as owner" python3 -c \
   "import json; d=json.load(open('$KH_DIR/out')); assert any(k['owner']==$A and k['name']=='secret' for k in d), d"
 fails "grantee cannot delete" "permission denied" as_b "$KEYHOLD" key delete "$A/secret"
+# The same through the OpenSSL provider (dev build): B's openssl lists the
+# shared key beside his own and signs with keyhold:UID/NAME.
+if [ -n "${KEYHOLD_PROVIDER:-}" ] && [ -f "$KEYHOLD_PROVIDER" ]; then
+  sed "s|^# module = .*|module = $(realpath "$KEYHOLD_PROVIDER")|" \
+    "$(dirname "$0")/../conf/openssl-keyhold.cnf" >"$W/kh.cnf"
+  chmod 644 "$W/kh.cnf"
+  check "B's openssl storeutl lists his key and A's shared one" sh -c \
+    "setpriv --reuid=$B --regid=$B --clear-groups -- env OPENSSL_CONF='$W/kh.cnf' \
+       openssl storeutl -keys keyhold: | grep -q 'Total found: 2'"
+  check "B's openssl signs with keyhold:$A/secret" as_b env OPENSSL_CONF="$W/kh.cnf" \
+    openssl dgst -sha256 -sign "keyhold:$A/secret" -out "$W/sig.p" "$W/msg"
+  check "plain openssl verifies it with A's key" \
+    openssl dgst -sha256 -verify "$W/secret.pub" -signature "$W/sig.p" "$W/msg"
+fi
 # A certificate for A's key (a test CA issues it for A's public key): A
 # stores it, B sees it through the grant but can neither replace nor remove it.
 openssl req -new -x509 -newkey EC -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$W/ca.key" \
@@ -68,6 +82,12 @@ fails "grantee cannot remove the certificate" "permission denied" \
 fails "grantee cannot re-share" "permission denied" as_b "$KEYHOLD" key grant "$A/secret" --user 64103
 check "revoke B" as_a "$KEYHOLD" key revoke secret --user $B
 fails "revoked B cannot sign" "not found" as_b "$KEYHOLD" sign "$A/secret" --in "$W/msg" --out "$W/sig.b"
+if [ -f "$W/kh.cnf" ]; then
+  check "revoked B's openssl cannot sign with it either" sh -c \
+    "! setpriv --reuid=$B --regid=$B --clear-groups -- env OPENSSL_CONF='$W/kh.cnf' \
+       openssl dgst -sha256 -sign 'keyhold:$A/secret' -out '$W/sig.p2' '$W/msg' 2>'$W/p.err' &&
+     grep -q 'not found' '$W/p.err'"
+fi
 fails "revoked B cannot see the certificate" "not found" as_b "$KEYHOLD" cert show "$A/secret"
 fails "revoking twice" "not found" as_a "$KEYHOLD" key revoke secret --user $B
 
