@@ -288,6 +288,20 @@ check "pkcs11-tool lists the private keys again" p11 --list-objects --type privk
 check "its token object is gone" sh -c "! grep -q 'keyhold:$ME/h-rsa-3072' '$KH_DIR/out'"
 fails "deleted HSM key is gone" "not found" "$KEYHOLD" key public h-rsa-3072
 
+# delete-client removes every token object of that uid.
+U=64150
+check "uid $U creates two HSM keys" sh -c \
+  "setpriv --reuid=$U --regid=$U --clear-groups -- '$KEYHOLD' key create dc-1 --type ec-p256 --backend hsm &&
+   setpriv --reuid=$U --regid=$U --clear-groups -- '$KEYHOLD' key create dc-2 --type rsa-2048 --backend hsm"
+check "pkcs11-tool lists them" p11 --list-objects --type privkey
+check "uid $U's objects are on the token" test "$(grep -c "label: *keyhold:$U/dc-" "$KH_DIR/out")" = 2
+check "root deletes client $U" "$KEYHOLD" admin delete-client $U
+check "delete-client reports two keys" grep -q "deleted 2 key" "$KH_DIR/out"
+check "pkcs11-tool after delete-client" p11 --list-objects --type privkey
+cp "$KH_DIR/out" "$W/after-dc"
+check "uid $U's token objects are gone" sh -c "! grep -q 'keyhold[a-z-]*:$U/' '$W/after-dc'"
+check "root's HSM keys are still there" grep -q "keyhold:$ME/h-ec-p256" "$W/after-dc"
+
 # --- reconciliation at start -----------------------------------------------
 kh_stop
 # A pending keyhold object no row records (as after a crash before the
