@@ -363,6 +363,43 @@ print(' '.join(k['name'] for k in keys if k['name'].startswith('crash-')))"); do
   check "recorded $n is usable" "$KEYHOLD" sign "$n" --in "$W/msg" --out "$W/sig"
 done
 
+# --- two backend tables on one token ---------------------------------------
+# One names the token by label, the other by serial. Reconciliation sees
+# every row of the key store, so neither removes the other's keys, also
+# when the second table is taken out of the config again.
+SERIAL="$(pkcs11-tool --module "$M" -L 2>/dev/null |
+  awk -F': *' '/token label *: *kh-hsm/{f=1} f && /serial num/{print $2; exit}')"
+check "the token has a serial" test -n "$SERIAL"
+kh_stop
+cp "$H/keyholdd.toml" "$H/two.toml"
+cat >>"$H/two.toml" <<EOF
+
+[[backend.pkcs11]]
+name = "hsm2"
+module = "$M"
+allowed_modules = ["$M"]
+token_serial = "$SERIAL"
+pin_file = "$H/pin"
+sessions = 2
+EOF
+kh_start --config "$H/two.toml"
+check "create through the table naming the serial" "$KEYHOLD" key create two-b --type ec-p256 --backend hsm2
+check "create through the table naming the label" "$KEYHOLD" key create two-a --type ec-p256 --backend hsm
+kh_stop
+LINES="$(wc -l <"$KH_DIR/keyholdd.log")"
+kh_start --config "$H/two.toml"
+for k in two-a two-b h-ec-p256; do
+  check "after a restart with both tables $k signs" "$KEYHOLD" sign "$k" --in "$W/msg" --out "$W/sig"
+done
+kh_stop
+kh_start --config "$H/keyholdd.toml"
+check "no key was removed at either start" sh -c \
+  "! tail -n +$((LINES + 1)) '$KH_DIR/keyholdd.log' | grep -q 'removed unrecorded'"
+check "the second table's key object survives its table's removal" sh -c \
+  "pkcs11-tool --module '$M' --token-label kh-hsm --login --pin '$PIN' --list-objects \
+     --type privkey 2>/dev/null | grep -q 'keyhold:$ME/two-b'"
+check "the first table's key signs" "$KEYHOLD" sign two-a --in "$W/msg" --out "$W/sig"
+
 # --- a module that hangs, a token that goes away ----------------------------
 # The daemon loads the test-only fault module (SoftHSM2 behind it, so the same
 # token and keys) through the same allow-list rules as any vendor module.
