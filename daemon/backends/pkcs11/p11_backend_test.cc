@@ -532,6 +532,7 @@ struct FaultControls {
   void (*absent)(int) = nullptr;
   unsigned long (*count)(const char*) = nullptr;
   void (*reset)() = nullptr;
+  void (*hide_mechanism)(CK_MECHANISM_TYPE) = nullptr;
 };
 
 // The test maps the module itself (and keeps it mapped), so p11-kit's
@@ -553,6 +554,8 @@ const FaultControls& Faults() {
         reinterpret_cast<decltype(c.count)>(::dlsym(lib, "kh_fault_count"));
     c.reset =
         reinterpret_cast<decltype(c.reset)>(::dlsym(lib, "kh_fault_reset"));
+    c.hide_mechanism = reinterpret_cast<decltype(c.hide_mechanism)>(
+        ::dlsym(lib, "kh_fault_hide_mechanism"));
     return c;
   }();
   return controls;
@@ -596,6 +599,27 @@ class P11FaultTest : public P11BackendTest {
     }
   }
 };
+
+// A token without EdDSA (SoftHSM2 has it, so the fault module hides it):
+// Ed25519 creation and import say so, and nothing is left on the token.
+TEST_F(P11FaultTest, TokenWithoutEd25519SaysSo) {
+  ASSERT_NE(Faults().hide_mechanism, nullptr);
+  Faults().hide_mechanism(CKM_EDDSA);
+  Faults().hide_mechanism(CKM_EC_EDWARDS_KEY_PAIR_GEN);
+  auto b = P11Backend::Create(FaultConfig());
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_FALSE((*b)->SupportsEd25519());
+  auto k = (*b)->Generate({1000, "no-ed"}, v1::ED25519);
+  ASSERT_FALSE(k.ok());
+  EXPECT_EQ(k.status().code(), Code::kUnsupported);
+  EXPECT_NE(k.status().message().find("does not offer Ed25519"),
+            std::string::npos)
+      << k.status().ToString();
+  // Other types still work on that token.
+  auto ec = (*b)->Generate({1000, "still-ec"}, v1::EC_P256);
+  ASSERT_TRUE(ec.ok()) << ec.status().ToString();
+  EXPECT_TRUE((*b)->Destroy(Handle(*ec, 90, "still-ec")).ok());
+}
 
 TEST(P11StartTest, ModulePathRules) {
   P11Config c = FaultConfig();

@@ -27,11 +27,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -51,6 +53,7 @@ std::mutex g_mu;
 std::map<std::string, Fault> g_faults;
 std::map<std::string, unsigned long> g_counts;
 bool g_absent = false;
+std::set<CK_MECHANISM_TYPE> g_hidden;  // left out of C_GetMechanismList
 bool g_file_absent = false;  // KH_P11_FAULT_ABSENT_FILE seen at the last call
 
 CK_FUNCTION_LIST* g_real = nullptr;
@@ -152,6 +155,35 @@ CK_RV GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list,
   const bool faulty = TakeFault("C_GetMechanismList", &f);
   if (faulty && f.kind == Fault::kFail) {
     return f.rv;
+  }
+  std::set<CK_MECHANISM_TYPE> hidden;
+  {
+    std::lock_guard lock(g_mu);
+    hidden = g_hidden;
+  }
+  if (!hidden.empty()) {
+    // A token without these: the real list, filtered.
+    CK_ULONG n = 0;
+    CK_RV rv = g_real->C_GetMechanismList(slot, nullptr, &n);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    std::vector<CK_MECHANISM_TYPE> all(n);
+    rv = g_real->C_GetMechanismList(slot, all.data(), &n);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    all.resize(n);
+    std::erase_if(all, [&](CK_MECHANISM_TYPE m) { return hidden.contains(m); });
+    if (list != nullptr) {
+      if (*count < all.size()) {
+        *count = all.size();
+        return CKR_BUFFER_TOO_SMALL;
+      }
+      std::copy(all.begin(), all.end(), list);
+    }
+    *count = all.size();
+    return CKR_OK;
   }
   const CK_RV rv = g_real->C_GetMechanismList(slot, list, count);
   if (rv == CKR_OK && faulty && f.kind == Fault::kLie) {
@@ -367,4 +399,11 @@ KH_FAULT_EXPORT void kh_fault_reset(void) {
   g_faults.clear();
   g_counts.clear();
   g_absent = false;
+  g_hidden.clear();
+}
+
+// C_GetMechanismList leaves m out from now on (until kh_fault_reset).
+KH_FAULT_EXPORT void kh_fault_hide_mechanism(CK_MECHANISM_TYPE m) {
+  std::lock_guard lock(g_mu);
+  g_hidden.insert(m);
 }
