@@ -600,6 +600,37 @@ class P11FaultTest : public P11BackendTest {
   }
 };
 
+// The session pool is opened and logged in once: operations from several
+// threads neither log in nor open sessions again.
+TEST_F(P11FaultTest, NoLoginPerOperation) {
+  ASSERT_NE(Faults().count, nullptr);
+  auto k = backend_->Generate({1000, "pool"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 95, "pool");
+  const unsigned long logins = Faults().count("C_Login");
+  const unsigned long opens = Faults().count("C_OpenSession");
+  EXPECT_GE(logins, 1u);
+  const std::vector<uint8_t> digest = Sha256("pool");
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 25; ++i) {
+        if (backend_->Sign(h, EcdsaSha256(), digest).ok()) {
+          ++ok;
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) {
+    t.join();
+  }
+  EXPECT_EQ(ok.load(), 100);
+  EXPECT_EQ(Faults().count("C_Login"), logins);
+  EXPECT_EQ(Faults().count("C_OpenSession"), opens);
+  EXPECT_TRUE(backend_->Destroy(h).ok());
+}
+
 // A token without EdDSA (SoftHSM2 has it, so the fault module hides it):
 // Ed25519 creation and import say so, and nothing is left on the token.
 TEST_F(P11FaultTest, TokenWithoutEd25519SaysSo) {
