@@ -26,7 +26,7 @@ start_swtpm() {
   swtpm socket --tpm2 \
     --server "type=tcp,port=$2,bindaddr=127.0.0.1" \
     --ctrl "type=tcp,port=$(($2 + 1)),bindaddr=127.0.0.1" \
-    --tpmstate "dir=$1" --flags not-need-init,startup-clear \
+    --tpmstate "dir=$1" --flags "${SWTPM_FLAGS:-not-need-init,startup-clear}" \
     >>"$KH_DIR/swtpm.log" 2>&1 &
   SWTPM_PID=$!
   for _ in $(seq 1 100); do
@@ -159,6 +159,19 @@ start_swtpm "$KH_DIR/tpm" "$PORT"
 check "sign after TPM restart" "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/sig" --digest sha256
 check "openssl verifies after TPM restart" openssl dgst -sha256 -verify "$W/t-ec-p256.pub" \
   -signature "$W/sig" "$W/msg"
+# A TPM restarted without anyone sending TPM2_Startup (no startup-clear):
+# the backend starts it itself on reconnecting. The TPM is shut down in
+# order first (tpm2_shutdown), since every start after a disorderly stop
+# counts as a failed authorization and this test's keys are DA-protected.
+check "orderly TPM2_Shutdown" tpm2_shutdown -T "swtpm:host=127.0.0.1,port=$PORT"
+stop_swtpm
+SWTPM_FLAGS=not-need-init start_swtpm "$KH_DIR/tpm" "$PORT"
+check "sign after a restart that left the TPM unstarted" "$KEYHOLD" sign t-ec-p256 \
+  --in "$W/msg" --out "$W/sig" --digest sha256
+check "the daemon sent TPM2_Startup" grep -q "the TPM was not started; sent TPM2_Startup" \
+  "$KH_DIR/keyholdd.log"
+check "openssl verifies after the unstarted restart" openssl dgst -sha256 \
+  -verify "$W/t-ec-p256.pub" -signature "$W/sig" "$W/msg"
 
 # Through the OpenSSL provider (dev builds set KEYHOLD_PROVIDER).
 if [ -n "${KEYHOLD_PROVIDER:-}" ]; then

@@ -966,7 +966,12 @@ struct TpmBackend::Impl {
       Disconnect(false);
       return TpmError(rc, "Esys_Initialize");
     }
-    Status st = FlushStale();
+    Status st = EnsureStarted();
+    if (!st.ok()) {
+      Disconnect(false);
+      return st;
+    }
+    st = FlushStale();
     if (!st.ok()) {
       Disconnect(/*flush=*/false, /*tpm_reset=*/true);  // keep `stale`
       return st;
@@ -1050,6 +1055,28 @@ struct TpmBackend::Impl {
       }
     }
     stale.clear();
+    return Status::Ok();
+  }
+
+  // A TPM that nobody started since its reset (a simulator without
+  // startup-clear; firmware or the kernel start a real one) answers every
+  // command with TPM_RC_INITIALIZE: start it with TPM2_Startup(CLEAR).
+  Status EnsureStarted() {
+    TPMI_YES_NO more = TPM2_NO;
+    TPMS_CAPABILITY_DATA* raw = nullptr;
+    TSS2_RC rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    ESYS_TR_NONE, TPM2_CAP_TPM_PROPERTIES,
+                                    TPM2_PT_HR_TRANSIENT_AVAIL, 1, &more, &raw);
+    Esys_Free(raw);
+    if (rc == TSS2_RC_SUCCESS || BaseRc(rc) != TPM2_RC_INITIALIZE) {
+      return Status::Ok();  // started; any other error shows up next
+    }
+    rc = Esys_Startup(esys, TPM2_SU_CLEAR);
+    if (rc != TSS2_RC_SUCCESS) {
+      return TpmError(rc, "TPM2_Startup");
+    }
+    Log().warn("TPM backend '{}': the TPM was not started; sent TPM2_Startup",
+               options.name);
     return Status::Ok();
   }
 
