@@ -38,6 +38,30 @@ head -c 10000 /dev/urandom >"$W/msg"
 
 check "openssl list -providers shows keyhold" sh -c \
   "OPENSSL_CONF='$CNF' openssl list -providers | grep -A3 '^  keyhold' | grep -q 'status: active'"
+# Lazy: loading the provider, and work that never touches a keyhold key,
+# open no connection to the daemon (whose debug log names every client pid).
+connected() { grep -Eq "connection from uid [0-9]+ pid $1(,|\$)" "$KH_DIR/keyholdd.log"; }
+OPENSSL_CONF="$CNF" openssl list -providers >/dev/null &
+P1=$!
+wait "$P1"
+OPENSSL_CONF="$CNF" openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+  -out "$W/lazy.key" &
+P2=$!
+wait "$P2"
+OPENSSL_CONF="$CNF" openssl dgst -sha256 -sign "$W/lazy.key" -out "$W/lazy.sig" "$W/msg" &
+P3=$!
+wait "$P3"
+OPENSSL_CONF="$CNF" openssl pkey -in keyhold:nosuchkey -pubout >/dev/null 2>&1 &
+P4=$!
+wait "$P4" || true
+sleep 0.2
+c1=no c23=no c4=no
+connected "$P1" && c1=yes
+{ connected "$P2" || connected "$P3"; } && c23=yes
+connected "$P4" && c4=yes
+check "loading the provider connects nowhere (list -providers)" test "$c1" = no
+check "file keys with the provider loaded connect nowhere" test -s "$W/lazy.sig" -a "$c23" = no
+check "(a keyhold: URI does connect: the log names its pid)" test "$c4" = yes
 
 for type in ec-p256 ec-p384 ec-p521 rsa-2048 rsa-3072 ed25519 x25519; do
   check "create $type" "$KEYHOLD" key create "k-$type" --type "$type"
