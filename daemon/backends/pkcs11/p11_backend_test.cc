@@ -17,8 +17,10 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "common/key_types.h"
@@ -480,6 +482,79 @@ TEST_F(P11BackendTest, RetiredKeyIsRemovedOnlyWithoutItsRow) {
   EXPECT_TRUE(backend_->Sign(ha, p, digest).ok());
   EXPECT_TRUE(backend_->Destroy(ha).ok());
   EXPECT_TRUE(backend_->Retire(ha).ok());  // gone already: nothing to do
+}
+
+// Straight at SoftHSM2 (the same module in this process, as pkcs11-tool
+// would see it): keyhold's private keys are sensitive, never extractable,
+// and their private values cannot be read.
+TEST_F(P11BackendTest, PrivateValuesCannotBeReadFromTheToken) {
+  void* lib = ::dlopen(kModule, RTLD_NOW | RTLD_NOLOAD);
+  ASSERT_NE(lib, nullptr);
+  auto get =
+      reinterpret_cast<CK_C_GetFunctionList>(::dlsym(lib, "C_GetFunctionList"));
+  ASSERT_NE(get, nullptr);
+  CK_FUNCTION_LIST* fl = nullptr;
+  ASSERT_EQ(get(&fl), CKR_OK);
+  const CK_RV init = fl->C_Initialize(nullptr);  // p11-kit did it already
+  ASSERT_TRUE(init == CKR_OK || init == CKR_CRYPTOKI_ALREADY_INITIALIZED);
+  CK_SLOT_ID slots[16];
+  CK_ULONG nslots = 16;
+  ASSERT_EQ(fl->C_GetSlotList(CK_TRUE, slots, &nslots), CKR_OK);
+  std::optional<CK_SLOT_ID> slot;
+  for (CK_ULONG i = 0; i < nslots; ++i) {
+    CK_TOKEN_INFO info{};
+    if (fl->C_GetTokenInfo(slots[i], &info) == CKR_OK &&
+        std::string(reinterpret_cast<const char*>(info.label), 32)
+            .starts_with(kLabel)) {
+      slot = slots[i];
+    }
+  }
+  ASSERT_TRUE(slot.has_value());
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  ASSERT_EQ(fl->C_OpenSession(*slot, CKF_SERIAL_SESSION, nullptr, nullptr, &s),
+            CKR_OK);
+  std::string pin = kPin;
+  const CK_RV login = fl->C_Login(
+      s, CKU_USER, reinterpret_cast<CK_UTF8CHAR*>(pin.data()), pin.size());
+  ASSERT_TRUE(login == CKR_OK || login == CKR_USER_ALREADY_LOGGED_IN);
+  for (auto [type, name, secret] :
+       {std::tuple{v1::EC_P256, "sens-ec", CKA_VALUE},
+        std::tuple{v1::RSA_2048, "sens-rsa", CKA_PRIVATE_EXPONENT},
+        std::tuple{v1::RSA_2048, "sens-rsa-p", CKA_PRIME_1}}) {
+    auto k = backend_->Generate({1000, name}, type);
+    ASSERT_TRUE(k.ok()) << k.status().ToString();
+    const KeyHandle h = Handle(*k, 85, name);
+    backend_->Recorded(h);
+    std::string label = std::string("keyhold:1000/") + name;
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE find[] = {{CKA_CLASS, &cls, sizeof(cls)},
+                           {CKA_LABEL, label.data(), label.size()}};
+    ASSERT_EQ(fl->C_FindObjectsInit(s, find, 2), CKR_OK);
+    CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
+    CK_ULONG n = 0;
+    ASSERT_EQ(fl->C_FindObjects(s, &obj, 1, &n), CKR_OK);
+    ASSERT_EQ(fl->C_FindObjectsFinal(s), CKR_OK);
+    ASSERT_EQ(n, 1u) << name;
+    CK_BBOOL sensitive = CK_FALSE;
+    CK_BBOOL extractable = CK_TRUE;
+    CK_BBOOL never_extractable = CK_FALSE;
+    CK_ATTRIBUTE flags[] = {
+        {CKA_SENSITIVE, &sensitive, sizeof(sensitive)},
+        {CKA_EXTRACTABLE, &extractable, sizeof(extractable)},
+        {CKA_NEVER_EXTRACTABLE, &never_extractable, sizeof(never_extractable)}};
+    ASSERT_EQ(fl->C_GetAttributeValue(s, obj, flags, 3), CKR_OK);
+    EXPECT_EQ(sensitive, CK_TRUE) << name;
+    EXPECT_EQ(extractable, CK_FALSE) << name;
+    EXPECT_EQ(never_extractable, CK_TRUE) << name;
+    uint8_t buf[1024];
+    CK_ATTRIBUTE value{secret, buf, sizeof(buf)};
+    EXPECT_EQ(fl->C_GetAttributeValue(s, obj, &value, 1),
+              CKR_ATTRIBUTE_SENSITIVE)
+        << name;
+    EXPECT_EQ(value.ulValueLen, CK_UNAVAILABLE_INFORMATION) << name;
+    EXPECT_TRUE(backend_->Destroy(h).ok());
+  }
+  EXPECT_EQ(fl->C_CloseSession(s), CKR_OK);
 }
 
 // A blob only works under the key reference it was made for.
