@@ -87,21 +87,22 @@ Status SslError(Code code, std::string message) {
 // ---------------------------------------------------------------------------
 // Settings
 
+// text is prefix followed by one or more decimal digits ("/dev/tpm0").
+bool IsPrefixAndNumber(std::string_view text, std::string_view prefix) {
+  if (!text.starts_with(prefix) || text.size() == prefix.size()) {
+    return false;
+  }
+  const std::string_view rest = text.substr(prefix.size());
+  return std::all_of(rest.begin(), rest.end(),
+                     [](char c) { return c >= '0' && c <= '9'; });
+}
+
 // device:/dev/tpmN (no resource manager): the kernel lets one process open
 // it at a time, so whatever transient objects it holds when keyholdd gets
 // it belong to a process that is gone.
 bool IsExclusiveDevice(std::string_view tcti) {
-  constexpr std::string_view kPrefix = "device:/dev/tpm";
-  if (tcti == "device") {
-    return true;  // tcti-device's default is /dev/tpm0
-  }
-  if (!tcti.starts_with(kPrefix)) {
-    return false;
-  }
-  const std::string_view rest = tcti.substr(kPrefix.size());
-  return !rest.empty() && std::all_of(rest.begin(), rest.end(), [](char c) {
-    return c >= '0' && c <= '9';
-  });
+  // tcti-device's default is /dev/tpm0.
+  return tcti == "device" || IsPrefixAndNumber(tcti, "device:/dev/tpm");
 }
 
 StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
@@ -835,17 +836,7 @@ struct LoadedEntry {
 std::size_t TransientLimitOfTcti(std::string_view tcti) {
   // "device:/dev/tpmrm0", "device:/dev/tpmrm1", ...; "device" alone opens
   // /dev/tpm0 (no resource manager).
-  constexpr std::string_view kPrefix = "device:/dev/tpmrm";
-  if (!tcti.starts_with(kPrefix)) {
-    return 0;
-  }
-  const std::string_view rest = tcti.substr(kPrefix.size());
-  if (rest.empty() || !std::all_of(rest.begin(), rest.end(), [](char c) {
-        return c >= '0' && c <= '9';
-      })) {
-    return 0;
-  }
-  return 3;
+  return IsPrefixAndNumber(tcti, "device:/dev/tpmrm") ? 3 : 0;
 }
 
 StatusOr<TpmOptions> ParseTpmSettings(std::string_view toml_text) {
@@ -1002,11 +993,9 @@ struct TpmBackend::Impl {
   }
 
   // Flushes what a lost connection left in the TPM (see `stale`).
-  Status FlushStale() {
-    if (stale.empty()) {
-      return Status::Ok();
-    }
-    std::set<TPM2_HANDLE> present;
+  // The handles of the transient objects and loaded sessions in the TPM.
+  StatusOr<std::vector<TPM2_HANDLE>> TransientHandles() {
+    std::vector<TPM2_HANDLE> out;
     for (TPM2_HANDLE first : {TPM2_TRANSIENT_FIRST, TPM2_LOADED_SESSION_FIRST}) {
       TPMI_YES_NO more = TPM2_NO;
       TPMS_CAPABILITY_DATA* raw = nullptr;
@@ -1018,9 +1007,25 @@ struct TpmBackend::Impl {
       }
       auto caps = Owned(raw);
       for (UINT32 i = 0; i < caps->data.handles.count; ++i) {
-        present.insert(caps->data.handles.handle[i]);
+        const TPM2_HANDLE h = caps->data.handles.handle[i];
+        // Only handles of the type asked for (a TPM lists no others).
+        if ((h >> 24) == (first >> 24)) {
+          out.push_back(h);
+        }
       }
     }
+    return out;
+  }
+
+  Status FlushStale() {
+    if (stale.empty()) {
+      return Status::Ok();
+    }
+    StatusOr<std::vector<TPM2_HANDLE>> handles = TransientHandles();
+    if (!handles.ok()) {
+      return handles.status();
+    }
+    const std::set<TPM2_HANDLE> present(handles->begin(), handles->end());
     TSS2_SYS_CONTEXT* sys = nullptr;
     if (Esys_GetSysContext(esys, &sys) != TSS2_RC_SUCCESS) {
       sys = nullptr;
@@ -1087,27 +1092,14 @@ struct TpmBackend::Impl {
     if (Esys_GetSysContext(esys, &sys) != TSS2_RC_SUCCESS || sys == nullptr) {
       return Internal("TPM: no SYS context for flushing leftovers");
     }
+    StatusOr<std::vector<TPM2_HANDLE>> handles = TransientHandles();
+    if (!handles.ok()) {
+      return handles.status();
+    }
     std::size_t flushed = 0;
-    for (TPM2_HANDLE first :
-         {TPM2_TRANSIENT_FIRST, TPM2_LOADED_SESSION_FIRST}) {
-      TPMI_YES_NO more = TPM2_NO;
-      TPMS_CAPABILITY_DATA* raw = nullptr;
-      const TSS2_RC rc = Esys_GetCapability(
-          esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
-          first, TPM2_MAX_CAP_HANDLES, &more, &raw);
-      if (rc != TSS2_RC_SUCCESS) {
-        return TpmError(rc, "TPM2_GetCapability(handles)");
-      }
-      auto caps = Owned(raw);
-      for (UINT32 i = 0; i < caps->data.handles.count; ++i) {
-        const TPM2_HANDLE h = caps->data.handles.handle[i];
-        // The capability lists from `first` on, across handle types.
-        if ((h >> 24) != (first >> 24)) {
-          continue;
-        }
-        if (Tss2_Sys_FlushContext(sys, h) == TSS2_RC_SUCCESS) {
-          ++flushed;
-        }
+    for (TPM2_HANDLE h : *handles) {
+      if (Tss2_Sys_FlushContext(sys, h) == TSS2_RC_SUCCESS) {
+        ++flushed;
       }
     }
     if (flushed > 0) {
