@@ -37,7 +37,7 @@ printf 'leak:libsofthsm2.so\n' >"$H/lsan.supp"
 export LSAN_OPTIONS="${LSAN_OPTIONS:+$LSAN_OPTIONS:}suppressions=$H/lsan.supp"
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}fast_unwind_on_malloc=0"
 
-# write_config MODULE ALLOWED PIN_FILE
+# write_config MODULE ALLOWED PIN_FILE [SESSIONS [EXTRA_LINE]]
 write_config() {
   cat >"$H/keyholdd.toml" <<EOF
 [[backend.pkcs11]]
@@ -46,7 +46,8 @@ module = "$1"
 allowed_modules = ["$2"]
 token_label = "kh-hsm"
 pin_file = "$3"
-sessions = 4
+sessions = ${4:-4}
+${5:-}
 EOF
 }
 
@@ -411,16 +412,7 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
   FM="$KH_P11_FAULT_MODULE"
   write_config "$FM" "$M" "$H/pin"
   start_fails "fault module not allow-listed" "not in allowed_modules"
-  cat >"$H/keyholdd.toml" <<EOF
-[[backend.pkcs11]]
-name = "hsm"
-module = "$FM"
-allowed_modules = ["$FM"]
-token_label = "kh-hsm"
-pin_file = "$H/pin"
-sessions = 1
-acquire_timeout_ms = 2000
-EOF
+  write_config "$FM" "$FM" "$H/pin" 1 "acquire_timeout_ms = 2000"
   export KH_P11_FAULT_HANG_FILE="$W/hang" KH_P11_FAULT_ABSENT_FILE="$W/absent" \
     KH_P11_FAULT_CRASH_FILE="$W/crash"
   rm -f "$W/hang" "$W/hang.entered" "$W/absent" "$W/crash"

@@ -121,6 +121,28 @@ class P11BackendTest : public ::testing::Test {
 
   // The handle of a key made for {1000, name}: the blob only works under
   // the reference it was made for.
+  // Signs digest `each` times from each of `threads` threads at once;
+  // returns how many signatures succeeded.
+  int SignFromThreads(const KeyHandle& h, const SignParams& p,
+                      const std::vector<uint8_t>& digest, int threads,
+                      int each) {
+    std::atomic<int> good{0};
+    std::vector<std::thread> running;
+    for (int t = 0; t < threads; ++t) {
+      running.emplace_back([&] {
+        for (int i = 0; i < each; ++i) {
+          if (backend_->Sign(h, p, digest).ok()) {
+            ++good;
+          }
+        }
+      });
+    }
+    for (std::thread& t : running) {
+      t.join();
+    }
+    return good.load();
+  }
+
   KeyHandle Handle(const CreatedKey& k, uint64_t id, const std::string& name) {
     KeyHandle h;
     h.id = id;
@@ -575,25 +597,10 @@ TEST_F(P11BackendTest, ConcurrentSigning) {
   auto k = backend_->Generate({1000, "conc"}, v1::EC_P256);
   ASSERT_TRUE(k.ok());
   const KeyHandle h = Handle(*k, 60, "conc");
-  std::vector<std::thread> threads;
-  std::atomic<int> good{0};
-  for (int t = 0; t < 6; ++t) {
-    threads.emplace_back([&] {
-      SignParams p;
-      p.algorithm = v1::ECDSA;
-      p.digest = v1::SHA256;
-      const std::vector<uint8_t> digest = Sha256("c");
-      for (int i = 0; i < 20; ++i) {
-        if (backend_->Sign(h, p, digest).ok()) {
-          ++good;
-        }
-      }
-    });
-  }
-  for (auto& t : threads) {
-    t.join();
-  }
-  EXPECT_EQ(good.load(), 120);
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  EXPECT_EQ(SignFromThreads(h, p, Sha256("c"), 6, 20), 120);
   EXPECT_TRUE(backend_->Destroy(h).ok());
 }
 
@@ -685,22 +692,7 @@ TEST_F(P11FaultTest, NoLoginPerOperation) {
   const unsigned long logins = Faults().count("C_Login");
   const unsigned long opens = Faults().count("C_OpenSession");
   EXPECT_GE(logins, 1u);
-  const std::vector<uint8_t> digest = Sha256("pool");
-  std::atomic<int> ok{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < 4; ++t) {
-    threads.emplace_back([&] {
-      for (int i = 0; i < 25; ++i) {
-        if (backend_->Sign(h, EcdsaSha256(), digest).ok()) {
-          ++ok;
-        }
-      }
-    });
-  }
-  for (std::thread& t : threads) {
-    t.join();
-  }
-  EXPECT_EQ(ok.load(), 100);
+  EXPECT_EQ(SignFromThreads(h, EcdsaSha256(), Sha256("pool"), 4, 25), 100);
   EXPECT_EQ(Faults().count("C_Login"), logins);
   EXPECT_EQ(Faults().count("C_OpenSession"), opens);
   EXPECT_TRUE(backend_->Destroy(h).ok());
@@ -936,21 +928,7 @@ TEST_F(P11FaultTest, LoggedOutTokenIsLoggedInAgain) {
   EXPECT_TRUE(Verifies(k->public_key, *sig, digest));
   EXPECT_GT(Faults().count("C_Login"), logins);
   // Both pool sessions are usable afterwards, also from two threads.
-  std::atomic<int> good{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < 2; ++t) {
-    threads.emplace_back([&] {
-      for (int i = 0; i < 10; ++i) {
-        if (backend_->Sign(h, EcdsaSha256(), digest).ok()) {
-          ++good;
-        }
-      }
-    });
-  }
-  for (auto& t : threads) {
-    t.join();
-  }
-  EXPECT_EQ(good.load(), 20);
+  EXPECT_EQ(SignFromThreads(h, EcdsaSha256(), digest, 2, 10), 20);
 }
 
 // The token is removed: requests get a clear "not present" status (and no
