@@ -3,7 +3,8 @@
 # talking to a swtpm started here on 127.0.0.1, driven by the keyhold CLI.
 # Every signature is verified, every ciphertext made and every shared secret
 # cross-checked by the plain openssl CLI. Also: software and TPM keys side by
-# side, a daemon restart, a TPM restart (clear error, then recovery), a
+# side, a daemon restart, a TPM restart (clear error, then recovery), a TPM
+# that stops answering (one request held, the others "TPM busy"), a
 # copy of the state directory used with a fresh TPM (cannot sign), and the
 # master key sealed by the TPM (moved from master.key, unsealed at every
 # start, refused by another TPM).
@@ -38,6 +39,7 @@ start_swtpm() {
 }
 stop_swtpm() {
   if [ -n "$SWTPM_PID" ]; then
+    kill -CONT "$SWTPM_PID" 2>/dev/null || true  # if a step stopped it
     kill "$SWTPM_PID" 2>/dev/null || true
     wait "$SWTPM_PID" 2>/dev/null || true
     SWTPM_PID=""
@@ -172,6 +174,60 @@ check "the daemon sent TPM2_Startup" grep -q "the TPM was not started; sent TPM2
   "$KH_DIR/keyholdd.log"
 check "openssl verifies after the unstarted restart" openssl dgst -sha256 \
   -verify "$W/t-ec-p256.pub" -signature "$W/sig" "$W/msg"
+
+# A TPM that stops answering (swtpm stopped with SIGSTOP: connections are
+# accepted, commands never answered). The request inside the TPM waits for
+# it; everything else is answered; other TPM requests get "TPM busy" after
+# acquire_timeout_ms (at once when the TPM has already been silent that
+# long) instead of each holding a blocking-pool thread for as long as the
+# TPM stays silent, which would starve key generation and every other
+# backend. Once the TPM answers again, so does the hung request.
+{ cat "$KH_DIR/sole.toml"; echo "acquire_timeout_ms = 2000"; } >"$KH_DIR/hang.toml"
+kh_stop
+kh_start --config "$KH_DIR/hang.toml"
+kill -STOP "$SWTPM_PID"
+timeout 120 "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/hung.sig" --digest sha256 \
+  2>"$W/hung.err" &
+HUNG=$!
+# The command is in swtpm's receive queue once the daemon has sent it.
+for _ in $(seq 1 200); do
+  ss -Htn state established "( sport = :$PORT )" | awk '$1 > 0 {f=1} END {exit !f}' && break
+  sleep 0.05
+done
+check "a TPM command is waiting in the stopped swtpm" sh -c \
+  "ss -Htn state established '( sport = :$PORT )' | awk '\$1 > 0 {f=1} END {exit !f}'"
+check "ping answers while the TPM is silent" timeout 10 "$KEYHOLD" ping
+check "key list answers while the TPM is silent" timeout 10 "$KEYHOLD" key list
+check "a software key signs while the TPM is silent" \
+  timeout 10 "$KEYHOLD" sign s-ec --in "$W/msg" --out "$W/sig" --digest sha256
+fails "another TPM key use says the TPM is busy" "TPM busy" \
+  timeout 30 "$KEYHOLD" sign t-ec-p384 --in "$W/msg" --out "$W/sig" --digest sha256
+# A flood of TPM requests (more than the blocking pool has threads) gets
+# its answers without delay, and leaves the pool to everyone else.
+FLOOD=()
+for i in $(seq 1 8); do
+  timeout 60 "$KEYHOLD" sign "many-$i" --in "$W/msg" --out "$W/flood-$i.sig" --digest sha256 \
+    2>"$W/flood-$i.err" &
+  FLOOD+=($!)
+done
+sleep 1  # the flood reaches the daemon first (without the bound it held every pool thread)
+check "a software key is created (blocking pool) during a flood of TPM requests" \
+  timeout 20 "$KEYHOLD" key create s-during-hang --type rsa-2048
+busy=0
+for i in $(seq 1 8); do
+  if ! wait "${FLOOD[$((i - 1))]}" && grep -q "TPM busy" "$W/flood-$i.err"; then
+    busy=$((busy + 1))
+  fi
+done
+check "all 8 flooding TPM requests were answered \"TPM busy\"" test "$busy" = 8
+check "the daemon is still running" kill -0 "$KH_PID"
+kill -CONT "$SWTPM_PID"
+check "the hung request is answered once the TPM answers" wait "$HUNG"
+check "openssl verifies the hung request's signature" openssl dgst -sha256 \
+  -verify "$W/t-ec-p256.pub" -signature "$W/hung.sig" "$W/msg"
+check "TPM keys sign again" "$KEYHOLD" sign t-ec-p384 --in "$W/msg" --out "$W/sig" --digest sha256
+check "openssl verifies after the silent TPM" openssl dgst -sha256 \
+  -verify "$W/t-ec-p384.pub" -signature "$W/sig" "$W/msg"
 
 # Through the OpenSSL provider (dev builds set KEYHOLD_PROVIDER).
 if [ -n "${KEYHOLD_PROVIDER:-}" ]; then

@@ -18,7 +18,9 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 #include <climits>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -119,7 +121,8 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
                                        "persistent_name",
                                        "max_loaded_keys",
                                        "encrypted_sessions",
-                                       "sole_user"};
+                                       "sole_user",
+                                       "acquire_timeout_ms"};
   for (const auto& [key, value] : t) {
     if (!known.contains(std::string(key.str()))) {
       return InvalidArgument("unknown setting 'backend.tpm." +
@@ -175,6 +178,15 @@ StatusOr<TpmOptions> ParseSettings(std::string_view toml_text) {
           "to 64");
     }
     o.max_loaded_keys = static_cast<uint32_t>(*v);
+  }
+  if (const toml::node* n = t.get("acquire_timeout_ms")) {
+    auto v = n->value<int64_t>();
+    if (!v || *v < 1 || *v > int64_t{3600} * 1000) {
+      return InvalidArgument(
+          "setting 'backend.tpm.acquire_timeout_ms' must be an integer from "
+          "1 to 3600000");
+    }
+    o.acquire_timeout_ms = static_cast<uint32_t>(*v);
   }
   if (!o.persistent_name.empty()) {
     std::string lower;
@@ -850,6 +862,12 @@ struct TpmBackend::Impl {
   SecretBytes seal_key;    // derived from the master key
   SecretBytes owner_auth;  // empty: no owner auth
 
+  // Requests take the TPM through Acquire(), a gate in front of mu whose
+  // waits are bounded (acquire_timeout_ms); the gate's holder then takes mu.
+  mutable std::mutex gate_mu;
+  std::condition_variable gate_cv;
+  bool gate_taken = false;                           // guarded by gate_mu
+  std::chrono::steady_clock::time_point gate_since;  // guarded by gate_mu
   mutable std::mutex mu;  // guards everything below and every ESYS call
   TSS2_TCTI_CONTEXT* tcti = nullptr;
   ESYS_CONTEXT* esys = nullptr;
@@ -1315,11 +1333,71 @@ struct TpmBackend::Impl {
     return Connect();
   }
 
+  // The gate and mu, held for one request; both released on destruction.
+  class Held {
+   public:
+    explicit Held(Impl* im) : im_(im), lock_(im->mu) {}
+    Held(Held&& other) noexcept
+        : im_(std::exchange(other.im_, nullptr)),
+          lock_(std::move(other.lock_)) {}
+    Held(const Held&) = delete;
+    Held& operator=(const Held&) = delete;
+    Held& operator=(Held&&) = delete;
+    ~Held() {
+      if (im_ != nullptr) {
+        lock_.unlock();
+        {
+          std::lock_guard gate(im_->gate_mu);
+          im_->gate_taken = false;
+        }
+        im_->gate_cv.notify_one();
+      }
+    }
+
+   private:
+    Impl* im_;
+    std::unique_lock<std::mutex> lock_;
+  };
+
+  // Takes the TPM for a request. A TPM that stops answering keeps its
+  // caller in an ESYS call for as long as it is silent (the synchronous
+  // ESYS calls wait without a timeout); the other requests must not each
+  // hold a thread behind it for that long: they wait at most
+  // acquire_timeout_ms, and fail at once when the holder has been in the
+  // TPM that long already.
+  StatusOr<Held> Acquire() {
+    using Clock = std::chrono::steady_clock;
+    const auto timeout = std::chrono::milliseconds(options.acquire_timeout_ms);
+    {
+      std::unique_lock gate(gate_mu);
+      const bool got =
+          !(gate_taken && Clock::now() - gate_since >= timeout) &&
+          gate_cv.wait_for(gate,
+                           gate_taken ? timeout - (Clock::now() - gate_since)
+                                      : Clock::duration(timeout),
+                           [&] { return !gate_taken; });
+      if (!got) {
+        return BackendUnavailable(
+            "TPM busy: another request has been waiting for the TPM's "
+            "answer for over " +
+            std::to_string(options.acquire_timeout_ms) +
+            " ms (acquire_timeout_ms); is the TPM or its resource manager "
+            "hanging?");
+      }
+      gate_taken = true;
+      gate_since = Clock::now();
+    }
+    return Held(this);
+  }
+
   // Runs op (which issues ESYS calls) with the lock held; after a lost
   // connection the context is rebuilt and op retried once.
   template <typename T, typename Op>
   StatusOr<T> Run(Op op) {
-    std::lock_guard lock(mu);
+    StatusOr<Held> lock = Acquire();
+    if (!lock.ok()) {
+      return lock.status();
+    }
     for (int attempt = 0;; ++attempt) {
       Status st = EnsureConnected();
       if (!st.ok()) {
@@ -1816,6 +1894,11 @@ std::size_t TpmBackend::LoadedKeyCapacity() const {
   return impl_->capacity;
 }
 
+bool TpmBackend::InUse() const {
+  std::lock_guard gate(impl_->gate_mu);
+  return impl_->gate_taken;
+}
+
 StatusOr<CreatedKey> TpmBackend::Generate(const daemon::KeyRef& ref,
                                           v1::KeyType type) {
   if (type == v1::KEY_TYPE_UNSPECIFIED) {
@@ -2074,7 +2157,12 @@ StatusOr<SecretBytes> TpmBackend::Derive(const KeyHandle& key,
 }
 
 Status TpmBackend::Destroy(const KeyHandle& key) {
-  std::lock_guard lock(impl_->mu);
+  StatusOr<Impl::Held> lock = impl_->Acquire();
+  if (!lock.ok()) {
+    // The row is gone already; a handle left loaded is evicted in turn (a
+    // key with the same id cannot reuse it: Load() compares the blob).
+    return lock.status();
+  }
   if (impl_->esys != nullptr) {
     impl_->Evict(key.id);
   }

@@ -7,7 +7,8 @@
 // do anything without the TPM that wrapped the keys.
 //
 // Access goes through ESAPI (Esys_*) over the TCTI named in the config, one
-// ESYS context serialized by a mutex. Loaded keys are kept in a small LRU of
+// ESYS context serialized by a mutex whose waits are bounded
+// (acquire_timeout_ms). Loaded keys are kept in a small LRU of
 // transient handles sized to the TPM's free object slots; a lost TPM
 // connection is re-established (and the primary recreated) on the next use.
 #ifndef KEYHOLD_DAEMON_BACKENDS_TPM_TPM_BACKEND_H_
@@ -59,6 +60,11 @@ struct TpmOptions {
   // `sole_user`; the default is true for device:/dev/tpmN, which the
   // kernel lets one process open at a time, else false.
   bool sole_user = false;
+  // How long a request waits for the TPM while another one has it. A
+  // request that finds the TPM held for this long already (a TPM, or a
+  // resource manager, that stopped answering) fails at once: the call that
+  // hangs holds one thread, not every thread that wants the TPM.
+  uint32_t acquire_timeout_ms = 30000;
 };
 
 // Parses a [[backend.tpm]] table (TOML text). Unknown keys are an error.
@@ -121,6 +127,8 @@ class TpmBackend : public Backend {
   std::size_t LoadedKeyCount() const;
   // The LRU capacity in use (for tests).
   std::size_t LoadedKeyCapacity() const;
+  // A request holds the TPM now (for tests; takes no lock).
+  bool InUse() const;
 
  private:
   struct Impl;

@@ -112,12 +112,16 @@ class Swtpm {
   }
   void Stop() {
     if (pid_ > 0) {
+      ::kill(pid_, SIGCONT);  // if paused
       ::kill(pid_, SIGTERM);
       int status = 0;
       ::waitpid(pid_, &status, 0);
       pid_ = -1;
     }
   }
+  // SIGSTOP: connections are still accepted, commands never answered.
+  void Pause() { ::kill(pid_, SIGSTOP); }
+  void Resume() { ::kill(pid_, SIGCONT); }
   std::string Tcti() const {
     return "swtpm:host=127.0.0.1,port=" + std::to_string(port_);
   }
@@ -466,6 +470,13 @@ TEST(TpmSettingsTest, ParsesAndRejectsUnknownKeys) {
       ParseTpmSettings("name = \"t\"\npersistent_handle = 5\n").status().code(),
       Code::kInvalidArgument);
   EXPECT_FALSE(ParseTpmSettings("tcti = \"x\"\n").ok());
+  EXPECT_EQ(ParseTpmSettings("name = \"t\"\n")->acquire_timeout_ms, 30000u);
+  EXPECT_EQ(ParseTpmSettings("name = \"t\"\nacquire_timeout_ms = 250\n")
+                ->acquire_timeout_ms,
+            250u);
+  EXPECT_FALSE(ParseTpmSettings("name = \"t\"\nacquire_timeout_ms = 0\n").ok());
+  EXPECT_FALSE(
+      ParseTpmSettings("name = \"t\"\nacquire_timeout_ms = 3600001\n").ok());
 }
 
 TEST_F(TpmBackendTest, UnreadableOwnerAuthFileIsRejected) {
@@ -765,6 +776,59 @@ TEST_F(TpmBackendTest, TpmRestartGivesClearErrorThenRecovers) {
   auto up = backend_->Sign(k.handle, p, d);
   ASSERT_TRUE(up.ok()) << up.status().ToString();
   EXPECT_TRUE(Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *up));
+}
+
+// A TPM that stops answering keeps the request inside it for as long as it
+// is silent. The others get "TPM busy" after acquire_timeout_ms, and at once
+// once the TPM has been silent that long, instead of each holding a thread
+// behind it; when the TPM answers again, so does the held request.
+TEST_F(TpmBackendTest, SilentTpmHoldsOneRequestAndTheOthersGetBusy) {
+  TpmOptions o;
+  o.name = "tpm";
+  o.tcti = tpm_->Tcti();
+  o.acquire_timeout_ms = 300;
+  auto created = TpmBackend::Create(std::move(o), master_);
+  ASSERT_TRUE(created.ok()) << created.status().ToString();
+  backend_ = std::move(*created);
+  Key k = MakeKey(backend_.get(), 1, v1::EC_P256, "silent");
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  const std::vector<uint8_t> d = Sha(EVP_sha256(), "x");
+  ASSERT_TRUE(backend_->Sign(k.handle, p, d).ok());
+
+  tpm_->Pause();
+  StatusOr<std::vector<uint8_t>> held = Internal("not run");
+  std::thread inside([&] { held = backend_->Sign(k.handle, p, d); });
+  for (int i = 0; i < 1000 && !backend_->InUse(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(backend_->InUse());
+  auto waited = backend_->Sign(k.handle, p, d);  // waits up to 300 ms
+  ASSERT_FALSE(waited.ok());
+  EXPECT_EQ(waited.status().code(), Code::kBackendUnavailable);
+  EXPECT_NE(waited.status().message().find("TPM busy"), std::string::npos)
+      << waited.status().ToString();
+  // Silent for 300 ms by now: no more waiting, for any TPM call.
+  auto at_once = backend_->Sign(k.handle, p, d);
+  ASSERT_FALSE(at_once.ok());
+  EXPECT_NE(at_once.status().message().find("TPM busy"), std::string::npos)
+      << at_once.status().ToString();
+  auto gen = backend_->Generate(daemon::KeyRef{1000, "during"}, v1::EC_P256);
+  ASSERT_FALSE(gen.ok());
+  EXPECT_NE(gen.status().message().find("TPM busy"), std::string::npos);
+  EXPECT_FALSE(backend_->Destroy(k.handle).ok());
+
+  tpm_->Resume();
+  inside.join();
+  ASSERT_TRUE(held.ok()) << held.status().ToString();
+  EXPECT_TRUE(
+      Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *held));
+  EXPECT_FALSE(backend_->InUse());
+  auto after = backend_->Sign(k.handle, p, d);
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  EXPECT_TRUE(
+      Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *after));
 }
 
 // A copy of the key store (and even of master.key) is useless with another
