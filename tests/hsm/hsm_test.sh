@@ -440,17 +440,28 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
     timeout 30 "$KEYHOLD" sign h-rsa-2048 --in "$W/msg" --out "$W/sig2"
   check "ping still answers" timeout 10 "$KEYHOLD" ping
   # Device key uses may run on I/O threads (server.h); with one of them hung
-  # and others waiting for the session, an I/O thread is still free.
+  # and others asking for the session, an I/O thread is still free. The
+  # session has been busy for acquire_timeout_ms by now, so a flood of HSM
+  # requests (more than the blocking pool has threads) is answered without
+  # waiting and leaves the pool to everyone else (key creation here).
   WAITERS=()
-  for i in 1 2 3; do
+  for i in $(seq 1 8); do
     timeout 30 "$KEYHOLD" sign h-rsa-2048 --in "$W/msg" --out "$W/w$i.sig" \
-      >/dev/null 2>&1 &
+      >/dev/null 2>"$W/w$i.err" &
     WAITERS+=($!)
   done
-  check "ping answers while three more HSM requests wait" timeout 10 "$KEYHOLD" ping
+  check "ping answers while eight more HSM requests come in" timeout 10 "$KEYHOLD" ping
   check "a software-key sign answers meanwhile" \
     timeout 10 "$KEYHOLD" sign soft --in "$W/msg" --out "$W/soft.sig"
-  for p in "${WAITERS[@]}"; do wait "$p" || true; done
+  check "a software key is created (blocking pool) meanwhile" \
+    timeout 20 "$KEYHOLD" key create soft-during-hang --type rsa-2048
+  busy=0
+  for i in $(seq 1 8); do
+    if ! wait "${WAITERS[$((i - 1))]}" && grep -q "stayed busy" "$W/w$i.err"; then
+      busy=$((busy + 1))
+    fi
+  done
+  check "all 8 HSM requests of the flood were answered \"stayed busy\"" test "$busy" = 8
   rm -f "$W/hang"
   check "the hung request is answered once the module returns" wait "$HUNG"
   check "and its signature verifies" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" \

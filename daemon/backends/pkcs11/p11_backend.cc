@@ -29,6 +29,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <shared_mutex>
 #include <sstream>
@@ -664,6 +665,9 @@ struct P11Backend::Impl {
   std::condition_variable pool_cv;
   std::vector<CK_SESSION_HANDLE> idle;
   uint32_t open = 0;
+  // Since when every session has been leased without one coming back
+  // (unset: some session is free or may be opened).
+  std::optional<std::chrono::steady_clock::time_point> full_since;
   std::mutex slot_mu;  // guards slot during re-discovery
   std::atomic<bool> pin_refused{false};
   // Bumped when a session is found lost; sessions of older generations are
@@ -833,6 +837,7 @@ struct P11Backend::Impl {
       } else {
         idle.push_back(h);
       }
+      full_since.reset();
     }
     if (close) {
       fn->C_CloseSession(h);
@@ -852,6 +857,9 @@ struct P11Backend::Impl {
       ++generation;
       stale.swap(idle);
       open -= static_cast<uint32_t>(stale.size());
+      if (!stale.empty()) {
+        full_since.reset();
+      }
     }
     for (CK_SESSION_HANDLE h : stale) {
       fn->C_CloseSession(h);  // may fail: the session is likely gone
@@ -859,23 +867,41 @@ struct P11Backend::Impl {
     pool_cv.notify_all();
   }
 
+  // A free session, waiting at most acquire_timeout_ms for one; none at all
+  // when every session has been busy that long already (a module that hangs
+  // in each of them), so a hung module holds `sessions` threads, not also
+  // every thread that wants a session.
   StatusOr<Lease> Acquire() {
+    using Clock = std::chrono::steady_clock;
+    const auto timeout = std::chrono::milliseconds(config.acquire_timeout_ms);
     std::unique_lock lock(pool_mu);
-    const bool got = pool_cv.wait_for(
-        lock, std::chrono::milliseconds(config.acquire_timeout_ms),
-        [&] { return !idle.empty() || open < config.sessions; });
+    auto free = [&] { return !idle.empty() || open < config.sessions; };
+    const bool got =
+        !(full_since && Clock::now() - *full_since >= timeout) &&
+        pool_cv.wait_for(lock,
+                         full_since ? timeout - (Clock::now() - *full_since)
+                                    : Clock::duration(timeout),
+                         free);
     if (!got) {
       return Unavailable(Where() + "all " + std::to_string(config.sessions) +
                          " token sessions stayed busy for " +
                          std::to_string(config.acquire_timeout_ms) +
-                         " ms (is the PKCS#11 module hanging?)");
+                         " ms (acquire_timeout_ms; is the PKCS#11 module "
+                         "hanging?)");
     }
+    auto mark_full = [&] {
+      if (idle.empty() && open >= config.sessions && !full_since) {
+        full_since = Clock::now();
+      }
+    };
     if (!idle.empty()) {
       CK_SESSION_HANDLE h = idle.back();
       idle.pop_back();
+      mark_full();
       return Lease(this, h, generation);
     }
     ++open;
+    mark_full();
     const uint64_t gen = generation;
     lock.unlock();
     StatusOr<CK_SESSION_HANDLE> h = OpenSession();
@@ -883,6 +909,7 @@ struct P11Backend::Impl {
       {
         std::lock_guard relock(pool_mu);
         --open;
+        full_since.reset();
       }
       pool_cv.notify_one();
       return h.status();
