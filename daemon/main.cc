@@ -19,12 +19,16 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -207,6 +211,54 @@ void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
   NotifySystemd("READY=1");
 }
 
+// Bounds the shutdown. A TPM or HSM call that never returns keeps its
+// thread, and so the exit, waiting for as long as the device is silent
+// (systemd would kill the daemon only after TimeoutStopSec). Once armed,
+// this ends the process when the shutdown has not finished within the limit.
+// Declared before everything the shutdown waits for (backends included,
+// whose destructors may talk to the device), so its destructor runs last.
+class ShutdownWatchdog {
+ public:
+  ShutdownWatchdog() = default;
+  ShutdownWatchdog(const ShutdownWatchdog&) = delete;
+  ShutdownWatchdog& operator=(const ShutdownWatchdog&) = delete;
+  ~ShutdownWatchdog() {
+    {
+      std::lock_guard lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) {
+      thread_.join();
+    }
+  }
+
+  void Arm(std::chrono::seconds limit) {
+    std::lock_guard lock(mu_);
+    if (thread_.joinable() || done_) {
+      return;
+    }
+    thread_ = std::thread([this, limit] {
+      std::unique_lock waiting(mu_);
+      if (cv_.wait_for(waiting, limit, [this] { return done_; })) {
+        return;
+      }
+      spdlog::critical(
+          "shutdown has not finished after {} s: a TPM or HSM call has not "
+          "returned; exiting without waiting for it",
+          limit.count());
+      spdlog::default_logger()->flush();
+      std::_Exit(1);
+    });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
 int Run(int argc, char** argv) {
   CLI::App app{"keyholdd: keeps private keys out of application processes"};
   StartOptions opts;
@@ -226,6 +278,7 @@ int Run(int argc, char** argv) {
   app.set_version_flag("--version", KEYHOLD_VERSION);
   CLI11_PARSE(app, argc, argv);
 
+  ShutdownWatchdog watchdog;
   HardenProcess();
   // The default logger is main's (start-up, config, reload, signals); the
   // other components log through their own (daemon/log.h). Every line names
@@ -426,6 +479,10 @@ int Run(int argc, char** argv) {
     }
     spdlog::info("signal {}: shutting down", sig);
     NotifySystemd("STOPPING=1");
+    // Sessions get io_timeout_seconds to finish (Server::Stop); a few
+    // seconds more for the threads to wind down.
+    watchdog.Arm(std::chrono::seconds(
+        ctx.settings.Get()->limits.io_timeout_seconds + 5));
     server.Stop();
   };
   signals.async_wait(on_signal);
