@@ -468,6 +468,41 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
     -signature "$W/hung.sig" "$W/msg"
   check "the HSM serves requests again" timeout 20 "$KEYHOLD" sign h-rsa-2048 --in "$W/msg" --out "$W/sig2"
 
+  # SIGTERM while C_Sign hangs: keyholdd does not wait for the module
+  # (io_timeout_seconds, here the default 10 s, then 5 s more; see
+  # docs/systemd.md). The restart finds every key.
+  rm -f "$W/hang.entered"
+  touch "$W/hang"
+  timeout 120 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/cut.sig" 2>/dev/null &
+  CUT=$!
+  for _ in $(seq 1 200); do
+    [ -e "$W/hang.entered" ] && break
+    sleep 0.05
+  done
+  check "the module's C_Sign is hanging again" test -e "$W/hang.entered"
+  kill -TERM "$KH_PID"
+  stopped=no
+  for _ in $(seq 1 600); do
+    case "$(ps -o stat= -p "$KH_PID" 2>/dev/null)" in "" | Z*) stopped=yes; break ;; esac
+    sleep 0.1
+  done
+  check "keyholdd exits on SIGTERM while C_Sign hangs" test "$stopped" = yes
+  rc=0
+  wait "$KH_PID" || rc=$?
+  KH_PID=""
+  check "with status 1" test "$rc" = 1
+  check "saying why" grep -q "a TPM or HSM call has not returned; exiting without" \
+    "$KH_DIR/keyholdd.log"
+  rc=0
+  wait "$CUT" || rc=$?
+  check "the cut-off request failed (not a hang)" test "$rc" -ne 0 -a "$rc" -ne 124
+  rm -f "$W/hang"
+  kh_start --config "$H/keyholdd.toml"
+  check "sign after the forced exit and a restart" timeout 20 "$KEYHOLD" sign h-ec-p256 \
+    --in "$W/msg" --out "$W/sig"
+  check "openssl verifies it after the forced exit" openssl dgst -sha256 \
+    -verify "$W/h-ec-p256.pub" -signature "$W/sig" "$W/msg"
+
   # The token is removed: a clear one-line status, the daemon stays up; when
   # it is back the backend finds it, logs in again and the keys work.
   touch "$W/absent"
