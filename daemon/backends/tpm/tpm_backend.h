@@ -127,7 +127,7 @@ class TpmBackend : public Backend {
   std::size_t LoadedKeyCount() const;
   // The LRU capacity in use (for tests).
   std::size_t LoadedKeyCapacity() const;
-  // A request holds the TPM now (for tests; takes no lock).
+  // A request holds the TPM now (for tests).
   bool InUse() const;
 
  private:
