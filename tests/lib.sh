@@ -87,6 +87,16 @@ fails() {
   KH_PASSED=$((KH_PASSED + 1))
 }
 
+# kh_exited_within PID SECONDS: true once PID has exited (gone, or a zombie:
+# a child of this shell stays one until it is waited for).
+kh_exited_within() {
+  for _ in $(seq 1 $(($2 * 10))); do
+    case "$(ps -o stat= -p "$1" 2>/dev/null)" in "" | Z*) return 0 ;; esac
+    sleep 0.1
+  done
+  return 1
+}
+
 kh_summary() {
   kh_stop
   # Sanitizer builds: any report in the daemon's log is a failure.

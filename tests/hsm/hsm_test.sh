@@ -481,12 +481,7 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
   done
   check "the module's C_Sign is hanging again" test -e "$W/hang.entered"
   kill -TERM "$KH_PID"
-  stopped=no
-  for _ in $(seq 1 600); do
-    case "$(ps -o stat= -p "$KH_PID" 2>/dev/null)" in "" | Z*) stopped=yes; break ;; esac
-    sleep 0.1
-  done
-  check "keyholdd exits on SIGTERM while C_Sign hangs" test "$stopped" = yes
+  check "keyholdd exits on SIGTERM while C_Sign hangs" kh_exited_within "$KH_PID" 60
   rc=0
   wait "$KH_PID" || rc=$?
   KH_PID=""
@@ -526,8 +521,7 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
   touch "$W/crash"
   fails "create while keyholdd dies after C_GenerateKeyPair" "daemon" \
     timeout 20 "$KEYHOLD" key create h-crashed --type ec-p256 --backend hsm
-  for _ in $(seq 1 100); do kill -0 "$KH_PID" 2>/dev/null || break; sleep 0.1; done
-  check "keyholdd died in C_GenerateKeyPair" sh -c "! kill -0 $KH_PID 2>/dev/null"
+  check "keyholdd died in C_GenerateKeyPair" kh_exited_within "$KH_PID" 10
   kh_stop
   check "the pending object is on the token after the crash" sh -c \
     "pkcs11-tool --module '$M' --token-label kh-hsm --login --pin '$PIN' --list-objects \

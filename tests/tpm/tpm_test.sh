@@ -242,20 +242,13 @@ check "openssl verifies after the silent TPM" openssl dgst -sha256 \
 # io_timeout_seconds (2 here), then 5 s more, then exits without the call
 # instead of waiting for the TPM (systemd would kill it only after
 # TimeoutStopSec). Nothing is lost: after a restart the keys sign.
-exited_within() {  # PID SECONDS: gone or a zombie
-  for _ in $(seq 1 $(($2 * 10))); do
-    case "$(ps -o stat= -p "$1" 2>/dev/null)" in "" | Z*) return 0 ;; esac
-    sleep 0.1
-  done
-  return 1
-}
 kill -STOP "$SWTPM_PID"
 timeout 120 "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/cut.sig" --digest sha256 \
   2>"$W/cut.err" &
 CUT=$!
 check "a TPM command is waiting in the stopped swtpm again" wait_command_queued
 kill -TERM "$KH_PID"
-check "keyholdd exits on SIGTERM while a TPM call hangs" exited_within "$KH_PID" 60
+check "keyholdd exits on SIGTERM while a TPM call hangs" kh_exited_within "$KH_PID" 60
 rc=0
 wait "$KH_PID" || rc=$?
 KH_PID=""
