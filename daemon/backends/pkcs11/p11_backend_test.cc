@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -717,6 +718,57 @@ TEST_F(P11FaultTest, TokenWithoutEd25519SaysSo) {
   auto ec = (*b)->Generate({1000, "still-ec"}, v1::EC_P256);
   ASSERT_TRUE(ec.ok()) << ec.status().ToString();
   EXPECT_TRUE((*b)->Destroy(Handle(*ec, 90, "still-ec")).ok());
+}
+
+// C_Sign hangs in the one session. The next request waits
+// acquire_timeout_ms and fails; after that, with the session busy for longer
+// than the timeout, a request fails without waiting at all: even though the
+// session comes back 100 ms after it started, well inside the timeout, it
+// does not get it.
+TEST_F(P11FaultTest, HungSessionsFailFurtherRequestsAtOnce) {
+  P11Config c = FaultConfig();
+  c.sessions = 1;
+  c.acquire_timeout_ms = 500;
+  auto b = P11Backend::Create(c);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  auto k = (*b)->Generate({1000, "hung"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 94, "hung");
+  const std::vector<uint8_t> d = Sha256("hung");
+
+  const fs::path hang = g_dir / "hang";
+  const fs::path entered = g_dir / "hang.entered";
+  fs::remove(entered);
+  { std::ofstream(hang).put('x'); }
+  ::setenv("KH_P11_FAULT_HANG_FILE", hang.c_str(), 1);
+  StatusOr<std::vector<uint8_t>> held = Internal("not run");
+  std::thread inside([&] { held = (*b)->Sign(h, EcdsaSha256(), d); });
+  for (int i = 0; i < 1000 && !fs::exists(entered); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(fs::exists(entered));
+
+  auto waited = (*b)->Sign(h, EcdsaSha256(), d);
+  ASSERT_FALSE(waited.ok());
+  EXPECT_NE(waited.status().message().find("stayed busy"), std::string::npos)
+      << waited.status().ToString();
+  std::thread release([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    fs::remove(hang);
+  });
+  auto at_once = (*b)->Sign(h, EcdsaSha256(), d);
+  release.join();
+  inside.join();
+  ::unsetenv("KH_P11_FAULT_HANG_FILE");
+  ASSERT_FALSE(at_once.ok());
+  EXPECT_NE(at_once.status().message().find("stayed busy"), std::string::npos)
+      << at_once.status().ToString();
+  ASSERT_TRUE(held.ok()) << held.status().ToString();
+  EXPECT_TRUE(Verifies(k->public_key, *held, d));
+  auto after = (*b)->Sign(h, EcdsaSha256(), d);
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  EXPECT_TRUE(Verifies(k->public_key, *after, d));
+  EXPECT_TRUE((*b)->Destroy(h).ok());
 }
 
 TEST(P11StartTest, ModulePathRules) {
