@@ -19,7 +19,7 @@ if [ "${1:-}" = "--test" ]; then
   packages+=(libgtest-dev libgmock-dev libcmocka-dev libbenchmark-dev clang libclang-rt-14-dev
     curl nginx-light p11-kit p11-kit-modules libp11-kit-dev opensc gnutls-bin libnss3-tools
     openssh-client openssh-server softhsm2 swtpm swtpm-tools tpm2-openssl
-    tpm2-abrmd libtss2-tcti-tabrmd0 dbus tpm2-tools iproute2
+    tpm2-abrmd libtss2-tcti-tabrmd0 dbus tpm2-tools iproute2 procps
     adduser systemd)
 fi
 

@@ -90,8 +90,10 @@ fails() {
 # kh_exited_within PID SECONDS: true once PID has exited (gone, or a zombie:
 # a child of this shell stays one until it is waited for).
 kh_exited_within() {
+  local stat
   for _ in $(seq 1 $(($2 * 10))); do
-    case "$(ps -o stat= -p "$1" 2>/dev/null)" in "" | Z*) return 0 ;; esac
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+    case "${stat##*) }" in Z*) return 0 ;; esac  # the state follows "(comm) "
     sleep 0.1
   done
   return 1
