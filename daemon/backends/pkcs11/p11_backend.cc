@@ -883,11 +883,12 @@ struct P11Backend::Impl {
                                     : Clock::duration(timeout),
                          free);
     if (!got) {
-      return Unavailable(Where() + "all " + std::to_string(config.sessions) +
-                         " token sessions stayed busy for " +
-                         std::to_string(config.acquire_timeout_ms) +
-                         " ms (acquire_timeout_ms; is the PKCS#11 module "
-                         "hanging?)");
+      return BackendUnavailable(
+          Where() + "all " + std::to_string(config.sessions) +
+          " token sessions stayed busy for " +
+          std::to_string(config.acquire_timeout_ms) +
+          " ms (acquire_timeout_ms; is the PKCS#11 module "
+          "hanging?)");
     }
     auto mark_full = [&] {
       if (idle.empty() && open >= config.sessions && !full_since) {

@@ -6,7 +6,7 @@
 // Operations use a pool of sessions opened and logged in once at start. A
 // request waits at most acquire_timeout_ms for a free session, so a module
 // call that never returns can hold at most `sessions` blocking-pool threads:
-// later requests fail with kUnavailable instead of queueing forever.
+// later requests fail with kBackendUnavailable instead of queueing forever.
 #ifndef KEYHOLD_DAEMON_BACKENDS_PKCS11_P11_BACKEND_H_
 #define KEYHOLD_DAEMON_BACKENDS_PKCS11_P11_BACKEND_H_
 

@@ -750,6 +750,7 @@ TEST_F(P11FaultTest, HungSessionsFailFurtherRequestsAtOnce) {
 
   auto waited = (*b)->Sign(h, EcdsaSha256(), d);
   ASSERT_FALSE(waited.ok());
+  EXPECT_EQ(waited.status().code(), Code::kBackendUnavailable);
   EXPECT_NE(waited.status().message().find("stayed busy"), std::string::npos)
       << waited.status().ToString();
   std::thread release([&] {
