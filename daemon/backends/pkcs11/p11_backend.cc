@@ -875,20 +875,23 @@ struct P11Backend::Impl {
     using Clock = std::chrono::steady_clock;
     const auto timeout = std::chrono::milliseconds(config.acquire_timeout_ms);
     std::unique_lock lock(pool_mu);
-    auto free = [&] { return !idle.empty() || open < config.sessions; };
-    const bool got =
-        !(full_since && Clock::now() - *full_since >= timeout) &&
-        pool_cv.wait_for(lock,
-                         full_since ? timeout - (Clock::now() - *full_since)
-                                    : Clock::duration(timeout),
-                         free);
-    if (!got) {
-      return BackendUnavailable(
-          Where() + "all " + std::to_string(config.sessions) +
-          " token sessions stayed busy for " +
-          std::to_string(config.acquire_timeout_ms) +
-          " ms (acquire_timeout_ms; is the PKCS#11 module "
-          "hanging?)");
+    const Clock::time_point give_up = Clock::now() + timeout;
+    while (idle.empty() && open >= config.sessions) {
+      // Every session leased for the whole timeout: the module hangs.
+      const Clock::time_point now = Clock::now();
+      const bool hung = full_since && now - *full_since >= timeout;
+      if (!hung && now < give_up) {
+        pool_cv.wait_until(lock, full_since
+                                     ? std::min(give_up, *full_since + timeout)
+                                     : give_up);
+        continue;
+      }
+      return BackendUnavailable(Where() + "all " +
+                                std::to_string(config.sessions) +
+                                " token sessions stayed busy for " +
+                                std::to_string(config.acquire_timeout_ms) +
+                                " ms (acquire_timeout_ms; is the PKCS#11 "
+                                "module hanging?)");
     }
     auto mark_full = [&] {
       if (idle.empty() && open >= config.sessions && !full_since) {

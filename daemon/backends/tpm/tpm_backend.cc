@@ -1363,26 +1363,31 @@ struct TpmBackend::Impl {
   // caller in an ESYS call for as long as it is silent (the synchronous
   // ESYS calls wait without a timeout); the other requests must not each
   // hold a thread behind it for that long: they wait at most
-  // acquire_timeout_ms, and fail at once when the holder has been in the
-  // TPM that long already.
+  // acquire_timeout_ms for their turn, and give up as soon as one holder
+  // has been in the TPM that long.
   StatusOr<Held> Acquire() {
     using Clock = std::chrono::steady_clock;
     const auto timeout = std::chrono::milliseconds(options.acquire_timeout_ms);
     {
       std::unique_lock gate(gate_mu);
-      const bool got =
-          !(gate_taken && Clock::now() - gate_since >= timeout) &&
-          gate_cv.wait_for(gate,
-                           gate_taken ? timeout - (Clock::now() - gate_since)
-                                      : Clock::duration(timeout),
-                           [&] { return !gate_taken; });
-      if (!got) {
-        return BackendUnavailable(
-            "TPM busy: another request has been waiting for the TPM's "
-            "answer for over " +
-            std::to_string(options.acquire_timeout_ms) +
-            " ms (acquire_timeout_ms); is the TPM or its resource manager "
-            "hanging?");
+      const Clock::time_point give_up = Clock::now() + timeout;
+      while (gate_taken) {
+        // The holder in the TPM for the whole timeout: the TPM is silent.
+        const Clock::time_point silent = gate_since + timeout;
+        const Clock::time_point now = Clock::now();
+        if (now < silent && now < give_up) {
+          gate_cv.wait_until(gate, std::min(silent, give_up));
+          continue;
+        }
+        const std::string ms = std::to_string(options.acquire_timeout_ms);
+        if (now >= silent) {
+          return BackendUnavailable(
+              "TPM busy: the request in the TPM has waited over " + ms +
+              " ms for its answer (acquire_timeout_ms); is the TPM or its "
+              "resource manager hanging?");
+        }
+        return BackendUnavailable("TPM busy: no turn at the TPM within " + ms +
+                                  " ms (acquire_timeout_ms)");
       }
       gate_taken = true;
       gate_since = Clock::now();
