@@ -99,6 +99,24 @@ kh_exited_within() {
   return 1
 }
 
+# kh_check_forced_exit CLIENT_PID: SIGTERM to keyholdd while one of its TPM
+# or HSM calls never returns (the call of CLIENT_PID's request). keyholdd must
+# exit anyway, after io_timeout_seconds and 5 s more (docs/systemd.md), with
+# status 1 and a log line saying why; the cut-off client fails, not hangs.
+kh_check_forced_exit() {
+  local rc=0
+  kill -TERM "$KH_PID"
+  check "keyholdd exits on SIGTERM while a device call hangs" kh_exited_within "$KH_PID" 60
+  wait "$KH_PID" || rc=$?
+  KH_PID=""
+  check "its exit status says it did not stop cleanly" test "$rc" = 1
+  check "its log says why" grep -q "a TPM or HSM call has not returned; exiting without" \
+    "$KH_DIR/keyholdd.log"
+  rc=0
+  wait "$1" || rc=$?
+  check "the cut-off request fails (not a hang)" test "$rc" -ne 0 -a "$rc" -ne 124
+}
+
 kh_summary() {
   kh_stop
   # Sanitizer builds: any report in the daemon's log is a failure.

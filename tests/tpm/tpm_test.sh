@@ -247,17 +247,7 @@ timeout 120 "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/cut.sig" --digest 
   2>"$W/cut.err" &
 CUT=$!
 check "a TPM command is waiting in the stopped swtpm again" wait_command_queued
-kill -TERM "$KH_PID"
-check "keyholdd exits on SIGTERM while a TPM call hangs" kh_exited_within "$KH_PID" 60
-rc=0
-wait "$KH_PID" || rc=$?
-KH_PID=""
-check "its exit status says it did not stop cleanly" test "$rc" = 1
-check "its log says why" grep -q "a TPM or HSM call has not returned; exiting without" \
-  "$KH_DIR/keyholdd.log"
-rc=0
-wait "$CUT" || rc=$?
-check "the cut-off request fails (not a hang)" test "$rc" -ne 0 -a "$rc" -ne 124
+kh_check_forced_exit "$CUT"
 kill -CONT "$SWTPM_PID"
 kh_start --config "$KH_DIR/hang.toml"
 check "sign after the forced exit and a restart" "$KEYHOLD" sign t-ec-p256 \
