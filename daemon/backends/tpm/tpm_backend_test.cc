@@ -404,6 +404,13 @@ struct Key {
   KeyHandle handle;
 };
 
+SignParams EcdsaSha256() {
+  SignParams p;
+  p.algorithm = v1::ECDSA;
+  p.digest = v1::SHA256;
+  return p;
+}
+
 Key MakeKey(TpmBackend* b, uint64_t id, v1::KeyType type,
             const std::string& name) {
   Key k;
@@ -671,9 +678,7 @@ TEST_F(TpmBackendTest, BlobIsBoundToItsReference) {
   KeyHandle moved = k.handle;
   moved.id = 2;
   moved.ref = {1001, "mine"};
-  SignParams p;
-  p.algorithm = v1::ECDSA;
-  p.digest = v1::SHA256;
+  const SignParams p = EcdsaSha256();
   EXPECT_FALSE(backend_->Sign(moved, p, Sha(EVP_sha256(), "x")).ok());
   EXPECT_TRUE(backend_->Sign(k.handle, p, Sha(EVP_sha256(), "x")).ok());
 }
@@ -747,9 +752,7 @@ TEST_F(TpmBackendTest, RestartedBackendKeepsKeysUsable) {
   backend_.reset();
   backend_ = MakeBackend(tpm_->Tcti(), master_);
   ASSERT_NE(backend_, nullptr);
-  SignParams p;
-  p.algorithm = v1::ECDSA;
-  p.digest = v1::SHA256;
+  const SignParams p = EcdsaSha256();
   const std::vector<uint8_t> d = Sha(EVP_sha256(), "after restart");
   auto sig = backend_->Sign(k.handle, p, d);
   ASSERT_TRUE(sig.ok()) << sig.status().ToString();
@@ -761,9 +764,7 @@ TEST_F(TpmBackendTest, TpmRestartGivesClearErrorThenRecovers) {
   backend_ = MakeBackend(tpm_->Tcti(), master_);
   ASSERT_NE(backend_, nullptr);
   Key k = MakeKey(backend_.get(), 1, v1::EC_P256, "restart");
-  SignParams p;
-  p.algorithm = v1::ECDSA;
-  p.digest = v1::SHA256;
+  const SignParams p = EcdsaSha256();
   const std::vector<uint8_t> d = Sha(EVP_sha256(), "x");
   ASSERT_TRUE(backend_->Sign(k.handle, p, d).ok());
   tpm_->Stop();
@@ -791,9 +792,7 @@ TEST_F(TpmBackendTest, SilentTpmHoldsOneRequestAndTheOthersGetBusy) {
   ASSERT_TRUE(created.ok()) << created.status().ToString();
   backend_ = std::move(*created);
   Key k = MakeKey(backend_.get(), 1, v1::EC_P256, "silent");
-  SignParams p;
-  p.algorithm = v1::ECDSA;
-  p.digest = v1::SHA256;
+  const SignParams p = EcdsaSha256();
   const std::vector<uint8_t> d = Sha(EVP_sha256(), "x");
   ASSERT_TRUE(backend_->Sign(k.handle, p, d).ok());
 
@@ -842,9 +841,7 @@ TEST_F(TpmBackendTest, CopiedKeyStoreCannotSignOnAFreshTpm) {
   ASSERT_TRUE(fresh.Start());
   auto other = MakeBackend(fresh.Tcti(), master_);
   ASSERT_NE(other, nullptr);
-  SignParams p;
-  p.algorithm = v1::ECDSA;
-  p.digest = v1::SHA256;
+  const SignParams p = EcdsaSha256();
   auto sig = other->Sign(k.handle, p, Sha(EVP_sha256(), "x"));
   ASSERT_FALSE(sig.ok());
   EXPECT_EQ(sig.status().code(), Code::kPermissionDenied)
@@ -1076,9 +1073,7 @@ TEST_F(TpmBackendTest, PersistentStorageKeyNameIsChecked) {
   auto b = TpmBackend::Create(o, master_);
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   Key k = MakeKey(b->get(), 1, v1::EC_P256, "under-persistent");
-  SignParams p;
-  p.algorithm = v1::ECDSA;
-  p.digest = v1::SHA256;
+  const SignParams p = EcdsaSha256();
   const std::vector<uint8_t> d = Sha(EVP_sha256(), "persistent");
   auto sig = (*b)->Sign(k.handle, p, d);
   ASSERT_TRUE(sig.ok()) << sig.status().ToString();
@@ -1175,9 +1170,7 @@ TEST_F(TpmBackendTest, WorksThroughTheAbrmdResourceManager) {
   }
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   backend_ = std::move(*b);
-  SignParams p;
-  p.algorithm = v1::ECDSA;
-  p.digest = v1::SHA256;
+  const SignParams p = EcdsaSha256();
   const std::vector<uint8_t> d = Sha(EVP_sha256(), "through abrmd");
   std::vector<Key> keys;
   for (uint64_t i = 0; i < 4; ++i) {
