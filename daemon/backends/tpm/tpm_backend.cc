@@ -26,6 +26,7 @@
 #include <cstring>
 #include <list>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <unordered_map>
@@ -1084,13 +1085,29 @@ struct TpmBackend::Impl {
   // A TPM that nobody started since its reset (a simulator without
   // startup-clear; firmware or the kernel start a real one) answers every
   // command with TPM_RC_INITIALIZE: start it with TPM2_Startup(CLEAR).
-  Status EnsureStarted() {
+  // TPM2_GetCapability for TPM2_PT_HR_TRANSIENT_AVAIL: the free transient
+  // object slots, in *avail when the TPM reports the property.
+  TSS2_RC FreeTransientSlots(std::optional<std::size_t>* avail) {
     TPMI_YES_NO more = TPM2_NO;
     TPMS_CAPABILITY_DATA* raw = nullptr;
-    TSS2_RC rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE,
-                                    ESYS_TR_NONE, TPM2_CAP_TPM_PROPERTIES,
-                                    TPM2_PT_HR_TRANSIENT_AVAIL, 1, &more, &raw);
-    Esys_Free(raw);
+    const TSS2_RC rc = Esys_GetCapability(
+        esys, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_TPM_PROPERTIES,
+        TPM2_PT_HR_TRANSIENT_AVAIL, 1, &more, &raw);
+    auto caps = Owned(raw);
+    if (rc != TSS2_RC_SUCCESS) {
+      return rc;
+    }
+    if (caps->data.tpmProperties.count == 1 &&
+        caps->data.tpmProperties.tpmProperty[0].property ==
+            TPM2_PT_HR_TRANSIENT_AVAIL) {
+      *avail = caps->data.tpmProperties.tpmProperty[0].value;
+    }
+    return rc;
+  }
+
+  Status EnsureStarted() {
+    std::optional<std::size_t> unused;
+    TSS2_RC rc = FreeTransientSlots(&unused);
     if (rc == TSS2_RC_SUCCESS || BaseRc(rc) != TPM2_RC_INITIALIZE) {
       return Status::Ok();  // started; any other error shows up next
     }
@@ -1293,23 +1310,14 @@ struct TpmBackend::Impl {
   // Sizes the LRU to the TPM's free transient slots (with a resource manager
   // that is the RM's view), leaving one for a key being created or loaded.
   Status SizeCache() {
-    TPMI_YES_NO more = TPM2_NO;
-    TPMS_CAPABILITY_DATA* raw = nullptr;
-    TSS2_RC rc = Esys_GetCapability(esys, ESYS_TR_NONE, ESYS_TR_NONE,
-                                    ESYS_TR_NONE, TPM2_CAP_TPM_PROPERTIES,
-                                    TPM2_PT_HR_TRANSIENT_AVAIL, 1, &more, &raw);
+    std::optional<std::size_t> avail;
+    const TSS2_RC rc = FreeTransientSlots(&avail);
     if (rc != TSS2_RC_SUCCESS) {
       return TpmError(rc, "TPM2_GetCapability(properties)");
     }
-    auto caps = Owned(raw);
-    std::size_t avail = options.max_loaded_keys;
-    if (caps->data.tpmProperties.count == 1 &&
-        caps->data.tpmProperties.tpmProperty[0].property ==
-            TPM2_PT_HR_TRANSIENT_AVAIL) {
-      avail = caps->data.tpmProperties.tpmProperty[0].value;
-    }
     capacity = std::max<std::size_t>(
-        1, std::min<std::size_t>(options.max_loaded_keys, avail));
+        1, std::min<std::size_t>(options.max_loaded_keys,
+                                 avail.value_or(options.max_loaded_keys)));
     // Under the kernel's resource manager the storage primary (when
     // transient) takes one of the connection's three object handles.
     if (const std::size_t limit = TransientLimitOfTcti(options.tcti);
