@@ -176,6 +176,30 @@ check "the daemon sent TPM2_Startup" grep -q "the TPM was not started; sent TPM2
 check "openssl verifies after the unstarted restart" openssl dgst -sha256 \
   -verify "$W/t-ec-p256.pub" -signature "$W/sig" "$W/msg"
 
+# No TPM yet when the daemon starts (a TPM device or resource manager that
+# appears later in boot): keyholdd starts anyway, software keys work, TPM
+# requests say the TPM is unavailable, and the first one after swtpm is up
+# connects. Shut down in order first, as above.
+kh_stop
+check "orderly TPM2_Shutdown before starting without it" \
+  tpm2_shutdown -T "swtpm:host=127.0.0.1,port=$PORT"
+stop_swtpm
+log_from=$(($(wc -l <"$KH_DIR/keyholdd.log") + 1))
+kh_start --config "$KH_DIR/sole.toml"
+check "keyholdd started without the TPM and says so" sh -c \
+  "tail -n +$log_from '$KH_DIR/keyholdd.log' | grep -q 'starting without the TPM'"
+check "software key works with no TPM since the start" "$KEYHOLD" sign s-ec --in "$W/msg" \
+  --out "$W/sig" --digest sha256
+fails "TPM key with no TPM since the start" "TPM unavailable" \
+  "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/sig" --digest sha256
+start_swtpm "$KH_DIR/tpm" "$PORT"
+check "TPM key works once the TPM is up" "$KEYHOLD" sign t-ec-p256 --in "$W/msg" \
+  --out "$W/sig" --digest sha256
+check "openssl verifies the late TPM's signature" openssl dgst -sha256 \
+  -verify "$W/t-ec-p256.pub" -signature "$W/sig" "$W/msg"
+check "keyholdd logged the connection" sh -c \
+  "tail -n +$log_from '$KH_DIR/keyholdd.log' | grep -q 'connected to the TPM'"
+
 # A TPM that stops answering (swtpm stopped with SIGSTOP: connections are
 # accepted, commands never answered). The request inside the TPM waits for
 # it; everything else is answered; other TPM requests get "TPM busy" after

@@ -886,6 +886,9 @@ struct TpmBackend::Impl {
   std::set<v1::KeyType> supported;
   std::set<TPM2_ALG_ID> algs;
   bool capabilities_read = false;
+  // The last connection attempt failed with the TPM unavailable; the next
+  // one that succeeds says so in the log.
+  bool unreachable = false;
   // Transient objects and the session of a connection that was lost while
   // the TPM kept running: without a resource manager they still occupy TPM
   // slots, so the next connection flushes them (objects only if their name
@@ -967,8 +970,16 @@ struct TpmBackend::Impl {
     TSS2_RC rc = Tss2_TctiLdr_Initialize(options.tcti.c_str(), &tcti);
     if (rc != TSS2_RC_SUCCESS) {
       tcti = nullptr;
-      return BackendUnavailable("TPM unavailable: cannot open TCTI '" +
-                                options.tcti + "': " + Tss2_RC_Decode(rc));
+      const std::string why =
+          "cannot open TCTI '" + options.tcti + "': " + Tss2_RC_Decode(rc);
+      // An I/O failure is a TPM that is not there (yet): no device node,
+      // nothing listening. Anything else (an unknown TCTI, a malformed
+      // option) is the setting's fault and no retry mends it.
+      if ((rc & 0xffffU) != TSS2_BASE_RC_IO_ERROR) {
+        return InvalidArgument("TPM: " + why + " (check the tcti setting)");
+      }
+      unreachable = true;
+      return BackendUnavailable("TPM unavailable: " + why);
     }
     rc = Esys_Initialize(&esys, tcti, nullptr);
     if (rc != TSS2_RC_SUCCESS) {
@@ -1005,8 +1016,13 @@ struct TpmBackend::Impl {
       st = SizeCache();
     }
     if (!st.ok()) {
-      Disconnect(!IsUnavailable(st));
+      unreachable = IsUnavailable(st);
+      Disconnect(!unreachable);
       return st;
+    }
+    if (std::exchange(unreachable, false)) {
+      Log().info("TPM backend '{}': connected to the TPM ({})", options.name,
+                 options.tcti);
     }
     return Status::Ok();
   }
@@ -1777,7 +1793,24 @@ StatusOr<std::unique_ptr<TpmBackend>> TpmBackend::Create(
   impl->options = std::move(options);
   {
     std::lock_guard lock(impl->mu);
-    KH_RETURN_IF_ERROR(impl->Connect());
+    Status st = impl->Connect();
+    // A TPM that is not reachable yet (a device node that appears later in
+    // boot, a resource manager or swtpm started after keyholdd) must not
+    // take the other backends down with it: the daemon starts, this
+    // backend's requests fail with "backend unavailable" and each one tries
+    // to connect again. Any other failure (a refused owner auth, a storage
+    // key that is not the configured one, a bad TCTI setting) stops the
+    // start.
+    if (!st.ok()) {
+      if (!Impl::IsUnavailable(st)) {
+        return st;
+      }
+      Log().error(
+          "TPM backend '{}': {}; starting without the TPM: its keys fail "
+          "with \"backend unavailable\" until it answers, and each request "
+          "tries to connect again",
+          impl->options.name, st.message());
+    }
   }
   return std::unique_ptr<TpmBackend>(new TpmBackend(std::move(impl)));
 }

@@ -1209,17 +1209,64 @@ TEST_F(TpmBackendTest, WorksThroughTheAbrmdResourceManager) {
 // The kernel's device TCTI (device:/dev/tpmrm0, the default, or /dev/tpm0
 // without the kernel's resource manager) cannot be driven here: no TPM, no
 // CUSE and no vtpm proxy in the test machines (docs/tpm.md). What can be
-// checked: a device that is not there is a clear start-up error.
+// checked: a device that is not there does not stop the start, and every
+// request names it.
 TEST_F(TpmBackendTest, MissingDeviceIsAClearError) {
   TpmOptions o;
   o.name = "tpm";
   o.tcti = "device:" + (dir_ / "no-tpm0").string();
   auto b = TpmBackend::Create(o, master_);
-  ASSERT_FALSE(b.ok());
-  EXPECT_EQ(b.status().code(), Code::kBackendUnavailable);
-  EXPECT_NE(b.status().message().find("cannot open TCTI 'device:"),
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  auto made = (*b)->Generate(daemon::KeyRef{1000, "k"}, v1::EC_P256);
+  ASSERT_FALSE(made.ok());
+  EXPECT_EQ(made.status().code(), Code::kBackendUnavailable);
+  EXPECT_NE(made.status().message().find("cannot open TCTI 'device:"),
             std::string::npos)
-      << b.status().ToString();
+      << made.status().ToString();
+}
+
+// A TCTI setting no retry can mend (an unknown TCTI, a malformed option)
+// stops the start.
+TEST_F(TpmBackendTest, BadTctiSettingStopsTheStart) {
+  for (const std::string& tcti :
+       {"swtmp:host=127.0.0.1,port=" + std::to_string(tpm_->Port()),
+        std::string("swtpm:hst=127.0.0.1")}) {
+    TpmOptions o;
+    o.name = "tpm";
+    o.tcti = tcti;
+    auto b = TpmBackend::Create(o, master_);
+    ASSERT_FALSE(b.ok()) << tcti;
+    EXPECT_EQ(b.status().code(), Code::kInvalidArgument)
+        << b.status().ToString();
+    EXPECT_NE(b.status().message().find("check the tcti setting"),
+              std::string::npos)
+        << b.status().ToString();
+  }
+}
+
+// A TPM that is not there yet when the daemon starts (swtpm, a resource
+// manager or the device started later in boot): the backend starts, its
+// requests fail with "backend unavailable", and the first one after the
+// TPM appears connects and works.
+TEST_F(TpmBackendTest, TpmAbsentAtStartIsUsedOnceItAppears) {
+  tpm_->Stop();
+  backend_ = MakeBackend(tpm_->Tcti(), master_);
+  ASSERT_NE(backend_, nullptr);
+  auto down = backend_->Generate(daemon::KeyRef{1000, "late"}, v1::EC_P256);
+  ASSERT_FALSE(down.ok());
+  EXPECT_EQ(down.status().code(), Code::kBackendUnavailable)
+      << down.status().ToString();
+  EXPECT_NE(down.status().message().find("TPM unavailable"), std::string::npos)
+      << down.status().ToString();
+  ASSERT_TRUE(tpm_->Restart());
+  Key k = MakeKey(backend_.get(), 1, v1::EC_P256, "late");
+  ASSERT_FALSE(k.created.public_key.empty());
+  const SignParams p = EcdsaSha256();
+  const std::vector<uint8_t> d = Sha(EVP_sha256(), "late TPM");
+  auto sig = backend_->Sign(k.handle, p, d);
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  EXPECT_TRUE(
+      Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *sig));
 }
 
 }  // namespace
