@@ -505,6 +505,29 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
     -verify "$W/h-ec-p256.pub" -signature "$W/sig" "$W/msg"
   check "the daemon logged the lost session" grep -q "session lost" "$KH_DIR/keyholdd.log"
 
+  # No token when the daemon starts (plugged in later, its reader not up
+  # yet): keyholdd starts anyway, software keys work, HSM requests say the
+  # token is not present, and the first one after it is there finds it.
+  kh_stop
+  touch "$W/absent"
+  log_from=$(($(wc -l <"$KH_DIR/keyholdd.log") + 1))
+  kh_start --config "$H/keyholdd.toml"
+  check "keyholdd started without the token and says so" sh -c \
+    "tail -n +$log_from '$KH_DIR/keyholdd.log' | grep -q 'is not present .*; starting without it'"
+  check "software keys work with no token since the start" \
+    timeout 10 "$KEYHOLD" sign soft --in "$W/msg" --out "$W/soft.sig"
+  fails "HSM key with no token since the start" "not present" \
+    timeout 20 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig"
+  rm -f "$W/absent"
+  check "HSM key works once the token is there" timeout 20 "$KEYHOLD" sign h-ec-p256 \
+    --in "$W/msg" --out "$W/sig"
+  check "openssl verifies it" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" \
+    -signature "$W/sig" "$W/msg"
+  check "keyholdd logged finding the token" sh -c \
+    "tail -n +$log_from '$KH_DIR/keyholdd.log' | grep -q \"token serial '.*' found\""
+  check "the late reconciliation ran" sh -c \
+    "tail -n +$log_from '$KH_DIR/keyholdd.log' | grep -q 'reconciled: '"
+
   # The crash window itself, deterministically: keyholdd dies right after
   # the token made the pair, before the key store's commit. The client gets
   # an error; after a restart the pending object is gone and no key by that

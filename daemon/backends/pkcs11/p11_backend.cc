@@ -1188,6 +1188,114 @@ struct P11Backend::Impl {
     *out = std::move(*spki);
     return CKR_OK;
   }
+
+  // Finds the token, reads its mechanisms and opens (and logs in) the whole
+  // session pool: a wrong PIN or a full token fails here, not at the first
+  // request.
+  Status Start() {
+    KH_RETURN_IF_ERROR(FindSlot());
+    CK_SLOT_ID s;
+    {
+      std::lock_guard lock(slot_mu);
+      s = slot;
+    }
+    CK_ULONG count = 0;
+    CK_RV rv = fn->C_GetMechanismList(s, nullptr, &count);
+    if (rv == CKR_OK && count > kMaxListCount) {
+      rv = kCkrBadModuleOutput;
+    }
+    std::vector<CK_MECHANISM_TYPE> mechs(rv == CKR_OK ? count : 0);
+    if (rv == CKR_OK) {
+      rv = fn->C_GetMechanismList(s, mechs.data(), &count);
+    }
+    if (rv == CKR_OK && count > mechs.size()) {
+      rv = kCkrBadModuleOutput;
+    }
+    if (rv != CKR_OK) {
+      return P11Error(rv, Where() + "C_GetMechanismList");
+    }
+    mechs.resize(count);
+    mechanisms.insert(mechs.begin(), mechs.end());
+    std::vector<Lease> leases;
+    for (uint32_t i = 0; i < config.sessions; ++i) {
+      StatusOr<Lease> lease = Acquire();
+      if (!lease.ok()) {
+        return lease.status();
+      }
+      leases.push_back(std::move(*lease));
+    }
+    return Status::Ok();
+  }
+
+  // A key row as Reconcile() got it, kept for a reconciliation that waits
+  // for the token (its blob is only borrowed there).
+  struct RecordedKey {
+    uint64_t id = 0;
+    daemon::KeyRef ref;
+    v1::KeyType type = v1::KEY_TYPE_UNSPECIFIED;
+    std::vector<uint8_t> blob;
+  };
+  static std::vector<RecordedKey> Keep(std::span<const KeyHandle> keys) {
+    std::vector<RecordedKey> out;
+    out.reserve(keys.size());
+    for (const KeyHandle& k : keys) {
+      out.push_back({k.id, k.ref, k.type, {k.blob.begin(), k.blob.end()}});
+    }
+    return out;
+  }
+  static std::vector<KeyHandle> Handles(const std::vector<RecordedKey>& keys) {
+    std::vector<KeyHandle> out;
+    out.reserve(keys.size());
+    for (const RecordedKey& k : keys) {
+      out.push_back({k.id, k.ref, k.type, k.blob});
+    }
+    return out;
+  }
+
+  // Whether Start() has succeeded. A token absent when the daemon starts
+  // leaves it false: every request first tries to start (EnsureReady), so
+  // the backend comes up with the token instead of keeping the daemon down.
+  std::atomic<bool> ready{false};
+  std::mutex ready_mu;  // one start attempt at a time; guards the below
+  bool reconcile_pending = false;
+  std::vector<RecordedKey> pending_recorded;
+  std::vector<RecordedKey> pending_others;
+
+  Status EnsureReady() {
+    if (ready.load(std::memory_order_acquire)) {
+      return Status::Ok();
+    }
+    // Never queue behind a start attempt that the module may hold for long:
+    // the others fail now, like requests that find every session busy.
+    std::unique_lock lock(ready_mu, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      return BackendUnavailable(Where() +
+                                "another request is looking for the token; "
+                                "retry");
+    }
+    if (ready.load(std::memory_order_relaxed)) {
+      return Status::Ok();
+    }
+    KH_RETURN_IF_ERROR(Start());
+    if (reconcile_pending) {
+      // Other requests may be creating keys by now (a second backend table
+      // on this token that found it first), so a pending object may be one
+      // being made: none is removed here, only at the next start.
+      KH_RETURN_IF_ERROR(Reconcile(Handles(pending_recorded),
+                                   Handles(pending_others),
+                                   /*remove_pending=*/false));
+      reconcile_pending = false;
+      pending_recorded.clear();
+      pending_others.clear();
+    }
+    ready.store(true, std::memory_order_release);
+    Log().info("{}token serial '{}' found: {} sessions, {} mechanisms", Where(),
+               serial, config.sessions, mechanisms.size());
+    return Status::Ok();
+  }
+
+  Status Reconcile(std::span<const KeyHandle> recorded,
+                   std::span<const KeyHandle> others, bool remove_pending);
 };
 
 // ---------------------------------------------------------------------------
@@ -1245,39 +1353,23 @@ StatusOr<std::unique_ptr<P11Backend>> P11Backend::Create(
     return P11Error(rv, where + "C_Initialize of '" + config.module + "'");
   }
   impl->initialized = true;
-  KH_RETURN_IF_ERROR(impl->FindSlot());
-
-  CK_ULONG count = 0;
-  rv = impl->fn->C_GetMechanismList(impl->slot, nullptr, &count);
-  if (rv == CKR_OK && count > kMaxListCount) {
-    rv = kCkrBadModuleOutput;
-  }
-  std::vector<CK_MECHANISM_TYPE> mechs(rv == CKR_OK ? count : 0);
-  if (rv == CKR_OK) {
-    rv = impl->fn->C_GetMechanismList(impl->slot, mechs.data(), &count);
-  }
-  if (rv == CKR_OK && count > mechs.size()) {
-    rv = kCkrBadModuleOutput;
-  }
-  if (rv != CKR_OK) {
-    return P11Error(rv, where + "C_GetMechanismList");
-  }
-  mechs.resize(count);
-  for (CK_MECHANISM_TYPE m : mechs) {
-    impl->mechanisms.insert(m);
-  }
-
-  // Open the whole pool now: a wrong PIN or a full token fails the start,
-  // not the first request.
-  std::vector<Impl::Lease> leases;
-  for (uint32_t i = 0; i < config.sessions; ++i) {
-    StatusOr<Impl::Lease> lease = impl->Acquire();
-    if (!lease.ok()) {
-      return lease.status();
+  Status started = impl->Start();
+  if (!started.ok()) {
+    // A token that is not there (yet): unplugged, or its reader or daemon
+    // not up. The other backends must not stay down with it, so the daemon
+    // starts and each request for this backend looks for the token again.
+    // Anything else (a refused PIN, a broken module) stops the start.
+    if (started.code() != Code::kBackendUnavailable) {
+      return started;
     }
-    leases.push_back(std::move(*lease));
+    Log().error(
+        "{}; starting without it: its keys fail with \"backend "
+        "unavailable\" until it is there, and each request looks for it "
+        "again",
+        started.message());
+    return std::unique_ptr<P11Backend>(new P11Backend(std::move(impl)));
   }
-  leases.clear();
+  impl->ready = true;
   Log().info(
       "{}token serial '{}' in {}: {} sessions, {} mechanisms{}", where,
       impl->serial, config.module, config.sessions, impl->mechanisms.size(),
@@ -1301,13 +1393,15 @@ StatusOr<std::unique_ptr<Backend>> CreateP11Backend(
 std::string_view P11Backend::Name() const { return impl_->config.name; }
 const std::string& P11Backend::TokenSerial() const { return impl_->serial; }
 bool P11Backend::SupportsEd25519() const {
-  return impl_->mechanisms.contains(CKM_EDDSA) &&
+  return impl_->ready.load(std::memory_order_acquire) &&
+         impl_->mechanisms.contains(CKM_EDDSA) &&
          impl_->mechanisms.contains(CKM_EC_EDWARDS_KEY_PAIR_GEN);
 }
 
 StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
                                           v1::KeyType type) {
   Impl& im = *impl_;
+  KH_RETURN_IF_ERROR(im.EnsureReady());
   CK_MECHANISM mech{};
   if (IsRsa(type)) {
     KH_RETURN_IF_ERROR(im.RequireMech(CKM_RSA_PKCS_KEY_PAIR_GEN));
@@ -1399,6 +1493,7 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
 StatusOr<CreatedKey> P11Backend::Import(const daemon::KeyRef& ref,
                                         const SecretBytes& private_key) {
   Impl& im = *impl_;
+  KH_RETURN_IF_ERROR(im.EnsureReady());
   SslPtr<EVP_PKEY> pkey =
       ParsePrivateKey(private_key.Expose(SecretAccess::kToken));
   if (pkey == nullptr) {
@@ -1533,6 +1628,7 @@ StatusOr<std::vector<uint8_t>> P11Backend::Sign(const KeyHandle& key,
                                                 const SignParams& p,
                                                 std::span<const uint8_t> data) {
   Impl& im = *impl_;
+  KH_RETURN_IF_ERROR(im.EnsureReady());
   const v1::KeyType type = key.type;
   CK_MECHANISM mech{};
   CK_RSA_PKCS_PSS_PARAMS pss{};
@@ -1693,6 +1789,7 @@ StatusOr<SecretBytes> P11Backend::Decrypt(const KeyHandle& key,
                                           const DecryptParams& p,
                                           std::span<const uint8_t> ciphertext) {
   Impl& im = *impl_;
+  KH_RETURN_IF_ERROR(im.EnsureReady());
   if (!IsRsa(key.type)) {
     return InvalidArgument("key type " + std::string(KeyTypeName(key.type)) +
                            " cannot decrypt");
@@ -1789,6 +1886,7 @@ StatusOr<SecretBytes> P11Backend::Decrypt(const KeyHandle& key,
 StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
                                          std::span<const uint8_t> peer) {
   Impl& im = *impl_;
+  KH_RETURN_IF_ERROR(im.EnsureReady());
   if (!IsEc(key.type)) {
     return InvalidArgument("key type " + std::string(KeyTypeName(key.type)) +
                            " cannot derive" +
@@ -1881,6 +1979,7 @@ StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
 
 Status P11Backend::Destroy(const KeyHandle& key) {
   Impl& im = *impl_;
+  KH_RETURN_IF_ERROR(im.EnsureReady());
   // A fresh search, not a cached handle: never destroy another object that
   // took a stale handle's number.
   Status st = im.WithKey(
@@ -1902,13 +2001,17 @@ unsigned P11Backend::MaxBlockingCalls() const { return impl_->config.sessions; }
 void P11Backend::Recorded(const KeyHandle& key) {
   Impl& im = *impl_;
   const std::string label = im.LabelFor(key.ref);
-  Status st = im.WithKey(
-      key,
-      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
-        *what = "C_SetAttributeValue(CKA_LABEL)";
-        return im.SetLabel(s, h, label);
-      },
-      /*fresh_lookup=*/true);
+  Status st = im.EnsureReady();
+  if (st.ok()) {
+    st = im.WithKey(
+        key,
+        [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h,
+            const char** what) -> CK_RV {
+          *what = "C_SetAttributeValue(CKA_LABEL)";
+          return im.SetLabel(s, h, label);
+        },
+        /*fresh_lookup=*/true);
+  }
   if (!st.ok()) {
     Log().warn(
         "{}key '{}' is recorded but its token object is still marked "
@@ -1919,6 +2022,7 @@ void P11Backend::Recorded(const KeyHandle& key) {
 
 Status P11Backend::Retire(const KeyHandle& key) {
   Impl& im = *impl_;
+  KH_RETURN_IF_ERROR(im.EnsureReady());
   const std::string label = im.PendingLabelFor(key.ref);
   bool read_only = false;
   Status st = im.WithKey(
@@ -1948,6 +2052,21 @@ Status P11Backend::Retire(const KeyHandle& key) {
 Status P11Backend::Reconcile(std::span<const KeyHandle> recorded,
                              std::span<const KeyHandle> others) {
   Impl& im = *impl_;
+  if (!im.ready.load(std::memory_order_acquire)) {
+    // The token was not there at start: reconciled when it is found.
+    std::lock_guard lock(im.ready_mu);
+    im.pending_recorded = Impl::Keep(recorded);
+    im.pending_others = Impl::Keep(others);
+    im.reconcile_pending = true;
+    return Status::Ok();
+  }
+  return im.Reconcile(recorded, others, /*remove_pending=*/true);
+}
+
+Status P11Backend::Impl::Reconcile(std::span<const KeyHandle> recorded,
+                                   std::span<const KeyHandle> others,
+                                   bool remove_pending) {
+  Impl& im = *this;
   // This backend's keys (reported when their object is gone), and every
   // CKA_ID on this token that any row records, with that row's reference.
   std::map<std::vector<uint8_t>, const KeyHandle*> wanted;
@@ -1955,7 +2074,7 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded,
   // Removing a pending object is only safe when the recorded set is
   // complete: a blob this daemon cannot read (say, from a newer version)
   // means the list may miss live keys.
-  bool may_delete = true;
+  bool may_delete = remove_pending;
   for (const KeyHandle& k : recorded) {
     StatusOr<Blob> blob = DecodeBlob(k.blob);
     if (!blob.ok()) {
@@ -2028,10 +2147,12 @@ Status P11Backend::Reconcile(std::span<const KeyHandle> recorded,
       if (!pending || !may_delete) {
         // Marked final but recorded nowhere: a key store restored from an
         // older backup, or another keyhold on this token. Never removed.
+        // Pending ones wait for a start that may remove them.
         Log().warn(
             "{}token key '{}' (id {}) is not recorded in the key store; "
-            "left in place",
-            im.Where(), std::string(l), HexEncode(id));
+            "left in place{}",
+            im.Where(), std::string(l), HexEncode(id),
+            pending ? " until the next start" : "");
         continue;
       }
       // Pending and recorded nowhere: a crash (or a failed insert) between

@@ -44,7 +44,8 @@ class P11Backend : public Backend {
   // Loads the module, finds the token, reads the PIN file, opens and logs in
   // the session pool and reads the token's mechanisms. The PIN is wiped after
   // C_Login and re-read from its file only if the token must be logged in
-  // again (it was removed and came back).
+  // again (it was removed and came back). A token that is not present does
+  // not fail the start: the backend looks for it again at each request.
   static StatusOr<std::unique_ptr<P11Backend>> Create(const P11Config& config);
   ~P11Backend() override;
 

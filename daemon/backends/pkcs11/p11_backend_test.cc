@@ -215,12 +215,19 @@ TEST(P11StartTest, WrongPinAndBadPinFile) {
   EXPECT_FALSE(P11Backend::Create(c).ok());
 }
 
+// A token that is not there does not stop the start (it may be plugged in
+// later); every request names it.
 TEST(P11StartTest, UnknownToken) {
   P11Config c = BaseConfig();
   c.token_label = "no-such-token";
   auto b = P11Backend::Create(c);
-  ASSERT_FALSE(b.ok());
-  EXPECT_EQ(b.status().code(), Code::kBackendUnavailable);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  auto k = (*b)->Generate({1000, "nowhere"}, v1::EC_P256);
+  ASSERT_FALSE(k.ok());
+  EXPECT_EQ(k.status().code(), Code::kBackendUnavailable);
+  EXPECT_NE(k.status().message().find("label 'no-such-token' is not present"),
+            std::string::npos)
+      << k.status().ToString();
 }
 
 TEST_F(P11BackendTest, EcdsaAllCurves) {
@@ -1010,6 +1017,50 @@ TEST_F(P11FaultTest, RemovedTokenThenBack) {
   ASSERT_TRUE(sig.ok()) << sig.status().ToString();
   EXPECT_TRUE(Verifies(k->public_key, *sig, digest));
   EXPECT_GT(Faults().count("C_Login"), logins);
+}
+
+// The token is not there when the backend starts (unplugged, its reader
+// not up): the backend starts anyway so the daemon's other backends serve,
+// its requests fail with "backend unavailable", and once the token is there
+// the next request finds it, logs in and works. The start's reconciliation
+// waits for the token and then removes no pending object (one may be in the
+// middle of its creation by then).
+TEST_F(P11FaultTest, TokenAbsentAtStartIsUsedOnceItIsThere) {
+  auto k = backend_->Generate({1000, "late"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 370, "late");
+  auto pending = backend_->Generate({1000, "late-pending"}, v1::EC_P256);
+  ASSERT_TRUE(pending.ok()) << pending.status().ToString();
+  const KeyHandle ph = Handle(*pending, 371, "late-pending");
+  const std::vector<uint8_t> digest = Sha256("late");
+
+  Faults().absent(1);
+  auto b = P11Backend::Create(FaultConfig());
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_FALSE((*b)->SupportsEd25519());
+  const KeyHandle recorded[] = {h};
+  ASSERT_TRUE((*b)->Reconcile(recorded, {}).ok());
+  for (int i = 0; i < 2; ++i) {
+    auto sig = (*b)->Sign(h, EcdsaSha256(), digest);
+    ASSERT_FALSE(sig.ok());
+    EXPECT_EQ(sig.status().code(), Code::kBackendUnavailable);
+    EXPECT_NE(sig.status().message().find("is not present"), std::string::npos)
+        << sig.status().ToString();
+  }
+  EXPECT_EQ((*b)->Generate({1000, "late2"}, v1::EC_P256).status().code(),
+            Code::kBackendUnavailable);
+
+  Faults().absent(0);
+  auto sig = (*b)->Sign(h, EcdsaSha256(), digest);
+  ASSERT_TRUE(sig.ok()) << sig.status().ToString();
+  EXPECT_TRUE(Verifies(k->public_key, *sig, digest));
+  EXPECT_TRUE((*b)->SupportsEd25519());
+  // The unrecorded pending object survived the late reconciliation.
+  auto psig = (*b)->Sign(ph, EcdsaSha256(), digest);
+  ASSERT_TRUE(psig.ok()) << psig.status().ToString();
+  EXPECT_TRUE(Verifies(pending->public_key, *psig, digest));
+  EXPECT_TRUE((*b)->Destroy(h).ok());
+  EXPECT_TRUE((*b)->Destroy(ph).ok());
 }
 
 }  // namespace
