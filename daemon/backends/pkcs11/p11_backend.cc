@@ -680,7 +680,47 @@ struct P11Backend::Impl {
                      std::pair<std::vector<uint8_t>, CK_OBJECT_HANDLE>>
       handles;
 
+  // Every backend's handle cache in the process (two backend tables may
+  // name one module), for ForgetObjectHandle().
+  static std::mutex& RegistryMu() {
+    static std::mutex mu;
+    return mu;
+  }
+  static std::vector<Impl*>& Registry() {
+    static std::vector<Impl*> impls;
+    return impls;
+  }
+
+  // A handle names an object only while the object exists: once someone
+  // else destroys a key's object, a module may give its number to the next
+  // object made, and a cached handle would then lead that key's requests
+  // to the new object, which may be another user's key. So a handle a new
+  // object gets is dropped from every cache at once, and the key whose
+  // object is gone is looked up afresh (and found missing). (A request that
+  // read the cached handle just before the new object was made can still
+  // reach it; that needs the old object destroyed behind keyhold's back.)
+  static void ForgetObjectHandle(CK_OBJECT_HANDLE h) {
+    std::lock_guard lock(RegistryMu());
+    for (Impl* im : Registry()) {
+      std::unique_lock cache(im->cache_mu);
+      std::erase_if(im->handles, [h](const auto& entry) {
+        return entry.second.second == h;
+      });
+    }
+  }
+
+  Impl() {
+    std::lock_guard lock(RegistryMu());
+    Registry().push_back(this);
+  }
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+
   ~Impl() {
+    {
+      std::lock_guard lock(RegistryMu());
+      std::erase(Registry(), this);
+    }
     if (fn != nullptr) {
       for (CK_SESSION_HANDLE s : idle) {
         fn->C_CloseSession(s);
@@ -1472,6 +1512,8 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
     if (rv != CKR_OK) {
       return rv;
     }
+    Impl::ForgetObjectHandle(hpub);
+    Impl::ForgetObjectHandle(hpriv);
     *what = "reading the new public key";
     rv = im.PublicSpki(s, hpub, type, &out.public_key, &conv);
     im.fn->C_DestroyObject(s, hpub);
@@ -1612,7 +1654,11 @@ StatusOr<CreatedKey> P11Backend::Import(const daemon::KeyRef& ref,
     retry = true;
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     *what = "C_CreateObject";
-    return im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
+    const CK_RV rv = im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
+    if (rv == CKR_OK) {
+      Impl::ForgetObjectHandle(h);
+    }
+    return rv;
   });
   if (!st.ok()) {
     return st;
@@ -1959,6 +2005,7 @@ StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
         if (rv != CKR_OK) {
           return rv;
         }
+        Impl::ForgetObjectHandle(derived);
         CK_ATTRIBUTE a{CKA_VALUE, secret.data(SecretAccess::kToken),
                        secret.size()};
         *what = "reading the shared secret";

@@ -623,6 +623,8 @@ struct FaultControls {
   unsigned long (*count)(const char*) = nullptr;
   void (*reset)() = nullptr;
   void (*hide_mechanism)(CK_MECHANISM_TYPE) = nullptr;
+  void (*reuse_handle)(CK_OBJECT_HANDLE) = nullptr;
+  CK_C_GetFunctionList functions = nullptr;  // the module's own entry point
 };
 
 // The test maps the module itself (and keeps it mapped), so p11-kit's
@@ -646,6 +648,10 @@ const FaultControls& Faults() {
         reinterpret_cast<decltype(c.reset)>(::dlsym(lib, "kh_fault_reset"));
     c.hide_mechanism = reinterpret_cast<decltype(c.hide_mechanism)>(
         ::dlsym(lib, "kh_fault_hide_mechanism"));
+    c.reuse_handle = reinterpret_cast<decltype(c.reuse_handle)>(
+        ::dlsym(lib, "kh_fault_reuse_handle"));
+    c.functions = reinterpret_cast<decltype(c.functions)>(
+        ::dlsym(lib, "C_GetFunctionList"));
     return c;
   }();
   return controls;
@@ -1061,6 +1067,72 @@ TEST_F(P11FaultTest, TokenAbsentAtStartIsUsedOnceItIsThere) {
   EXPECT_TRUE(Verifies(pending->public_key, *psig, digest));
   EXPECT_TRUE((*b)->Destroy(h).ok());
   EXPECT_TRUE((*b)->Destroy(ph).ok());
+}
+
+// The handle of the private key object labelled `label`, found through the
+// module directly (a session of the test's own, as another program on the
+// token would have); CK_INVALID_HANDLE if there is not exactly one.
+CK_OBJECT_HANDLE FindByLabel(CK_FUNCTION_LIST* f, CK_SESSION_HANDLE s,
+                             const std::string& label) {
+  CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+  CK_ATTRIBUTE t[] = {
+      {CKA_CLASS, &cls, sizeof(cls)},
+      {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+  CK_OBJECT_HANDLE found[2] = {CK_INVALID_HANDLE, CK_INVALID_HANDLE};
+  CK_ULONG n = 0;
+  if (f->C_FindObjectsInit(s, t, 2) != CKR_OK) {
+    return CK_INVALID_HANDLE;
+  }
+  const CK_RV rv = f->C_FindObjects(s, found, 2, &n);
+  f->C_FindObjectsFinal(s);
+  return rv == CKR_OK && n == 1 ? found[0] : CK_INVALID_HANDLE;
+}
+
+// Another program destroys a key's token object behind keyhold's back, and
+// the module gives that object's handle to the next key made, another
+// user's: the first key's requests must never reach the new key through
+// the handle cached for it; they find the key gone.
+TEST_F(P11FaultTest, ReusedHandleNeverReachesAnotherKey) {
+  ASSERT_NE(Faults().reuse_handle, nullptr);
+  ASSERT_NE(Faults().functions, nullptr);
+  auto x = backend_->Generate({1000, "reused"}, v1::EC_P256);
+  ASSERT_TRUE(x.ok()) << x.status().ToString();
+  const KeyHandle hx = Handle(*x, 380, "reused");
+  const std::vector<uint8_t> digest = Sha256("reused");
+  ASSERT_TRUE(backend_->Sign(hx, EcdsaSha256(), digest).ok());  // cached
+
+  CK_FUNCTION_LIST* f = nullptr;
+  ASSERT_EQ(Faults().functions(&f), CKR_OK);
+  CK_ULONG count = 8;
+  CK_SLOT_ID slots[8];
+  ASSERT_EQ(f->C_GetSlotList(CK_TRUE, slots, &count), CKR_OK);
+  ASSERT_GE(count, 1u);
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  ASSERT_EQ(f->C_OpenSession(slots[0], CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                             nullptr, nullptr, &s),
+            CKR_OK);
+  const CK_OBJECT_HANDLE old = FindByLabel(f, s, "keyhold-pending:1000/reused");
+  ASSERT_NE(old, CK_INVALID_HANDLE);
+  ASSERT_EQ(f->C_DestroyObject(s, old), CKR_OK);
+  f->C_CloseSession(s);
+
+  Faults().reuse_handle(old);
+  auto y = backend_->Generate({2000, "taker"}, v1::EC_P256);
+  ASSERT_TRUE(y.ok()) << y.status().ToString();
+  KeyHandle hy = Handle(*y, 381, "taker");
+  hy.ref = daemon::KeyRef{2000, "taker"};
+
+  auto sig = backend_->Sign(hx, EcdsaSha256(), digest);
+  ASSERT_FALSE(sig.ok()) << "signed with the key that took the handle: "
+                         << Verifies(y->public_key, *sig, digest);
+  EXPECT_EQ(sig.status().code(), Code::kNotFound) << sig.status().ToString();
+  EXPECT_NE(sig.status().message().find("is gone"), std::string::npos)
+      << sig.status().ToString();
+  // The new key works through the reused number.
+  auto ysig = backend_->Sign(hy, EcdsaSha256(), digest);
+  ASSERT_TRUE(ysig.ok()) << ysig.status().ToString();
+  EXPECT_TRUE(Verifies(y->public_key, *ysig, digest));
+  EXPECT_TRUE(backend_->Destroy(hy).ok());
 }
 
 }  // namespace

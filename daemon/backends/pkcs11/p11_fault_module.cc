@@ -14,6 +14,11 @@
 //  - hang: while the file named by KH_P11_FAULT_HANG_FILE exists, C_Sign
 //    waits (it touches FILE.entered first), for the daemon-level test that a
 //    hanging module cannot hang the daemon's I/O;
+//  - reuse: the next key pair made gets a given (destroyed) object's handle
+//    for its private key, as modules that recycle handles do; that number
+//    then names the new key in every call, for the test that a handle
+//    cached for a key destroyed behind keyhold's back is never used for
+//    whatever takes its number;
 //  - crash: while the file named by KH_P11_FAULT_CRASH_FILE exists, a
 //    C_GenerateKeyPair or C_CreateObject that succeeded ends the process
 //    (_exit), as a kill -9 of keyholdd between the token's creation of a key
@@ -36,6 +41,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #define KH_FAULT_EXPORT extern "C" __attribute__((visibility("default")))
@@ -55,6 +61,23 @@ std::map<std::string, unsigned long> g_counts;
 bool g_absent = false;
 std::set<CK_MECHANISM_TYPE> g_hidden;  // left out of C_GetMechanismList
 bool g_file_absent = false;  // KH_P11_FAULT_ABSENT_FILE seen at the last call
+
+// kh_fault_reuse_handle(): the handle the next private key gets (0: none),
+// and once made, the handle callers use for it and its real one.
+CK_OBJECT_HANDLE g_reuse_next = 0;
+CK_OBJECT_HANDLE g_alias = 0;
+CK_OBJECT_HANDLE g_alias_real = 0;
+
+// A handle from the caller, as the real module knows it.
+CK_OBJECT_HANDLE In(CK_OBJECT_HANDLE h) {
+  std::lock_guard lock(g_mu);
+  return g_alias_real != 0 && h == g_alias ? g_alias_real : h;
+}
+// A handle from the real module, as callers know it.
+CK_OBJECT_HANDLE Out(CK_OBJECT_HANDLE h) {
+  std::lock_guard lock(g_mu);
+  return g_alias_real != 0 && h == g_alias_real ? g_alias : h;
+}
 
 CK_FUNCTION_LIST* g_real = nullptr;
 CK_FUNCTION_LIST g_list;
@@ -226,7 +249,7 @@ CK_RV GetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o,
   if (faulty && f.kind == Fault::kFail) {
     return f.rv;
   }
-  const CK_RV rv = g_real->C_GetAttributeValue(s, o, t, n);
+  const CK_RV rv = g_real->C_GetAttributeValue(s, In(o), t, n);
   if (rv == CKR_OK && faulty && f.kind == Fault::kLie && n > 0) {
     t[0].ulValueLen = f.len;
   }
@@ -242,10 +265,33 @@ CK_RV FindObjects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR out, CK_ULONG max,
     return f.rv;
   }
   const CK_RV rv = g_real->C_FindObjects(s, out, max, n);
+  if (rv == CKR_OK) {
+    for (CK_ULONG i = 0; i < *n && i < max; ++i) {
+      out[i] = Out(out[i]);
+    }
+  }
   if (rv == CKR_OK && faulty && f.kind == Fault::kLie) {
     *n = f.len;
   }
   return rv;
+}
+
+CK_RV SetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o,
+                        CK_ATTRIBUTE_PTR t, CK_ULONG n) {
+  return g_real->C_SetAttributeValue(s, In(o), t, n);
+}
+
+CK_RV DestroyObject(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o) {
+  return g_real->C_DestroyObject(s, In(o));
+}
+
+CK_RV DecryptInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  return g_real->C_DecryptInit(s, m, In(k));
+}
+
+CK_RV DeriveKey(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE base,
+                CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR out) {
+  return g_real->C_DeriveKey(s, m, In(base), t, n, out);
 }
 
 void CrashIfAsked(CK_RV rv) {
@@ -262,6 +308,14 @@ CK_RV GenerateKeyPair(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
   const CK_RV rv =
       g_real->C_GenerateKeyPair(s, m, pub, npub, priv, npriv, hpub, hpriv);
   CrashIfAsked(rv);
+  if (rv == CKR_OK) {
+    std::lock_guard lock(g_mu);
+    if (g_reuse_next != 0) {
+      g_alias = std::exchange(g_reuse_next, 0);
+      g_alias_real = *hpriv;
+      *hpriv = g_alias;
+    }
+  }
   return rv;
 }
 
@@ -278,7 +332,7 @@ CK_RV SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
   if (TakeFault("C_SignInit", &f) && f.kind == Fault::kFail) {
     return f.rv;
   }
-  return g_real->C_SignInit(s, m, k);
+  return g_real->C_SignInit(s, m, In(k));
 }
 
 CK_RV Sign(CK_SESSION_HANDLE s, CK_BYTE_PTR data, CK_ULONG data_len,
@@ -350,6 +404,10 @@ KH_FAULT_EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out) {
     g_list.C_Sign = &Sign;
     g_list.C_Decrypt = &Decrypt;
     g_list.C_GenerateKeyPair = &GenerateKeyPair;
+    g_list.C_SetAttributeValue = &SetAttributeValue;
+    g_list.C_DestroyObject = &DestroyObject;
+    g_list.C_DecryptInit = &DecryptInit;
+    g_list.C_DeriveKey = &DeriveKey;
     g_list.C_CreateObject = &CreateObject;
   }
   *out = &g_list;
@@ -400,6 +458,14 @@ KH_FAULT_EXPORT void kh_fault_reset(void) {
   g_counts.clear();
   g_absent = false;
   g_hidden.clear();
+  g_reuse_next = g_alias = g_alias_real = 0;
+}
+
+// The private key of the next key pair made is handed out as h (which the
+// test destroyed first); h names that key from then on (until reset).
+KH_FAULT_EXPORT void kh_fault_reuse_handle(CK_OBJECT_HANDLE h) {
+  std::lock_guard lock(g_mu);
+  g_reuse_next = h;
 }
 
 // C_GetMechanismList leaves m out from now on (until kh_fault_reset).
