@@ -47,6 +47,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using keyhold::Status;
+using keyhold::backend::Backend;
 
 constexpr char kDefaultConfigPath[] = "/etc/keyhold/keyholdd.toml";
 
@@ -243,20 +244,63 @@ class ShutdownWatchdog {
       if (cv_.wait_for(waiting, limit, [this] { return done_; })) {
         return;
       }
+      // What the shutdown waits for: the calls the backends report (they
+      // answer without touching the device), or their destructors.
+      const std::string calls = devices_ == nullptr ? "" : CallsOf(*devices_);
       spdlog::critical(
-          "shutdown has not finished after {} s: a TPM or HSM call has not "
-          "returned; exiting without waiting for it",
-          limit.count());
+          "shutdown has not finished after {} s: {}; exiting without "
+          "waiting for it",
+          limit.count(),
+          !calls.empty() ? "a TPM or HSM call has not returned (" + calls + ")"
+          : devices_ == nullptr
+              ? std::string("closing the backends")
+              : std::string("no TPM or HSM call is in progress"));
       spdlog::default_logger()->flush();
       std::_Exit(1);
     });
   }
 
+  // The device backends whose calls the message names; nullptr (before
+  // they are destroyed) makes it say the backends are being closed.
+  void Watch(const std::vector<std::unique_ptr<Backend>>* devices) {
+    std::lock_guard lock(mu_);
+    devices_ = devices;
+  }
+
  private:
+  static std::string CallsOf(
+      const std::vector<std::unique_ptr<Backend>>& devices) {
+    std::string out;
+    for (const auto& device : devices) {
+      const std::string calls = device->CallsInProgress();
+      if (!calls.empty()) {
+        out += (out.empty() ? "" : "; ") + calls;
+      }
+    }
+    return out;
+  }
+
   std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
+  const std::vector<std::unique_ptr<Backend>>* devices_ = nullptr;
   std::thread thread_;
+};
+
+// Points the watchdog at the device backends while they exist.
+class WatchedDevices {
+ public:
+  WatchedDevices(ShutdownWatchdog* watchdog,
+                 const std::vector<std::unique_ptr<Backend>>* devices)
+      : watchdog_(watchdog) {
+    watchdog_->Watch(devices);
+  }
+  WatchedDevices(const WatchedDevices&) = delete;
+  WatchedDevices& operator=(const WatchedDevices&) = delete;
+  ~WatchedDevices() { watchdog_->Watch(nullptr); }
+
+ private:
+  ShutdownWatchdog* watchdog_;
 };
 
 int Run(int argc, char** argv) {
@@ -334,6 +378,7 @@ int Run(int argc, char** argv) {
   // its own settings; a backend that cannot start stops the daemon with a
   // clear message (a key store naming a missing backend is worse).
   std::vector<std::unique_ptr<keyhold::backend::Backend>> devices;
+  const WatchedDevices watched(&watchdog, &devices);
   for (const keyhold::daemon::BackendSection& section : config.backends) {
     keyhold::StatusOr<std::unique_ptr<keyhold::backend::Backend>> made =
         keyhold::Unavailable("backend kind '" + section.kind +

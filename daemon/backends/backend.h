@@ -70,6 +70,10 @@ class Backend {
   // and their operations run on the blocking pool.
   virtual bool MayBlock() const { return true; }
 
+  // The device calls in progress right now, in words for the shutdown
+  // watchdog's message ("" when none is). Must not wait for the device.
+  virtual std::string CallsInProgress() const { return {}; }
+
   // Creates a new key for ref. ref is bound into the blob (e.g. as AEAD
   // associated data), so a blob copied to another reference does not work.
   virtual StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,

@@ -481,7 +481,8 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
   timeout 120 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/cut.sig" 2>/dev/null &
   CUT=$!
   check "the module's C_Sign is hanging again" hang_entered
-  kh_check_forced_exit "$CUT"
+  kh_check_forced_exit "$CUT" \
+    "backend 'hsm': 1 of 1 token sessions in a module call"
   rm -f "$W/hang"
   kh_start --config "$H/keyholdd.toml"
   check "sign after the forced exit and a restart" timeout 20 "$KEYHOLD" sign h-ec-p256 \

@@ -271,7 +271,8 @@ timeout 120 "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/cut.sig" --digest 
   2>"$W/cut.err" &
 CUT=$!
 check "a TPM command is waiting in the stopped swtpm again" wait_command_queued
-kh_check_forced_exit "$CUT"
+kh_check_forced_exit "$CUT" \
+  "TPM backend 'tpm': a request has been in the TPM for"
 kill -CONT "$SWTPM_PID"
 kh_start --config "$KH_DIR/hang.toml"
 check "sign after the forced exit and a restart" "$KEYHOLD" sign t-ec-p256 \

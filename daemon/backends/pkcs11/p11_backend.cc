@@ -661,7 +661,7 @@ struct P11Backend::Impl {
   std::set<CK_MECHANISM_TYPE> mechanisms;
 
   // Session pool. `open` counts sessions that exist (idle or leased).
-  std::mutex pool_mu;
+  mutable std::mutex pool_mu;
   std::condition_variable pool_cv;
   std::vector<CK_SESSION_HANDLE> idle;
   uint32_t open = 0;
@@ -2044,6 +2044,25 @@ Status P11Backend::Destroy(const KeyHandle& key) {
 }
 
 unsigned P11Backend::MaxBlockingCalls() const { return impl_->config.sessions; }
+
+std::string P11Backend::CallsInProgress() const {
+  const Impl& im = *impl_;
+  std::lock_guard lock(im.pool_mu);
+  const std::size_t busy =
+      im.open - std::min<std::size_t>(im.open, im.idle.size());
+  if (busy == 0) {
+    return {};
+  }
+  std::string out = im.Where() + std::to_string(busy) + " of " +
+                    std::to_string(im.config.sessions) +
+                    " token sessions in a module call";
+  if (im.full_since) {
+    const auto held = std::chrono::duration_cast<std::chrono::seconds>(
+        std::chrono::steady_clock::now() - *im.full_since);
+    out += ", all of them for " + std::to_string(held.count()) + " s";
+  }
+  return out;
+}
 
 void P11Backend::Recorded(const KeyHandle& key) {
   Impl& im = *impl_;

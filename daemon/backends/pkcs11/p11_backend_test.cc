@@ -766,6 +766,12 @@ TEST_F(P11FaultTest, HungSessionsFailFurtherRequestsAtOnce) {
   EXPECT_EQ(waited.status().code(), Code::kBackendUnavailable);
   EXPECT_NE(waited.status().message().find("stayed busy"), std::string::npos)
       << waited.status().ToString();
+  // What the shutdown watchdog would name.
+  EXPECT_NE((*b)->CallsInProgress().find("backend 'hsm': 1 of 1 token "
+                                         "sessions in a module call, all "
+                                         "of them for "),
+            std::string::npos)
+      << (*b)->CallsInProgress();
   std::thread release([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     fs::remove(hang);
@@ -779,6 +785,7 @@ TEST_F(P11FaultTest, HungSessionsFailFurtherRequestsAtOnce) {
       << at_once.status().ToString();
   ASSERT_TRUE(held.ok()) << held.status().ToString();
   EXPECT_TRUE(Verifies(k->public_key, *held, d));
+  EXPECT_EQ((*b)->CallsInProgress(), "");
   auto after = (*b)->Sign(h, EcdsaSha256(), d);
   ASSERT_TRUE(after.ok()) << after.status().ToString();
   EXPECT_TRUE(Verifies(k->public_key, *after, d));

@@ -886,8 +886,8 @@ struct TpmBackend::Impl {
   std::set<v1::KeyType> supported;
   std::set<TPM2_ALG_ID> algs;
   bool capabilities_read = false;
-  // The last connection attempt failed with the TPM unavailable; the next
-  // one that succeeds says so in the log.
+  // A connection attempt failed with the TPM unavailable since the last
+  // success; the next success says so in the log (Reconnect).
   bool unreachable = false;
   // Transient objects and the session of a connection that was lost while
   // the TPM kept running: without a resource manager they still occupy TPM
@@ -978,7 +978,6 @@ struct TpmBackend::Impl {
       if ((rc & 0xffffU) != TSS2_BASE_RC_IO_ERROR) {
         return InvalidArgument("TPM: " + why + " (check the tcti setting)");
       }
-      unreachable = true;
       return BackendUnavailable("TPM unavailable: " + why);
     }
     rc = Esys_Initialize(&esys, tcti, nullptr);
@@ -1016,8 +1015,18 @@ struct TpmBackend::Impl {
       st = SizeCache();
     }
     if (!st.ok()) {
-      unreachable = IsUnavailable(st);
-      Disconnect(!unreachable);
+      Disconnect(!IsUnavailable(st));
+      return st;
+    }
+    return Status::Ok();
+  }
+
+  // Connect() for requests (and the start): notes an unreachable TPM, and
+  // logs the first success after one.
+  Status Reconnect() {
+    Status st = Connect();
+    if (!st.ok()) {
+      unreachable = unreachable || IsUnavailable(st);
       return st;
     }
     if (std::exchange(unreachable, false)) {
@@ -1354,7 +1363,7 @@ struct TpmBackend::Impl {
     if (esys != nullptr) {
       return Status::Ok();
     }
-    return Connect();
+    return Reconnect();
   }
 
   // The gate and mu, held for one request; both released on destruction.
@@ -1793,7 +1802,7 @@ StatusOr<std::unique_ptr<TpmBackend>> TpmBackend::Create(
   impl->options = std::move(options);
   {
     std::lock_guard lock(impl->mu);
-    Status st = impl->Connect();
+    Status st = impl->Reconnect();
     // A TPM that is not reachable yet (a device node that appears later in
     // boot, a resource manager or swtpm started after keyholdd) must not
     // take the other backends down with it: the daemon starts, this
@@ -1938,11 +1947,6 @@ std::size_t TpmBackend::LoadedKeyCount() const {
 std::size_t TpmBackend::LoadedKeyCapacity() const {
   std::lock_guard lock(impl_->mu);
   return impl_->capacity;
-}
-
-bool TpmBackend::InUse() const {
-  std::lock_guard gate(impl_->gate_mu);
-  return impl_->gate_taken;
 }
 
 StatusOr<CreatedKey> TpmBackend::Generate(const daemon::KeyRef& ref,
@@ -2200,6 +2204,18 @@ StatusOr<SecretBytes> TpmBackend::Derive(const KeyHandle& key,
                 x.buffer, x.size);
     return out;
   });
+}
+
+std::string TpmBackend::CallsInProgress() const {
+  std::lock_guard gate(impl_->gate_mu);
+  if (!impl_->gate_taken) {
+    return {};
+  }
+  const auto held = std::chrono::duration_cast<std::chrono::seconds>(
+      std::chrono::steady_clock::now() - impl_->gate_since);
+  return "TPM backend '" + impl_->options.name +
+         "': a request has been in the TPM for " +
+         std::to_string(held.count()) + " s";
 }
 
 Status TpmBackend::Destroy(const KeyHandle& key) {

@@ -106,6 +106,7 @@ class TpmBackend : public Backend {
 
   std::string_view Name() const override;
   unsigned MaxBlockingCalls() const override { return 1; }
+  std::string CallsInProgress() const override;
   StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
                                 v1::KeyType type) override;
   // Always kUnsupported: TPM keys are created inside the TPM.
@@ -127,8 +128,6 @@ class TpmBackend : public Backend {
   std::size_t LoadedKeyCount() const;
   // The LRU capacity in use (for tests).
   std::size_t LoadedKeyCapacity() const;
-  // A request holds the TPM now (for tests).
-  bool InUse() const;
 
  private:
   struct Impl;
