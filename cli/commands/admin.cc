@@ -148,6 +148,15 @@ int RunStats(Context& ctx, const StatsOptions& o) {
              ", \"p99_us\": " + std::to_string(s.p99_us()) +
              ", \"max_us\": " + std::to_string(s.max_us()) + "}";
     }
+    out += "], \"backends\": [";
+    for (int i = 0; i < r->backends_size(); ++i) {
+      const auto& b = r->backends(i);
+      out += (i == 0 ? "" : ", ");
+      out += "{\"name\": " + JsonString(b.name()) +
+             ", \"state\": " + JsonString(b.state()) +
+             ", \"calls_in_progress\": " + JsonString(b.calls_in_progress()) +
+             "}";
+    }
     return Print(out + "]}\n");
   }
   Print("keyholdd " + r->daemon_version() + ", up " +
@@ -162,7 +171,18 @@ int RunStats(Context& ctx, const StatsOptions& o) {
                     std::to_string(s.p90_us()), std::to_string(s.p99_us()),
                     std::to_string(s.max_us())});
   }
-  return PrintTable(rows);
+  if (int rc = PrintTable(rows); rc != 0) {
+    return rc;
+  }
+  std::vector<std::vector<std::string>> backends;
+  backends.push_back({"BACKEND", "STATE", "CALLS_IN_PROGRESS"});
+  for (const auto& b : r->backends()) {
+    backends.push_back(
+        {b.name(), b.state(),
+         b.calls_in_progress().empty() ? "-" : b.calls_in_progress()});
+  }
+  Print("\n");
+  return PrintTable(backends);
 }
 
 }  // namespace

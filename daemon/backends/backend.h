@@ -74,6 +74,11 @@ class Backend {
   // watchdog's message ("" when none is). Must not wait for the device.
   virtual std::string CallsInProgress() const { return {}; }
 
+  // "ready", or in words why this backend's keys cannot be used right now
+  // (a TPM not connected, a token not found), for `keyhold admin stats`.
+  // Must not wait for the device.
+  virtual std::string State() const { return "ready"; }
+
   // Creates a new key for ref. ref is bound into the blob (e.g. as AEAD
   // associated data), so a blob copied to another reference does not work.
   virtual StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,

@@ -84,6 +84,12 @@ Status HandleStats(OpContext& ctx, const OpArgs&, v1::Request&,
                                 std::chrono::steady_clock::now() - ctx.started)
                                 .count()));
   out->set_connections(ctx.clients != nullptr ? ctx.clients->Total() : 0);
+  for (const auto& [name, backend] : ctx.backends) {
+    v1::BackendState* b = out->add_backends();
+    b->set_name(name);
+    b->set_state(backend->State());
+    b->set_calls_in_progress(backend->CallsInProgress());
+  }
   if (ctx.stats == nullptr) {
     return Status::Ok();
   }

@@ -435,6 +435,8 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
   check "the module's C_Sign is hanging" hang_entered
   check "ping answers while C_Sign hangs" timeout 10 "$KEYHOLD" ping
   check "key list answers while C_Sign hangs" timeout 10 "$KEYHOLD" key list
+  check "admin stats names the hanging call" sh -c \
+    "timeout 10 '$KEYHOLD' admin stats | grep -q \"backend 'hsm': 1 of 1 token sessions in a module call\""
   check "a software-key sign answers while C_Sign hangs" \
     timeout 10 "$KEYHOLD" sign soft --in "$W/msg" --out "$W/soft.sig"
   check "openssl verifies that signature" openssl dgst -sha256 -verify "$W/soft.pub" \
@@ -519,11 +521,15 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
     timeout 10 "$KEYHOLD" sign soft --in "$W/msg" --out "$W/soft.sig"
   fails "HSM key with no token since the start" "not present" \
     timeout 20 "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig"
+  check "admin stats shows the token not found" sh -c \
+    "'$KEYHOLD' admin stats | grep -E \"^hsm +token not found yet: .*label 'kh-hsm' is not present\""
   rm -f "$W/absent"
   check "HSM key works once the token is there" timeout 20 "$KEYHOLD" sign h-ec-p256 \
     --in "$W/msg" --out "$W/sig"
   check "openssl verifies it" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" \
     -signature "$W/sig" "$W/msg"
+  check "admin stats shows the token ready" sh -c \
+    "'$KEYHOLD' admin stats | grep -E \"^hsm +ready \\(token serial '\""
   check "keyholdd logged finding the token" sh -c \
     "tail -n +$log_from '$KH_DIR/keyholdd.log' | grep -q \"token serial '.*' found\""
   check "the late reconciliation ran" sh -c \

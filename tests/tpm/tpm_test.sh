@@ -192,6 +192,10 @@ check "software key works with no TPM since the start" "$KEYHOLD" sign s-ec --in
   --out "$W/sig" --digest sha256
 fails "TPM key with no TPM since the start" "TPM unavailable" \
   "$KEYHOLD" sign t-ec-p256 --in "$W/msg" --out "$W/sig" --digest sha256
+check "admin stats shows the TPM not connected" sh -c \
+  "'$KEYHOLD' admin stats | grep -E '^tpm +not connected: TPM unavailable: cannot open TCTI'"
+check "admin stats shows the software backend ready" sh -c \
+  "'$KEYHOLD' admin stats | grep -E '^software +ready'"
 start_swtpm "$KH_DIR/tpm" "$PORT"
 check "TPM key works once the TPM is up" "$KEYHOLD" sign t-ec-p256 --in "$W/msg" \
   --out "$W/sig" --digest sha256
@@ -199,6 +203,8 @@ check "openssl verifies the late TPM's signature" openssl dgst -sha256 \
   -verify "$W/t-ec-p256.pub" -signature "$W/sig" "$W/msg"
 check "keyholdd logged the connection" sh -c \
   "tail -n +$log_from '$KH_DIR/keyholdd.log' | grep -q 'connected to the TPM'"
+check "admin stats shows the TPM connected" sh -c \
+  "'$KEYHOLD' admin stats | grep -E '^tpm +connected \(swtpm:'"
 
 # A TPM that stops answering (swtpm stopped with SIGSTOP: connections are
 # accepted, commands never answered). The request inside the TPM waits for
@@ -232,6 +238,8 @@ wait_command_queued() {
 check "a TPM command is waiting in the stopped swtpm" wait_command_queued
 check "ping answers while the TPM is silent" timeout 10 "$KEYHOLD" ping
 check "key list answers while the TPM is silent" timeout 10 "$KEYHOLD" key list
+check "admin stats names the call waiting in the TPM" sh -c \
+  "timeout 10 '$KEYHOLD' admin stats | grep -q \"TPM backend 'tpm': a request has been in the TPM for\""
 check "a software key signs while the TPM is silent" \
   timeout 10 "$KEYHOLD" sign s-ec --in "$W/msg" --out "$W/sig" --digest sha256
 fails "another TPM key use says the TPM is busy" "TPM busy" \

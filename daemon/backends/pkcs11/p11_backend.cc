@@ -1296,6 +1296,10 @@ struct P11Backend::Impl {
   // leaves it false: every request first tries to start (EnsureReady), so
   // the backend comes up with the token instead of keeping the daemon down.
   std::atomic<bool> ready{false};
+  // Why the last start attempt failed, for State() (which cannot take
+  // ready_mu: held across module calls).
+  mutable std::mutex start_error_mu;
+  std::string start_error;  // guarded by start_error_mu
   std::mutex ready_mu;  // one start attempt at a time; guards the below
   bool reconcile_pending = false;
   std::vector<RecordedKey> pending_recorded;
@@ -1316,7 +1320,11 @@ struct P11Backend::Impl {
     if (ready.load(std::memory_order_relaxed)) {
       return Status::Ok();
     }
-    KH_RETURN_IF_ERROR(Start());
+    if (Status st = Start(); !st.ok()) {
+      std::lock_guard error(start_error_mu);
+      start_error = st.message();
+      return st;
+    }
     if (reconcile_pending) {
       // Other requests may be creating keys by now (a second backend table
       // on this token that found it first), so a pending object may be one
@@ -1395,6 +1403,7 @@ StatusOr<std::unique_ptr<P11Backend>> P11Backend::Create(
   impl->initialized = true;
   Status started = impl->Start();
   if (!started.ok()) {
+    impl->start_error = started.message();
     // A token that is not there (yet): unplugged, or its reader or daemon
     // not up. The other backends must not stay down with it, so the daemon
     // starts and each request for this backend looks for the token again.
@@ -2044,6 +2053,15 @@ Status P11Backend::Destroy(const KeyHandle& key) {
 }
 
 unsigned P11Backend::MaxBlockingCalls() const { return impl_->config.sessions; }
+
+std::string P11Backend::State() const {
+  const Impl& im = *impl_;
+  if (im.ready.load(std::memory_order_acquire)) {
+    return "ready (token serial '" + im.serial + "')";
+  }
+  std::lock_guard lock(im.start_error_mu);
+  return "token not found yet: " + im.start_error;
+}
 
 std::string P11Backend::CallsInProgress() const {
   const Impl& im = *impl_;

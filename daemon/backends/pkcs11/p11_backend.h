@@ -52,6 +52,7 @@ class P11Backend : public Backend {
   std::string_view Name() const override;
   unsigned MaxBlockingCalls() const override;
   std::string CallsInProgress() const override;
+  std::string State() const override;
   StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
                                 v1::KeyType type) override;
   StatusOr<CreatedKey> Import(const daemon::KeyRef& ref,

@@ -889,6 +889,14 @@ struct TpmBackend::Impl {
   // A connection attempt failed with the TPM unavailable since the last
   // success; the next success says so in the log (Reconnect).
   bool unreachable = false;
+  // The connection's state in words for State(), which cannot take mu (held
+  // across TPM calls).
+  mutable std::mutex state_mu;
+  std::string state = "not connected yet";  // guarded by state_mu
+  void SetState(std::string s) {
+    std::lock_guard lock(state_mu);
+    state = std::move(s);
+  }
   // Transient objects and the session of a connection that was lost while
   // the TPM kept running: without a resource manager they still occupy TPM
   // slots, so the next connection flushes them (objects only if their name
@@ -1027,8 +1035,10 @@ struct TpmBackend::Impl {
     Status st = Connect();
     if (!st.ok()) {
       unreachable = unreachable || IsUnavailable(st);
+      SetState("not connected: " + st.message());
       return st;
     }
+    SetState("connected (" + options.tcti + ")");
     if (std::exchange(unreachable, false)) {
       Log().info("TPM backend '{}': connected to the TPM ({})", options.name,
                  options.tcti);
@@ -1448,6 +1458,8 @@ struct TpmBackend::Impl {
       }
       Disconnect(/*flush=*/false,
                  /*tpm_reset=*/BaseRc(rc) == TPM2_RC_INITIALIZE);
+      SetState("connection lost (" + result.status().message() +
+               "); the next request reconnects");
       if (attempt == 1) {
         return result;
       }
@@ -2216,6 +2228,11 @@ std::string TpmBackend::CallsInProgress() const {
   return "TPM backend '" + impl_->options.name +
          "': a request has been in the TPM for " +
          std::to_string(held.count()) + " s";
+}
+
+std::string TpmBackend::State() const {
+  std::lock_guard lock(impl_->state_mu);
+  return impl_->state;
 }
 
 Status TpmBackend::Destroy(const KeyHandle& key) {

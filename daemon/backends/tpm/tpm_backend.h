@@ -107,6 +107,7 @@ class TpmBackend : public Backend {
   std::string_view Name() const override;
   unsigned MaxBlockingCalls() const override { return 1; }
   std::string CallsInProgress() const override;
+  std::string State() const override;
   StatusOr<CreatedKey> Generate(const daemon::KeyRef& ref,
                                 v1::KeyType type) override;
   // Always kUnsupported: TPM keys are created inside the TPM.
