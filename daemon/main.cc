@@ -375,8 +375,11 @@ int Run(int argc, char** argv) {
   }
 
   // Device backends from [[backend.KIND]] tables. Each kind's factory parses
-  // its own settings; a backend that cannot start stops the daemon with a
-  // clear message (a key store naming a missing backend is worse).
+  // its own settings; a backend that cannot be made (bad settings, a module
+  // not allowed, a refused PIN) stops the daemon with a clear message (a key
+  // store naming a missing backend is worse). A device that is merely not
+  // there yet (no TPM answering, no token) still gets its backend, which
+  // looks for the device at each request.
   std::vector<std::unique_ptr<keyhold::backend::Backend>> devices;
   const WatchedDevices watched(&watchdog, &devices);
   for (const keyhold::daemon::BackendSection& section : config.backends) {
