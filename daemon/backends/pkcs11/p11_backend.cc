@@ -72,6 +72,31 @@ constexpr CK_ULONG kMaxAttribute = CK_ULONG{16} * 1024;
 // Most slots or mechanisms a module may list.
 constexpr CK_ULONG kMaxListCount = 4096;
 
+// Reads a list the PKCS#11 two-call way (C_GetSlotList, C_GetMechanismList):
+// call(nullptr, &n) for the count, then call(buffer, &n) for the items. A
+// count over kMaxListCount, or more items than the first answer made room
+// for, is kCkrBadModuleOutput.
+template <typename T, typename Call>
+CK_RV ReadList(Call&& call, std::vector<T>* out) {
+  CK_ULONG count = 0;
+  CK_RV rv = call(nullptr, &count);
+  if (rv == CKR_OK && count > kMaxListCount) {
+    rv = kCkrBadModuleOutput;
+  }
+  if (rv != CKR_OK) {
+    return rv;
+  }
+  out->resize(count);
+  rv = call(out->data(), &count);
+  if (rv == CKR_OK && count > out->size()) {
+    rv = kCkrBadModuleOutput;
+  }
+  if (rv == CKR_OK) {
+    out->resize(count);
+  }
+  return rv;
+}
+
 // DER OIDs for CKA_EC_PARAMS.
 constexpr uint8_t kOidP256[] = {0x06, 0x08, 0x2a, 0x86, 0x48,
                                 0xce, 0x3d, 0x03, 0x01, 0x07};
@@ -736,23 +761,15 @@ struct P11Backend::Impl {
 
   // Finds the configured token's slot.
   Status FindSlot() {
-    CK_ULONG count = 0;
-    CK_RV rv = fn->C_GetSlotList(CK_TRUE, nullptr, &count);
-    if (rv == CKR_OK && count > kMaxListCount) {
-      rv = kCkrBadModuleOutput;
-    }
+    std::vector<CK_SLOT_ID> slots;
+    const CK_RV rv = ReadList(
+        [this](CK_SLOT_ID* list, CK_ULONG* n) {
+          return fn->C_GetSlotList(CK_TRUE, list, n);
+        },
+        &slots);
     if (rv != CKR_OK) {
       return P11Error(rv, Where() + "C_GetSlotList");
     }
-    std::vector<CK_SLOT_ID> slots(count);
-    rv = fn->C_GetSlotList(CK_TRUE, slots.data(), &count);
-    if (rv == CKR_OK && count > slots.size()) {
-      rv = kCkrBadModuleOutput;
-    }
-    if (rv != CKR_OK) {
-      return P11Error(rv, Where() + "C_GetSlotList");
-    }
-    slots.resize(count);
     for (CK_SLOT_ID s : slots) {
       CK_TOKEN_INFO info{};
       if (fn->C_GetTokenInfo(s, &info) != CKR_OK) {
@@ -1239,22 +1256,15 @@ struct P11Backend::Impl {
       std::lock_guard lock(slot_mu);
       s = slot;
     }
-    CK_ULONG count = 0;
-    CK_RV rv = fn->C_GetMechanismList(s, nullptr, &count);
-    if (rv == CKR_OK && count > kMaxListCount) {
-      rv = kCkrBadModuleOutput;
-    }
-    std::vector<CK_MECHANISM_TYPE> mechs(rv == CKR_OK ? count : 0);
-    if (rv == CKR_OK) {
-      rv = fn->C_GetMechanismList(s, mechs.data(), &count);
-    }
-    if (rv == CKR_OK && count > mechs.size()) {
-      rv = kCkrBadModuleOutput;
-    }
+    std::vector<CK_MECHANISM_TYPE> mechs;
+    const CK_RV rv = ReadList(
+        [this, s](CK_MECHANISM_TYPE* list, CK_ULONG* n) {
+          return fn->C_GetMechanismList(s, list, n);
+        },
+        &mechs);
     if (rv != CKR_OK) {
       return P11Error(rv, Where() + "C_GetMechanismList");
     }
-    mechs.resize(count);
     mechanisms.insert(mechs.begin(), mechs.end());
     std::vector<Lease> leases;
     for (uint32_t i = 0; i < config.sessions; ++i) {
