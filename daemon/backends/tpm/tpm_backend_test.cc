@@ -411,6 +411,12 @@ SignParams EcdsaSha256() {
   return p;
 }
 
+// Whether sig is k's ECDSA signature over the digest d.
+bool VerifiesEcdsa(const Key& k, std::span<const uint8_t> d,
+                   std::span<const uint8_t> sig) {
+  return Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, sig);
+}
+
 Key MakeKey(TpmBackend* b, uint64_t id, v1::KeyType type,
             const std::string& name) {
   Key k;
@@ -756,8 +762,7 @@ TEST_F(TpmBackendTest, RestartedBackendKeepsKeysUsable) {
   const std::vector<uint8_t> d = Sha(EVP_sha256(), "after restart");
   auto sig = backend_->Sign(k.handle, p, d);
   ASSERT_TRUE(sig.ok()) << sig.status().ToString();
-  EXPECT_TRUE(
-      Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *sig));
+  EXPECT_TRUE(VerifiesEcdsa(k, d, *sig));
 }
 
 TEST_F(TpmBackendTest, TpmRestartGivesClearErrorThenRecovers) {
@@ -776,7 +781,7 @@ TEST_F(TpmBackendTest, TpmRestartGivesClearErrorThenRecovers) {
   ASSERT_TRUE(tpm_->Restart());
   auto up = backend_->Sign(k.handle, p, d);
   ASSERT_TRUE(up.ok()) << up.status().ToString();
-  EXPECT_TRUE(Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *up));
+  EXPECT_TRUE(VerifiesEcdsa(k, d, *up));
 }
 
 // A TPM that stops answering keeps the request inside it for as long as it
@@ -825,13 +830,11 @@ TEST_F(TpmBackendTest, SilentTpmHoldsOneRequestAndTheOthersGetBusy) {
   tpm_->Resume();
   inside.join();
   ASSERT_TRUE(held.ok()) << held.status().ToString();
-  EXPECT_TRUE(
-      Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *held));
+  EXPECT_TRUE(VerifiesEcdsa(k, d, *held));
   EXPECT_EQ(backend_->CallsInProgress(), "");
   auto after = backend_->Sign(k.handle, p, d);
   ASSERT_TRUE(after.ok()) << after.status().ToString();
-  EXPECT_TRUE(
-      Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *after));
+  EXPECT_TRUE(VerifiesEcdsa(k, d, *after));
 }
 
 // A copy of the key store (and even of master.key) is useless with another
@@ -946,8 +949,7 @@ TEST_P(TpmBackendOpsTest, LostConnectionDoesNotLeakTransientSlots) {
       auto sig = backend_->Sign(k->handle, p, d);
       ASSERT_TRUE(sig.ok()) << "after " << cut << " cuts: "
                             << sig.status().ToString();
-      EXPECT_TRUE(
-          Verify(ParsePub(k->created.public_key).get(), nullptr, 0, d, *sig));
+      EXPECT_TRUE(VerifiesEcdsa(*k, d, *sig));
     }
     EXPECT_EQ(backend_->LoadedKeyCount(), 2u);
     EXPECT_EQ(backend_->LoadedKeyCapacity(), capacity) << "after " << cut;
@@ -1081,7 +1083,7 @@ TEST_F(TpmBackendTest, PersistentStorageKeyNameIsChecked) {
   const std::vector<uint8_t> d = Sha(EVP_sha256(), "persistent");
   auto sig = (*b)->Sign(k.handle, p, d);
   ASSERT_TRUE(sig.ok()) << sig.status().ToString();
-  EXPECT_TRUE(Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *sig));
+  EXPECT_TRUE(VerifiesEcdsa(k, d, *sig));
   b->reset();
 
   o.persistent_name = hex.substr(0, hex.size() - 1) +
@@ -1185,8 +1187,7 @@ TEST_F(TpmBackendTest, WorksThroughTheAbrmdResourceManager) {
     for (const Key& k : keys) {
       auto sig = backend_->Sign(k.handle, p, d);
       ASSERT_TRUE(sig.ok()) << sig.status().ToString();
-      EXPECT_TRUE(
-          Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *sig));
+      EXPECT_TRUE(VerifiesEcdsa(k, d, *sig));
     }
   }
   EXPECT_LE(backend_->LoadedKeyCount(), 2u);
@@ -1269,8 +1270,7 @@ TEST_F(TpmBackendTest, TpmAbsentAtStartIsUsedOnceItAppears) {
   const std::vector<uint8_t> d = Sha(EVP_sha256(), "late TPM");
   auto sig = backend_->Sign(k.handle, p, d);
   ASSERT_TRUE(sig.ok()) << sig.status().ToString();
-  EXPECT_TRUE(
-      Verify(ParsePub(k.created.public_key).get(), nullptr, 0, d, *sig));
+  EXPECT_TRUE(VerifiesEcdsa(k, d, *sig));
 }
 
 }  // namespace
