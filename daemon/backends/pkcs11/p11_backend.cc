@@ -721,9 +721,9 @@ struct P11Backend::Impl {
   // object made, and a cached handle would then lead that key's requests
   // to the new object, which may be another user's key. So a handle a new
   // object gets is dropped from every cache at once, and the key whose
-  // object is gone is looked up afresh (and found missing). (A request that
-  // read the cached handle just before the new object was made can still
-  // reach it; that needs the old object destroyed behind keyhold's back.)
+  // object is gone is looked up afresh (and found missing). A request that
+  // read the handle while an object was being made checks it once more
+  // before it gives anything out or changes anything (HandleWatch).
   static void ForgetObjectHandle(CK_OBJECT_HANDLE h) {
     std::lock_guard lock(RegistryMu());
     for (Impl* im : Registry()) {
@@ -733,6 +733,67 @@ struct P11Backend::Impl {
       });
     }
   }
+
+  // Object creations by every backend of the process (C_GenerateKeyPair,
+  // C_CreateObject, C_DeriveKey): how many began, and how many ended with
+  // their new handles forgotten by every cache.
+  static std::atomic<uint64_t>& CreationsBegun() {
+    static std::atomic<uint64_t> n{0};
+    return n;
+  }
+  static std::atomic<uint64_t>& CreationsEnded() {
+    static std::atomic<uint64_t> n{0};
+    return n;
+  }
+  // One object creation: from before the module call until after its
+  // handles are forgotten (ForgetObjectHandle).
+  class Creation {
+   public:
+    Creation() { CreationsBegun().fetch_add(1); }
+    ~Creation() { CreationsEnded().fetch_add(1); }
+    Creation(const Creation&) = delete;
+    Creation& operator=(const Creation&) = delete;
+  };
+
+  // Taken before a request reads its key's handle (cached or found). The
+  // handle was the key's object then, but a creation under way at that
+  // moment, or begun before the module's init call has bound the operation,
+  // may have given its number to a new object (the key's own destroyed
+  // behind keyhold's back), whose key must not serve the request.
+  // Unchanged() says that cannot have happened; otherwise StillKey reads
+  // the object's CKA_ID first. So the check costs three atomic loads unless
+  // an object is being made at the same time.
+  struct HandleWatch {
+    uint64_t begun = CreationsBegun().load();
+    bool quiet = begun == CreationsEnded().load();
+
+    // own: creations the use itself began since (C_DeriveKey's).
+    bool Unchanged(uint64_t own = 0) const {
+      return quiet && CreationsBegun().load() == begun + own;
+    }
+  };
+
+  // What WithKey's op asks before it acts on h (a key use: once its init
+  // call has bound the operation to h), whether h is still the key's
+  // object: true if no creation can have taken h's number since the handle
+  // was read, or if h still has the key's CKA_ID. On false the op gives
+  // nothing out, changes nothing and returns kCkrWrongObject.
+  struct StillKey {
+    Impl* im;
+    HandleWatch watch;
+    const Blob* blob;
+    CK_SESSION_HANDLE s;
+    CK_OBJECT_HANDLE h;
+
+    // own: creations the op itself began since (C_DeriveKey's).
+    bool operator()(uint64_t own = 0) const {
+      if (watch.Unchanged(own)) {
+        return true;
+      }
+      std::vector<uint8_t> id;
+      return im->GetAttr(s, h, CKA_ID, &id) == CKR_OK && id == blob->id;
+    }
+  };
 
   Impl() {
     std::lock_guard lock(RegistryMu());
@@ -993,6 +1054,12 @@ struct P11Backend::Impl {
       if (rv == CKR_OK) {
         return Status::Ok();
       }
+      if (rv == kCkrWrongObject) {
+        lease->MarkDead();  // ends the operation (see kCkrWrongObject)
+        if (attempt == 0) {
+          continue;
+        }
+      }
       if (IsSessionLost(rv)) {
         // Object handles are only promised while a session that found them
         // is open; after a lost session (token removed, re-login) the same
@@ -1149,8 +1216,9 @@ struct P11Backend::Impl {
     return blob;
   }
 
-  // Runs op(session, key object) with the key's private object; a stale
-  // cached handle is looked up again once.
+  // Runs op(session, key object, &what, still_key) with the key's private
+  // object; a stale cached handle is looked up again once, and so is one
+  // whose number a new object took (StillKey), on a fresh session.
   template <typename F>
   Status WithKey(const KeyHandle& key, F&& op, bool fresh_lookup = false) {
     StatusOr<Blob> blob = BlobOf(key);
@@ -1159,6 +1227,7 @@ struct P11Backend::Impl {
     }
     Status st = Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
       for (int i = 0; i < 2; ++i) {
+        const HandleWatch watch;
         CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
         *what = "find key object";
         CK_RV rv =
@@ -1166,7 +1235,12 @@ struct P11Backend::Impl {
         if (rv != CKR_OK) {
           return rv;
         }
-        rv = op(s, h, what);
+        rv = op(s, h, what, StillKey{this, watch, &*blob, s, h});
+        if (rv == kCkrWrongObject) {
+          Forget(key.id);
+          fresh_lookup = true;
+          return rv;
+        }
         if (!IsHandleStale(rv)) {
           return rv;
         }
@@ -1525,14 +1599,19 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
     CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
     CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
     *what = "C_GenerateKeyPair";
-    CK_RV rv =
-        im.fn->C_GenerateKeyPair(s, &mech, pub.Get(), pub.Count(), priv.Get(),
-                                 priv.Count(), &hpub, &hpriv);
+    CK_RV rv = CKR_OK;
+    {
+      const Impl::Creation creation;
+      rv = im.fn->C_GenerateKeyPair(s, &mech, pub.Get(), pub.Count(),
+                                    priv.Get(), priv.Count(), &hpub, &hpriv);
+      if (rv == CKR_OK) {
+        Impl::ForgetObjectHandle(hpub);
+        Impl::ForgetObjectHandle(hpriv);
+      }
+    }
     if (rv != CKR_OK) {
       return rv;
     }
-    Impl::ForgetObjectHandle(hpub);
-    Impl::ForgetObjectHandle(hpriv);
     *what = "reading the new public key";
     rv = im.PublicSpki(s, hpub, type, &out.public_key, &conv);
     im.fn->C_DestroyObject(s, hpub);
@@ -1673,6 +1752,7 @@ StatusOr<CreatedKey> P11Backend::Import(const daemon::KeyRef& ref,
     retry = true;
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     *what = "C_CreateObject";
+    const Impl::Creation creation;
     const CK_RV rv = im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
     if (rv == CKR_OK) {
       Impl::ForgetObjectHandle(h);
@@ -1790,11 +1870,15 @@ StatusOr<std::vector<uint8_t>> P11Backend::Sign(const KeyHandle& key,
   CK_ULONG sig_len = 0;
   Status st = im.WithKey(
       key,
-      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
+          const Impl::StillKey& still_key) -> CK_RV {
         *what = "C_SignInit";
         CK_RV rv = InitRv(im.fn->C_SignInit(s, &mech, h));
         if (rv != CKR_OK) {
           return rv;
+        }
+        if (!still_key()) {
+          return kCkrWrongObject;
         }
         *what = "C_Sign";
         sig_len = sig.size();
@@ -1910,11 +1994,15 @@ StatusOr<SecretBytes> P11Backend::Decrypt(const KeyHandle& key,
   bool bad_input = false;
   Status st = im.WithKey(
       key,
-      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
+          const Impl::StillKey& still_key) -> CK_RV {
         *what = "C_DecryptInit";
         CK_RV rv = InitRv(im.fn->C_DecryptInit(s, &mech, h));
         if (rv != CKR_OK) {
           return rv;
+        }
+        if (!still_key()) {
+          return kCkrWrongObject;
         }
         *what = "C_Decrypt";
         out_len = out.size();
@@ -2016,15 +2104,25 @@ StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
   SecretBytes secret(FieldBytes(key.type));
   Status st = im.WithKey(
       key,
-      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
+          const Impl::StillKey& still_key) -> CK_RV {
         CK_OBJECT_HANDLE derived = CK_INVALID_HANDLE;
         *what = "C_DeriveKey";
-        CK_RV rv =
-            im.fn->C_DeriveKey(s, &mech, h, t.Get(), t.Count(), &derived);
+        CK_RV rv = CKR_OK;
+        {
+          const Impl::Creation creation;
+          rv = im.fn->C_DeriveKey(s, &mech, h, t.Get(), t.Count(), &derived);
+          if (rv == CKR_OK) {
+            Impl::ForgetObjectHandle(derived);
+          }
+        }
         if (rv != CKR_OK) {
           return rv;
         }
-        Impl::ForgetObjectHandle(derived);
+        if (!still_key(/*own=*/1)) {
+          im.fn->C_DestroyObject(s, derived);
+          return kCkrWrongObject;
+        }
         CK_ATTRIBUTE a{CKA_VALUE, secret.data(SecretAccess::kToken),
                        secret.size()};
         *what = "reading the shared secret";
@@ -2046,11 +2144,16 @@ StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
 Status P11Backend::Destroy(const KeyHandle& key) {
   Impl& im = *impl_;
   KH_RETURN_IF_ERROR(im.EnsureReady());
-  // A fresh search, not a cached handle: never destroy another object that
-  // took a stale handle's number.
+  // A fresh search, not a cached handle, and checked again if an object
+  // was being made meanwhile: never destroy another object that took a
+  // stale handle's number.
   Status st = im.WithKey(
       key,
-      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
+          const Impl::StillKey& still_key) -> CK_RV {
+        if (!still_key()) {
+          return kCkrWrongObject;
+        }
         *what = "C_DestroyObject";
         return im.fn->C_DestroyObject(s, h);
       },
@@ -2099,8 +2202,11 @@ void P11Backend::Recorded(const KeyHandle& key) {
   if (st.ok()) {
     st = im.WithKey(
         key,
-        [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h,
-            const char** what) -> CK_RV {
+        [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
+            const Impl::StillKey& still_key) -> CK_RV {
+          if (!still_key()) {
+            return kCkrWrongObject;
+          }
           *what = "C_SetAttributeValue(CKA_LABEL)";
           return im.SetLabel(s, h, label);
         },
@@ -2121,7 +2227,11 @@ Status P11Backend::Retire(const KeyHandle& key) {
   bool read_only = false;
   Status st = im.WithKey(
       key,
-      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what) -> CK_RV {
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
+          const Impl::StillKey& still_key) -> CK_RV {
+        if (!still_key()) {
+          return kCkrWrongObject;
+        }
         *what = "C_SetAttributeValue(CKA_LABEL)";
         const CK_RV rv = im.SetLabel(s, h, label);
         if (rv == CKR_ATTRIBUTE_READ_ONLY) {

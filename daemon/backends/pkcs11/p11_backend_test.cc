@@ -18,6 +18,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <optional>
 #include <string>
 #include <thread>
@@ -624,6 +626,7 @@ struct FaultControls {
   void (*reset)() = nullptr;
   void (*hide_mechanism)(CK_MECHANISM_TYPE) = nullptr;
   void (*reuse_handle)(CK_OBJECT_HANDLE) = nullptr;
+  void (*before)(const char*, void (*)(void*), void*) = nullptr;
   CK_C_GetFunctionList functions = nullptr;  // the module's own entry point
 };
 
@@ -650,6 +653,8 @@ const FaultControls& Faults() {
         ::dlsym(lib, "kh_fault_hide_mechanism"));
     c.reuse_handle = reinterpret_cast<decltype(c.reuse_handle)>(
         ::dlsym(lib, "kh_fault_reuse_handle"));
+    c.before =
+        reinterpret_cast<decltype(c.before)>(::dlsym(lib, "kh_fault_before"));
     c.functions = reinterpret_cast<decltype(c.functions)>(
         ::dlsym(lib, "C_GetFunctionList"));
     return c;
@@ -1095,6 +1100,42 @@ CK_OBJECT_HANDLE FindByLabel(CK_FUNCTION_LIST* f, CK_SESSION_HANDLE s,
   return rv == CKR_OK && n == 1 ? found[0] : CK_INVALID_HANDLE;
 }
 
+// Destroys the token object of key {1000, name} through a session of its
+// own, as another program with the PIN could; returns the handle it had
+// (CK_INVALID_HANDLE if that failed).
+CK_OBJECT_HANDLE DestroyBehindKeyholdsBack(const std::string& name) {
+  CK_FUNCTION_LIST* f = nullptr;
+  CK_SLOT_ID slots[8];
+  CK_ULONG count = 8;
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  if (Faults().functions(&f) != CKR_OK ||
+      f->C_GetSlotList(CK_TRUE, slots, &count) != CKR_OK || count == 0 ||
+      f->C_OpenSession(slots[0], CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr,
+                       nullptr, &s) != CKR_OK) {
+    return CK_INVALID_HANDLE;
+  }
+  CK_OBJECT_HANDLE h = FindByLabel(f, s, "keyhold-pending:1000/" + name);
+  if (h != CK_INVALID_HANDLE && f->C_DestroyObject(s, h) != CKR_OK) {
+    h = CK_INVALID_HANDLE;
+  }
+  f->C_CloseSession(s);
+  return h;
+}
+
+// Runs a std::function<void()> as a kh_fault_before() hook.
+void RunFunction(void* fn) { (*static_cast<std::function<void()>*>(fn))(); }
+
+// A key pair made by OpenSSL, as PEM for Import().
+SecretBytes PemOf(EVP_PKEY* key) {
+  SslPtr<BIO> bio(BIO_new(BIO_s_mem()));
+  PEM_write_bio_PrivateKey(bio.get(), key, nullptr, nullptr, 0, nullptr,
+                           nullptr);
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(bio.get(), &data);
+  return SecretBytes(std::span<const uint8_t>(
+      reinterpret_cast<const uint8_t*>(data), static_cast<std::size_t>(n)));
+}
+
 // Another program destroys a key's token object behind keyhold's back, and
 // the module gives that object's handle to the next key made, another
 // user's: the first key's requests must never reach the new key through
@@ -1108,21 +1149,8 @@ TEST_F(P11FaultTest, ReusedHandleNeverReachesAnotherKey) {
   const std::vector<uint8_t> digest = Sha256("reused");
   ASSERT_TRUE(backend_->Sign(hx, EcdsaSha256(), digest).ok());  // cached
 
-  CK_FUNCTION_LIST* f = nullptr;
-  ASSERT_EQ(Faults().functions(&f), CKR_OK);
-  CK_ULONG count = 8;
-  CK_SLOT_ID slots[8];
-  ASSERT_EQ(f->C_GetSlotList(CK_TRUE, slots, &count), CKR_OK);
-  ASSERT_GE(count, 1u);
-  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
-  ASSERT_EQ(f->C_OpenSession(slots[0], CKF_SERIAL_SESSION | CKF_RW_SESSION,
-                             nullptr, nullptr, &s),
-            CKR_OK);
-  const CK_OBJECT_HANDLE old = FindByLabel(f, s, "keyhold-pending:1000/reused");
+  const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack("reused");
   ASSERT_NE(old, CK_INVALID_HANDLE);
-  ASSERT_EQ(f->C_DestroyObject(s, old), CKR_OK);
-  f->C_CloseSession(s);
-
   Faults().reuse_handle(old);
   auto y = backend_->Generate({2000, "taker"}, v1::EC_P256);
   ASSERT_TRUE(y.ok()) << y.status().ToString();
@@ -1140,6 +1168,153 @@ TEST_F(P11FaultTest, ReusedHandleNeverReachesAnotherKey) {
   ASSERT_TRUE(ysig.ok()) << ysig.status().ToString();
   EXPECT_TRUE(Verifies(y->public_key, *ysig, digest));
   EXPECT_TRUE(backend_->Destroy(hy).ok());
+}
+
+// As above, but the new key takes the number between the moment a sign
+// reads the cached handle and the moment its C_SignInit binds the operation
+// (the hook runs inside that C_SignInit, before the token's): the operation
+// is bound to the new key, and nothing signed with it may come out.
+TEST_F(P11FaultTest, HandleTakenBeforeSignInitBindsIsNeverUsed) {
+  ASSERT_NE(Faults().before, nullptr);
+  auto x = backend_->Generate({1000, "race-x"}, v1::EC_P256);
+  ASSERT_TRUE(x.ok()) << x.status().ToString();
+  const KeyHandle hx = Handle(*x, 390, "race-x");
+  const std::vector<uint8_t> digest = Sha256("race");
+  ASSERT_TRUE(backend_->Sign(hx, EcdsaSha256(), digest).ok());  // cached
+
+  StatusOr<CreatedKey> y = Status(Code::kInternal, "hook did not run");
+  std::function<void()> take = [&] {
+    const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack("race-x");
+    ASSERT_NE(old, CK_INVALID_HANDLE);
+    Faults().reuse_handle(old);
+    y = backend_->Generate({2000, "race-y"}, v1::EC_P256);
+  };
+  Faults().before("C_SignInit", &RunFunction, &take);
+  auto sig = backend_->Sign(hx, EcdsaSha256(), digest);
+  ASSERT_TRUE(y.ok()) << y.status().ToString();
+  ASSERT_FALSE(sig.ok()) << "signed with the key that took the handle: "
+                         << Verifies(y->public_key, *sig, digest);
+  EXPECT_EQ(sig.status().code(), Code::kNotFound) << sig.status().ToString();
+
+  KeyHandle hy = Handle(*y, 391, "race-y");
+  hy.ref = daemon::KeyRef{2000, "race-y"};
+  auto ysig = backend_->Sign(hy, EcdsaSha256(), digest);
+  ASSERT_TRUE(ysig.ok()) << ysig.status().ToString();
+  EXPECT_TRUE(Verifies(y->public_key, *ysig, digest));
+}
+
+// The new key is being made (its C_GenerateKeyPair under way, its number not
+// yet forgotten by the cache) when a sign reads the cached handle, and is
+// made before that sign's C_SignInit: that sign must not use it either.
+TEST_F(P11FaultTest, HandleTakenByAKeyBeingMadeIsNeverUsed) {
+  ASSERT_NE(Faults().before, nullptr);
+  auto x = backend_->Generate({1000, "made-x"}, v1::EC_P256);
+  ASSERT_TRUE(x.ok()) << x.status().ToString();
+  const KeyHandle hx = Handle(*x, 392, "made-x");
+  const std::vector<uint8_t> digest = Sha256("made");
+  ASSERT_TRUE(backend_->Sign(hx, EcdsaSha256(), digest).ok());  // cached
+  const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack("made-x");
+  ASSERT_NE(old, CK_INVALID_HANDLE);
+  Faults().reuse_handle(old);
+
+  std::promise<void> entered;
+  std::promise<void> go;
+  std::shared_future<void> go_f = go.get_future().share();
+  std::function<void()> hold = [&] {
+    entered.set_value();
+    go_f.wait();
+  };
+  Faults().before("C_GenerateKeyPair", &RunFunction, &hold);
+  StatusOr<CreatedKey> y = Status(Code::kInternal, "not made");
+  std::thread maker([&] {
+    y = backend_->Generate({2000, "made-y"}, v1::EC_P256);
+  });
+  entered.get_future().wait();
+
+  std::function<void()> finish = [&] {
+    go.set_value();
+    maker.join();
+  };
+  Faults().before("C_SignInit", &RunFunction, &finish);
+  auto sig = backend_->Sign(hx, EcdsaSha256(), digest);
+  if (maker.joinable()) {
+    go.set_value();
+    maker.join();
+  }
+  ASSERT_TRUE(y.ok()) << y.status().ToString();
+  ASSERT_FALSE(sig.ok()) << "signed with the key that took the handle: "
+                         << Verifies(y->public_key, *sig, digest);
+  EXPECT_EQ(sig.status().code(), Code::kNotFound) << sig.status().ToString();
+}
+
+// The same race for a decryption: the ciphertext is for the key that takes
+// the number (imported, so the test knows its public key first), and its
+// plaintext must not come out to the first key's caller.
+TEST_F(P11FaultTest, HandleTakenBeforeDecryptInitBindsIsNeverUsed) {
+  ASSERT_NE(Faults().before, nullptr);
+  auto x = backend_->Generate({1000, "dec-x"}, v1::RSA_2048);
+  ASSERT_TRUE(x.ok()) << x.status().ToString();
+  const KeyHandle hx = Handle(*x, 393, "dec-x");
+  SslPtr<EVP_PKEY> other(EVP_RSA_gen(2048));
+  ASSERT_NE(other, nullptr);
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(other.get(), nullptr));
+  ASSERT_EQ(EVP_PKEY_encrypt_init(ctx.get()), 1);
+  ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_OAEP_PADDING), 1);
+  const std::string secret = "another user's secret";
+  std::vector<uint8_t> ct(256);
+  std::size_t ct_len = ct.size();
+  ASSERT_EQ(EVP_PKEY_encrypt(ctx.get(), ct.data(), &ct_len,
+                             reinterpret_cast<const uint8_t*>(secret.data()),
+                             secret.size()),
+            1);
+  DecryptParams dp;
+  dp.algorithm = v1::RSA_OAEP;
+  // Warms the handle cache (the ciphertext is not x's: the token says so).
+  EXPECT_FALSE(backend_->Decrypt(hx, dp, ct).ok());
+
+  StatusOr<CreatedKey> y = Status(Code::kInternal, "hook did not run");
+  std::function<void()> take = [&] {
+    const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack("dec-x");
+    ASSERT_NE(old, CK_INVALID_HANDLE);
+    Faults().reuse_handle(old);
+    y = backend_->Import({2000, "dec-y"}, PemOf(other.get()));
+  };
+  Faults().before("C_DecryptInit", &RunFunction, &take);
+  auto pt = backend_->Decrypt(hx, dp, ct);
+  ASSERT_TRUE(y.ok()) << y.status().ToString();
+  ASSERT_FALSE(pt.ok()) << "decrypted with the key that took the handle";
+  EXPECT_EQ(pt.status().code(), Code::kNotFound) << pt.status().ToString();
+}
+
+// And for ECDH: the secret derived with the key that took the number must
+// not come out.
+TEST_F(P11FaultTest, HandleTakenBeforeDeriveIsNeverUsed) {
+  ASSERT_NE(Faults().before, nullptr);
+  auto x = backend_->Generate({1000, "dh-x"}, v1::EC_P256);
+  ASSERT_TRUE(x.ok()) << x.status().ToString();
+  const KeyHandle hx = Handle(*x, 394, "dh-x");
+  SslPtr<EVP_PKEY> peer(EVP_EC_gen("P-256"));
+  ASSERT_NE(peer, nullptr);
+  std::vector<uint8_t> peer_der(
+      static_cast<std::size_t>(i2d_PUBKEY(peer.get(), nullptr)));
+  unsigned char* q = peer_der.data();
+  i2d_PUBKEY(peer.get(), &q);
+  ASSERT_TRUE(backend_->Derive(hx, peer_der).ok());  // cached
+
+  SslPtr<EVP_PKEY> other(EVP_EC_gen("P-256"));
+  ASSERT_NE(other, nullptr);
+  StatusOr<CreatedKey> y = Status(Code::kInternal, "hook did not run");
+  std::function<void()> take = [&] {
+    const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack("dh-x");
+    ASSERT_NE(old, CK_INVALID_HANDLE);
+    Faults().reuse_handle(old);
+    y = backend_->Import({2000, "dh-y"}, PemOf(other.get()));
+  };
+  Faults().before("C_DeriveKey", &RunFunction, &take);
+  auto z = backend_->Derive(hx, peer_der);
+  ASSERT_TRUE(y.ok()) << y.status().ToString();
+  ASSERT_FALSE(z.ok()) << "derived with the key that took the handle";
+  EXPECT_EQ(z.status().code(), Code::kNotFound) << z.status().ToString();
 }
 
 }  // namespace

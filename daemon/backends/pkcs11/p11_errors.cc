@@ -64,6 +64,8 @@ std::string CkrName(CK_RV rv) {
 #undef KH_CKR
     case kCkrBadModuleOutput:
       return "a malformed answer of the module";
+    case kCkrWrongObject:
+      return "the key's object handle now names another object";
     default: {
       char buf[32];
       std::snprintf(buf, sizeof(buf), "CKR_0x%lx", rv);
@@ -94,6 +96,7 @@ Status P11Error(CK_RV rv, std::string_view what) {
       return PermissionDenied(msg);
     case CKR_OBJECT_HANDLE_INVALID:
     case CKR_KEY_HANDLE_INVALID:
+    case kCkrWrongObject:
       return NotFound(msg + " (the key's token object is gone)");
     case CKR_DEVICE_REMOVED:
     case CKR_TOKEN_NOT_PRESENT:

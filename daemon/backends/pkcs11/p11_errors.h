@@ -17,6 +17,11 @@ namespace keyhold::backend::pkcs11 {
 // it never collides with a real CKR_ value.
 inline constexpr CK_RV kCkrBadModuleOutput = CKR_VENDOR_DEFINED | 0x4b480001UL;
 
+// Ours too: a key use's operation was bound to an object that is no longer
+// the key's (its handle number went to a new object). The session is closed,
+// which ends the operation with nothing given out, and the use starts over.
+inline constexpr CK_RV kCkrWrongObject = CKR_VENDOR_DEFINED | 0x4b480002UL;
+
 // "CKR_PIN_INCORRECT"; "CKR_0x..." for values we do not name.
 std::string CkrName(CK_RV rv);
 

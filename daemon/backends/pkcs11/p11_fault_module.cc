@@ -14,11 +14,14 @@
 //  - hang: while the file named by KH_P11_FAULT_HANG_FILE exists, C_Sign
 //    waits (it touches FILE.entered first), for the daemon-level test that a
 //    hanging module cannot hang the daemon's I/O;
-//  - reuse: the next key pair made gets a given (destroyed) object's handle
-//    for its private key, as modules that recycle handles do; that number
-//    then names the new key in every call, for the test that a handle
-//    cached for a key destroyed behind keyhold's back is never used for
-//    whatever takes its number;
+//  - reuse: the next key pair made (or object created) gets a given
+//    (destroyed) object's handle for its private key, as modules that
+//    recycle handles do; that number then names the new key in every call,
+//    for the test that a handle cached for a key destroyed behind keyhold's
+//    back is never used for whatever takes its number;
+//  - before: the next call of a function first runs a function of the test
+//    (C_GenerateKeyPair, C_SignInit, C_DecryptInit, C_DeriveKey), so a test
+//    can make something happen at exactly that point of a backend call;
 //  - crash: while the file named by KH_P11_FAULT_CRASH_FILE exists, a
 //    C_GenerateKeyPair or C_CreateObject that succeeded ends the process
 //    (_exit), as a kill -9 of keyholdd between the token's creation of a key
@@ -67,6 +70,29 @@ bool g_file_absent = false;  // KH_P11_FAULT_ABSENT_FILE seen at the last call
 CK_OBJECT_HANDLE g_reuse_next = 0;
 CK_OBJECT_HANDLE g_alias = 0;
 CK_OBJECT_HANDLE g_alias_real = 0;
+
+// kh_fault_before(): per function, what to run at the start of its next call.
+struct Hook {
+  void (*run)(void*) = nullptr;
+  void* arg = nullptr;
+};
+std::map<std::string, Hook> g_hooks;
+
+// Runs (once) what the test set for the start of fn, outside g_mu: it may
+// call into this module itself.
+void RunHook(const std::string& fn) {
+  Hook hook;
+  {
+    std::lock_guard lock(g_mu);
+    auto it = g_hooks.find(fn);
+    if (it == g_hooks.end()) {
+      return;
+    }
+    hook = it->second;
+    g_hooks.erase(it);
+  }
+  hook.run(hook.arg);
+}
 
 // A handle from the caller, as the real module knows it.
 CK_OBJECT_HANDLE In(CK_OBJECT_HANDLE h) {
@@ -286,11 +312,13 @@ CK_RV DestroyObject(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o) {
 }
 
 CK_RV DecryptInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
+  RunHook("C_DecryptInit");
   return g_real->C_DecryptInit(s, m, In(k));
 }
 
 CK_RV DeriveKey(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE base,
                 CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR out) {
+  RunHook("C_DeriveKey");
   return g_real->C_DeriveKey(s, m, In(base), t, n, out);
 }
 
@@ -305,6 +333,7 @@ CK_RV GenerateKeyPair(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
                       CK_ATTRIBUTE_PTR pub, CK_ULONG npub,
                       CK_ATTRIBUTE_PTR priv, CK_ULONG npriv,
                       CK_OBJECT_HANDLE_PTR hpub, CK_OBJECT_HANDLE_PTR hpriv) {
+  RunHook("C_GenerateKeyPair");
   const CK_RV rv =
       g_real->C_GenerateKeyPair(s, m, pub, npub, priv, npriv, hpub, hpriv);
   CrashIfAsked(rv);
@@ -323,6 +352,14 @@ CK_RV CreateObject(CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR t, CK_ULONG n,
                    CK_OBJECT_HANDLE_PTR h) {
   const CK_RV rv = g_real->C_CreateObject(s, t, n, h);
   CrashIfAsked(rv);
+  if (rv == CKR_OK) {
+    std::lock_guard lock(g_mu);
+    if (g_reuse_next != 0) {
+      g_alias = std::exchange(g_reuse_next, 0);
+      g_alias_real = *h;
+      *h = g_alias;
+    }
+  }
   return rv;
 }
 
@@ -332,6 +369,7 @@ CK_RV SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
   if (TakeFault("C_SignInit", &f) && f.kind == Fault::kFail) {
     return f.rv;
   }
+  RunHook("C_SignInit");
   return g_real->C_SignInit(s, m, In(k));
 }
 
@@ -459,13 +497,22 @@ KH_FAULT_EXPORT void kh_fault_reset(void) {
   g_absent = false;
   g_hidden.clear();
   g_reuse_next = g_alias = g_alias_real = 0;
+  g_hooks.clear();
 }
 
-// The private key of the next key pair made is handed out as h (which the
-// test destroyed first); h names that key from then on (until reset).
+// The private key of the next key pair made (or the next object created) is
+// handed out as h (which the test destroyed first); h names that key from
+// then on (until reset).
 KH_FAULT_EXPORT void kh_fault_reuse_handle(CK_OBJECT_HANDLE h) {
   std::lock_guard lock(g_mu);
   g_reuse_next = h;
+}
+
+// The next call of fn runs run(arg) first (see Hook).
+KH_FAULT_EXPORT void kh_fault_before(const char* fn, void (*run)(void*),
+                                     void* arg) {
+  std::lock_guard lock(g_mu);
+  g_hooks[fn] = Hook{run, arg};
 }
 
 // C_GetMechanismList leaves m out from now on (until kh_fault_reset).
