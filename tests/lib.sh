@@ -43,6 +43,40 @@ trap kh_cleanup EXIT
 # kh_free_port [N]: see free_port.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/free_port.sh"
 
+# kh_doc_blocks DOC TAG DIR [VAR=VALUE...]: runs every ```sh test TAG block
+# of docs/DOC (```sh test for TAG "") in order in DIR, one check each, with
+# `keyhold` and `keyholdd` on the PATH and the given variables set, so the
+# commands a how-to shows are the ones a test runs.
+kh_doc_blocks() {
+  local doc="$1" tag="$2" dir="$3"
+  shift 3
+  local bindir="$KH_DIR/doc-bin" blocks="$KH_DIR/doc-blocks"
+  if [ ! -d "$bindir" ]; then
+    mkdir -p "$bindir"
+    ln -s "$(realpath "$KEYHOLD")" "$bindir/keyhold"
+    ln -s "$(realpath "$KEYHOLDD")" "$bindir/keyholdd"
+  fi
+  rm -rf "$blocks"
+  mkdir -p "$blocks" "$dir"
+  python3 - "$(dirname "${BASH_SOURCE[0]}")/../docs/$doc" "$tag" "$blocks" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+tag = (" " + sys.argv[2]) if sys.argv[2] else ""
+n = 0
+for m in re.finditer(r"```sh test" + re.escape(tag) + r"\n(.*?)```", text, re.S):
+    open(f"{sys.argv[3]}/{n:03d}.sh", "w").write(m.group(1))
+    n += 1
+if n == 0:
+    sys.exit(f"no ```sh test{tag} block in {sys.argv[1]}")
+PY
+  local block
+  for block in "$blocks"/*.sh; do
+    check "$doc block $(basename "$block" .sh)" \
+      env PATH="$bindir:$PATH" "$@" \
+      bash -euo pipefail -c "cd '$dir' && source '$block'"
+  done
+}
+
 # check "description" command...: runs the command, counts pass/fail.
 check() {
   local what="$1"

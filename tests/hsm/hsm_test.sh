@@ -92,6 +92,10 @@ kh_stop
 
 # --- every key type and operation ------------------------------------------
 kh_start --config "$H/keyholdd.toml"
+kh_doc_blocks hsm.md hsm "$KH_DIR/doc-hsm"  # docs/hsm.md's keys, as written
+for k in web tls old; do
+  check "delete the how-to's key $k" "$KEYHOLD" key delete "$k"
+done
 check "the default pool gets no warning" sh -c "! grep -q 'device calls that may block' '$KH_DIR/keyholdd.log' ||
   test \"\$(grep -c 'device calls that may block' '$KH_DIR/keyholdd.log')\" = 1"
 check "software key beside the HSM" "$KEYHOLD" key create soft --type ec-p256

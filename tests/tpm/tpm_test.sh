@@ -10,7 +10,9 @@
 # master key sealed by the TPM (moved from master.key, unsealed at every
 # start, refused by another TPM).
 # Optional: KEYHOLD_PROVIDER and KEYHOLD_PKCS11 (dev builds) also sign
-# through the OpenSSL provider and the PKCS#11 module with TPM-backed keys. docs/tpm.md shows the same steps.
+# through the OpenSSL provider and the PKCS#11 module with TPM-backed keys.
+# docs/tpm.md's `sh test tpm` blocks run here as written; its other steps
+# are mirrored below.
 source "$(dirname "$0")/../lib.sh"
 if ! command -v swtpm >/dev/null; then
   echo "SKIP: swtpm is not installed"
@@ -56,6 +58,8 @@ name = "tpm"
 tcti = "swtpm:host=127.0.0.1,port=$PORT"
 EOF
 kh_start --config "$KH_DIR/keyholdd.toml"
+
+kh_doc_blocks tpm.md tpm "$KH_DIR/doc-tpm"
 
 fingerprint() {
   openssl pkey -pubin -in "$1" -outform DER | sha256sum | awk '{print "sha256:" $1}'
