@@ -775,9 +775,11 @@ struct P11Backend::Impl {
 
   // What WithKey's op asks before it acts on h (a key use: once its init
   // call has bound the operation to h), whether h is still the key's
-  // object: true if no creation can have taken h's number since the handle
-  // was read, or if h still has the key's CKA_ID. On false the op gives
-  // nothing out, changes nothing and returns kCkrWrongObject.
+  // object: CKR_OK if no creation can have taken h's number since the
+  // handle was read, or if h still has the key's CKA_ID (PKCS#11 allows
+  // C_GetAttributeValue while an operation is active). Otherwise the op
+  // gives nothing out, changes nothing and returns what this returns:
+  // kCkrWrongObject, or the code of a lost session.
   struct StillKey {
     Impl* im;
     HandleWatch watch;
@@ -786,12 +788,16 @@ struct P11Backend::Impl {
     CK_OBJECT_HANDLE h;
 
     // own: creations the op itself began since (C_DeriveKey's).
-    bool operator()(uint64_t own = 0) const {
+    CK_RV operator()(uint64_t own = 0) const {
       if (watch.Unchanged(own)) {
-        return true;
+        return CKR_OK;
       }
       std::vector<uint8_t> id;
-      return im->GetAttr(s, h, CKA_ID, &id) == CKR_OK && id == blob->id;
+      const CK_RV rv = im->GetAttr(s, h, CKA_ID, &id);
+      if (IsSessionLost(rv)) {
+        return rv;
+      }
+      return rv == CKR_OK && id == blob->id ? CKR_OK : kCkrWrongObject;
     }
   };
 
@@ -1877,8 +1883,8 @@ StatusOr<std::vector<uint8_t>> P11Backend::Sign(const KeyHandle& key,
         if (rv != CKR_OK) {
           return rv;
         }
-        if (!still_key()) {
-          return kCkrWrongObject;
+        if (const CK_RV bound = still_key(); bound != CKR_OK) {
+          return bound;
         }
         *what = "C_Sign";
         sig_len = sig.size();
@@ -2001,8 +2007,8 @@ StatusOr<SecretBytes> P11Backend::Decrypt(const KeyHandle& key,
         if (rv != CKR_OK) {
           return rv;
         }
-        if (!still_key()) {
-          return kCkrWrongObject;
+        if (const CK_RV bound = still_key(); bound != CKR_OK) {
+          return bound;
         }
         *what = "C_Decrypt";
         out_len = out.size();
@@ -2119,9 +2125,9 @@ StatusOr<SecretBytes> P11Backend::Derive(const KeyHandle& key,
         if (rv != CKR_OK) {
           return rv;
         }
-        if (!still_key(/*own=*/1)) {
+        if (const CK_RV bound = still_key(/*own=*/1); bound != CKR_OK) {
           im.fn->C_DestroyObject(s, derived);
-          return kCkrWrongObject;
+          return bound;
         }
         CK_ATTRIBUTE a{CKA_VALUE, secret.data(SecretAccess::kToken),
                        secret.size()};
@@ -2151,8 +2157,8 @@ Status P11Backend::Destroy(const KeyHandle& key) {
       key,
       [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
           const Impl::StillKey& still_key) -> CK_RV {
-        if (!still_key()) {
-          return kCkrWrongObject;
+        if (const CK_RV bound = still_key(); bound != CKR_OK) {
+          return bound;
         }
         *what = "C_DestroyObject";
         return im.fn->C_DestroyObject(s, h);
@@ -2204,8 +2210,8 @@ void P11Backend::Recorded(const KeyHandle& key) {
         key,
         [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
             const Impl::StillKey& still_key) -> CK_RV {
-          if (!still_key()) {
-            return kCkrWrongObject;
+          if (const CK_RV bound = still_key(); bound != CKR_OK) {
+            return bound;
           }
           *what = "C_SetAttributeValue(CKA_LABEL)";
           return im.SetLabel(s, h, label);
@@ -2229,8 +2235,8 @@ Status P11Backend::Retire(const KeyHandle& key) {
       key,
       [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
           const Impl::StillKey& still_key) -> CK_RV {
-        if (!still_key()) {
-          return kCkrWrongObject;
+        if (const CK_RV bound = still_key(); bound != CKR_OK) {
+          return bound;
         }
         *what = "C_SetAttributeValue(CKA_LABEL)";
         const CK_RV rv = im.SetLabel(s, h, label);
