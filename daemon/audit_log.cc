@@ -405,6 +405,13 @@ StatusOr<AuditCheck> AuditLog::Verify() {
     }
     const std::string prefix = line.substr(0, mark);
     const std::string mac = AuditField(line, "mac");
+    // The MAC covers the line up to its mark; after the mark nothing but
+    // the MAC itself and the closing "} may follow.
+    if (line.size() != mark + kMacMark.size() + 64 + 2 ||
+        line.compare(line.size() - 2, 2, "\"}") != 0) {
+      check.problem = where + "edited (bytes after its MAC)";
+      return check;
+    }
     if (AuditField(line, "seq") != std::to_string(expect)) {
       check.problem = where + "out of sequence (found seq " +
                       AuditField(line, "seq") +

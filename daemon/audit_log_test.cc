@@ -242,6 +242,28 @@ TEST_F(AuditLogTest, EditedRecordIsFound) {
   EXPECT_NE(Problem(*log).find("record 3: edited"), std::string::npos);
 }
 
+// The MAC covers a record up to its "mac" field; what follows it is checked
+// too (found by audit_log_fuzzer: a byte after the MAC went unnoticed).
+TEST_F(AuditLogTest, BytesAfterTheMacAreFound) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  Fill(*log);
+  const auto original = Lines();
+  for (const std::string& tail :
+       {std::string("\"} "), std::string("\"}\r"), std::string("\",\"uid\":0}"),
+        std::string("\"")}) {
+    auto lines = original;
+    lines[1].replace(lines[1].size() - 2, 2, tail);
+    Write(lines);
+    EXPECT_NE(Problem(*log).find("record 2: edited"), std::string::npos)
+        << tail;
+  }
+  Write(original);
+  auto check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+}
+
 TEST_F(AuditLogTest, RemovedRecordIsFound) {
   auto log = Open();
   ASSERT_NE(log, nullptr);
