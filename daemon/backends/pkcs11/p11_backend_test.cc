@@ -107,6 +107,24 @@ SslPtr<EVP_PKEY> ParseSpki(const std::vector<uint8_t>& der) {
       d2i_PUBKEY(nullptr, &p, static_cast<long>(der.size())));
 }
 
+// msg encrypted to pub with padding (RSA_PKCS1_OAEP_PADDING: SHA-1), by
+// OpenSSL alone; empty if that failed.
+std::vector<uint8_t> RsaEncrypt(EVP_PKEY* pub, int padding,
+                                std::string_view msg) {
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(pub, nullptr));
+  std::vector<uint8_t> ct(static_cast<std::size_t>(EVP_PKEY_get_size(pub)));
+  std::size_t ct_len = ct.size();
+  if (ctx == nullptr || EVP_PKEY_encrypt_init(ctx.get()) != 1 ||
+      EVP_PKEY_CTX_set_rsa_padding(ctx.get(), padding) != 1 ||
+      EVP_PKEY_encrypt(ctx.get(), ct.data(), &ct_len,
+                       reinterpret_cast<const uint8_t*>(msg.data()),
+                       msg.size()) != 1) {
+    return {};
+  }
+  ct.resize(ct_len);
+  return ct;
+}
+
 std::vector<uint8_t> Sha256(std::string_view msg) {
   std::vector<uint8_t> d(32);
   unsigned int len = 0;
@@ -286,18 +304,11 @@ TEST_F(P11BackendTest, RsaPkcs1PssAndDecrypt) {
   // Decrypt: OAEP (SHA-1) and PKCS#1 v1.5.
   const std::string secret = "top secret";
   for (v1::DecryptAlgorithm alg : {v1::RSA_OAEP, v1::RSA_PKCS1_V15}) {
-    SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(pub.get(), nullptr));
-    ASSERT_EQ(EVP_PKEY_encrypt_init(ctx.get()), 1);
-    ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(
-                  ctx.get(), alg == v1::RSA_OAEP ? RSA_PKCS1_OAEP_PADDING
-                                                 : RSA_PKCS1_PADDING),
-              1);
-    std::vector<uint8_t> ct(256);
-    std::size_t ct_len = ct.size();
-    ASSERT_EQ(EVP_PKEY_encrypt(ctx.get(), ct.data(), &ct_len,
-                               reinterpret_cast<const uint8_t*>(secret.data()),
-                               secret.size()),
-              1);
+    std::vector<uint8_t> ct = RsaEncrypt(
+        pub.get(),
+        alg == v1::RSA_OAEP ? RSA_PKCS1_OAEP_PADDING : RSA_PKCS1_PADDING,
+        secret);
+    ASSERT_FALSE(ct.empty());
     DecryptParams dp;
     dp.algorithm = alg;
     auto pt = backend_->Decrypt(h, dp, ct);
@@ -883,16 +894,10 @@ TEST_F(P11FaultTest, DecryptLengthIsChecked) {
   ASSERT_TRUE(k.ok()) << k.status().ToString();
   const KeyHandle h = Handle(*k, 310, "len-dec");
   SslPtr<EVP_PKEY> pub = ParseSpki(k->public_key);
-  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(pub.get(), nullptr));
-  ASSERT_EQ(EVP_PKEY_encrypt_init(ctx.get()), 1);
-  ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_OAEP_PADDING), 1);
   const std::string secret = "plaintext";
-  std::vector<uint8_t> ct(256);
-  std::size_t ct_len = ct.size();
-  ASSERT_EQ(EVP_PKEY_encrypt(ctx.get(), ct.data(), &ct_len,
-                             reinterpret_cast<const uint8_t*>(secret.data()),
-                             secret.size()),
-            1);
+  const std::vector<uint8_t> ct =
+      RsaEncrypt(pub.get(), RSA_PKCS1_OAEP_PADDING, secret);
+  ASSERT_FALSE(ct.empty());
   DecryptParams dp;
   dp.algorithm = v1::RSA_OAEP;
   for (CK_ULONG lie : {CK_ULONG{257}, CK_ULONG{5000}, ~CK_ULONG{0}}) {
@@ -1125,6 +1130,19 @@ CK_OBJECT_HANDLE DestroyBehindKeyholdsBack(const std::string& name) {
 // Runs a std::function<void()> as a kh_fault_before() hook.
 void RunFunction(void* fn) { (*static_cast<std::function<void()>*>(fn))(); }
 
+// A hook that destroys {1000, victim}'s object behind keyhold's back, then
+// lets make() create the key that takes its handle, into *made.
+std::function<void()> TakeHandleOf(const std::string& victim,
+                                   std::function<StatusOr<CreatedKey>()> make,
+                                   StatusOr<CreatedKey>* made) {
+  return [victim, make = std::move(make), made] {
+    const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack(victim);
+    ASSERT_NE(old, CK_INVALID_HANDLE);
+    Faults().reuse_handle(old);
+    *made = make();
+  };
+}
+
 // A key pair made by OpenSSL, as PEM for Import().
 SecretBytes PemOf(EVP_PKEY* key) {
   SslPtr<BIO> bio(BIO_new(BIO_s_mem()));
@@ -1183,12 +1201,12 @@ TEST_F(P11FaultTest, HandleTakenBeforeSignInitBindsIsNeverUsed) {
   ASSERT_TRUE(backend_->Sign(hx, EcdsaSha256(), digest).ok());  // cached
 
   StatusOr<CreatedKey> y = Status(Code::kInternal, "hook did not run");
-  std::function<void()> take = [&] {
-    const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack("race-x");
-    ASSERT_NE(old, CK_INVALID_HANDLE);
-    Faults().reuse_handle(old);
-    y = backend_->Generate({2000, "race-y"}, v1::EC_P256);
-  };
+  std::function<void()> take = TakeHandleOf(
+      "race-x",
+      [&] {
+        return backend_->Generate({2000, "race-y"}, v1::EC_P256);
+      },
+      &y);
   Faults().before("C_SignInit", &RunFunction, &take);
   auto sig = backend_->Sign(hx, EcdsaSha256(), digest);
   ASSERT_TRUE(y.ok()) << y.status().ToString();
@@ -1257,28 +1275,21 @@ TEST_F(P11FaultTest, HandleTakenBeforeDecryptInitBindsIsNeverUsed) {
   const KeyHandle hx = Handle(*x, 393, "dec-x");
   SslPtr<EVP_PKEY> other(EVP_RSA_gen(2048));
   ASSERT_NE(other, nullptr);
-  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(other.get(), nullptr));
-  ASSERT_EQ(EVP_PKEY_encrypt_init(ctx.get()), 1);
-  ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_OAEP_PADDING), 1);
-  const std::string secret = "another user's secret";
-  std::vector<uint8_t> ct(256);
-  std::size_t ct_len = ct.size();
-  ASSERT_EQ(EVP_PKEY_encrypt(ctx.get(), ct.data(), &ct_len,
-                             reinterpret_cast<const uint8_t*>(secret.data()),
-                             secret.size()),
-            1);
+  const std::vector<uint8_t> ct =
+      RsaEncrypt(other.get(), RSA_PKCS1_OAEP_PADDING, "another user's secret");
+  ASSERT_FALSE(ct.empty());
   DecryptParams dp;
   dp.algorithm = v1::RSA_OAEP;
   // Warms the handle cache (the ciphertext is not x's: the token says so).
   EXPECT_FALSE(backend_->Decrypt(hx, dp, ct).ok());
 
   StatusOr<CreatedKey> y = Status(Code::kInternal, "hook did not run");
-  std::function<void()> take = [&] {
-    const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack("dec-x");
-    ASSERT_NE(old, CK_INVALID_HANDLE);
-    Faults().reuse_handle(old);
-    y = backend_->Import({2000, "dec-y"}, PemOf(other.get()));
-  };
+  std::function<void()> take = TakeHandleOf(
+      "dec-x",
+      [&] {
+        return backend_->Import({2000, "dec-y"}, PemOf(other.get()));
+      },
+      &y);
   Faults().before("C_DecryptInit", &RunFunction, &take);
   auto pt = backend_->Decrypt(hx, dp, ct);
   ASSERT_TRUE(y.ok()) << y.status().ToString();
@@ -1304,12 +1315,12 @@ TEST_F(P11FaultTest, HandleTakenBeforeDeriveIsNeverUsed) {
   SslPtr<EVP_PKEY> other(EVP_EC_gen("P-256"));
   ASSERT_NE(other, nullptr);
   StatusOr<CreatedKey> y = Status(Code::kInternal, "hook did not run");
-  std::function<void()> take = [&] {
-    const CK_OBJECT_HANDLE old = DestroyBehindKeyholdsBack("dh-x");
-    ASSERT_NE(old, CK_INVALID_HANDLE);
-    Faults().reuse_handle(old);
-    y = backend_->Import({2000, "dh-y"}, PemOf(other.get()));
-  };
+  std::function<void()> take = TakeHandleOf(
+      "dh-x",
+      [&] {
+        return backend_->Import({2000, "dh-y"}, PemOf(other.get()));
+      },
+      &y);
   Faults().before("C_DeriveKey", &RunFunction, &take);
   auto z = backend_->Derive(hx, peer_der);
   ASSERT_TRUE(y.ok()) << y.status().ToString();
