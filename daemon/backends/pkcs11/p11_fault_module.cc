@@ -322,36 +322,13 @@ CK_RV DeriveKey(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE base,
   return g_real->C_DeriveKey(s, m, In(base), t, n, out);
 }
 
-void CrashIfAsked(CK_RV rv) {
+// After a call that made the key object *h (rv: its result): the crash
+// file, then kh_fault_reuse_handle().
+CK_RV Made(CK_RV rv, CK_OBJECT_HANDLE_PTR h) {
   const char* file = std::getenv("KH_P11_FAULT_CRASH_FILE");
   if (rv == CKR_OK && file != nullptr && ::access(file, F_OK) == 0) {
     ::_exit(137);
   }
-}
-
-CK_RV GenerateKeyPair(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
-                      CK_ATTRIBUTE_PTR pub, CK_ULONG npub,
-                      CK_ATTRIBUTE_PTR priv, CK_ULONG npriv,
-                      CK_OBJECT_HANDLE_PTR hpub, CK_OBJECT_HANDLE_PTR hpriv) {
-  RunHook("C_GenerateKeyPair");
-  const CK_RV rv =
-      g_real->C_GenerateKeyPair(s, m, pub, npub, priv, npriv, hpub, hpriv);
-  CrashIfAsked(rv);
-  if (rv == CKR_OK) {
-    std::lock_guard lock(g_mu);
-    if (g_reuse_next != 0) {
-      g_alias = std::exchange(g_reuse_next, 0);
-      g_alias_real = *hpriv;
-      *hpriv = g_alias;
-    }
-  }
-  return rv;
-}
-
-CK_RV CreateObject(CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR t, CK_ULONG n,
-                   CK_OBJECT_HANDLE_PTR h) {
-  const CK_RV rv = g_real->C_CreateObject(s, t, n, h);
-  CrashIfAsked(rv);
   if (rv == CKR_OK) {
     std::lock_guard lock(g_mu);
     if (g_reuse_next != 0) {
@@ -361,6 +338,21 @@ CK_RV CreateObject(CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR t, CK_ULONG n,
     }
   }
   return rv;
+}
+
+CK_RV GenerateKeyPair(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
+                      CK_ATTRIBUTE_PTR pub, CK_ULONG npub,
+                      CK_ATTRIBUTE_PTR priv, CK_ULONG npriv,
+                      CK_OBJECT_HANDLE_PTR hpub, CK_OBJECT_HANDLE_PTR hpriv) {
+  RunHook("C_GenerateKeyPair");
+  return Made(
+      g_real->C_GenerateKeyPair(s, m, pub, npub, priv, npriv, hpub, hpriv),
+      hpriv);
+}
+
+CK_RV CreateObject(CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR t, CK_ULONG n,
+                   CK_OBJECT_HANDLE_PTR h) {
+  return Made(g_real->C_CreateObject(s, t, n, h), h);
 }
 
 CK_RV SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
