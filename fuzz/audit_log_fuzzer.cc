@@ -14,7 +14,6 @@
 //    the input (cut if it runs past the end). Verify() must say intact
 //    exactly when the file is unchanged, and Open() of the edited file must
 //    not crash.
-#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -28,6 +27,7 @@
 #include <vector>
 
 #include "daemon/audit_log.h"
+#include "fuzz/scratch_dir.h"
 
 namespace {
 
@@ -35,26 +35,8 @@ using keyhold::daemon::AuditEvent;
 using keyhold::daemon::AuditField;
 using keyhold::daemon::AuditLog;
 
-// The log's directory, made once per process and removed at exit. A plain
-// array: it outlives the static destructors that run before RemoveDir.
-char g_dir[] = "/tmp/kh-audit-fuzz-XXXXXX";
-
-void RemoveDir() {
-  std::error_code ec;
-  std::filesystem::remove_all(g_dir, ec);
-}
-
-std::filesystem::path Dir() {
-  static const bool made = [] {
-    if (::mkdtemp(g_dir) == nullptr) {
-      std::abort();
-    }
-    std::atexit(&RemoveDir);
-    return true;
-  }();
-  (void)made;
-  return g_dir;
-}
+// The log's directory.
+std::filesystem::path Dir() { return keyhold::fuzz::ScratchDir("audit-fuzz"); }
 
 std::string ReadFile(const std::filesystem::path& p) {
   std::ifstream in(p, std::ios::binary);

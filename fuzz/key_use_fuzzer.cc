@@ -27,7 +27,6 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/rsa.h>
-#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -47,6 +46,7 @@
 #include "daemon/dispatcher.h"
 #include "daemon/keystore/key_store.h"
 #include "daemon/ops/ops.h"
+#include "fuzz/scratch_dir.h"
 
 namespace {
 
@@ -57,15 +57,6 @@ namespace v1 = keyhold::v1;
 
 constexpr uint32_t kAlice = 1001;
 constexpr uint32_t kBob = 1002;
-
-// A plain array: it outlives the static destructors that run before
-// RemoveDir (atexit).
-char g_dir[] = "/tmp/kh-key-use-fuzz-XXXXXX";
-
-void RemoveDir() {
-  std::error_code ec;
-  std::filesystem::remove_all(g_dir, ec);
-}
 
 [[noreturn]] void Die(const std::string& why) {
   std::fprintf(stderr, "key_use_fuzzer: %s\n", why.c_str());
@@ -140,15 +131,12 @@ struct World {
 
 World& TheWorld() {
   static const std::unique_ptr<World> world = [] {
-    if (::mkdtemp(g_dir) == nullptr) {
-      Die("mkdtemp");
-    }
-    std::atexit(&RemoveDir);
+    // Removed at exit after the world: its destructor registers later.
+    const std::filesystem::path dir = keyhold::fuzz::ScratchDir("key-use-fuzz");
     // Invalid UTF-8 in a string field is a decode error like any other;
     // protobuf would also log each one.
     google::protobuf::SetLogHandler(nullptr);
     auto w = std::make_unique<World>();
-    const std::filesystem::path dir(g_dir);
     auto store = keyhold::daemon::KeyStore::Open(dir / "keys.db");
     auto backend = keyhold::backend::software::SoftwareBackend::Create(
         "software", dir / "master.key");
