@@ -9,48 +9,23 @@
 # keyhold.so when KEYHOLD_PROVIDER is given, and are skipped otherwise.
 source "$(dirname "$0")/lib.sh"
 docs_dir="$(cd "$(dirname "$0")/../docs" && pwd)"
-bindir="$KH_DIR/bin"
-mkdir -p "$bindir"
-ln -s "$KEYHOLD" "$bindir/keyhold"
-ln -s "$KEYHOLDD" "$bindir/keyholdd"
-cnf=""
+specs=("")
+if [ -n "${KEYHOLD_PKCS11:-}" ]; then
+  specs+=("pkcs11:MODULE=$(realpath "$KEYHOLD_PKCS11")")
+fi
 if [ -n "${KEYHOLD_PROVIDER:-}" ]; then
   cnf="$KH_DIR/openssl-keyhold.cnf"
   sed "s|^# module = .*|module = $(realpath "$KEYHOLD_PROVIDER")|" \
     "$docs_dir/../conf/openssl-keyhold.cnf" >"$cnf"
+  specs+=("openssl:OPENSSL_CONF=$cnf")
 fi
 for doc in "$docs_dir"/*.md; do
   kh_stop
   rm -rf "$KH_DIR/state"
   kh_start
-  blocks="$KH_DIR/blocks"
-  rm -rf "$blocks"
-  mkdir -p "$blocks"
-  python3 - "$doc" "$blocks" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-for i, m in enumerate(re.finditer(r"```sh test( pkcs11| openssl)?\n(.*?)```", text, re.S)):
-    suffix = f".{m.group(1).strip()}.sh" if m.group(1) else ".sh"
-    open(f"{sys.argv[2]}/{i:03d}{suffix}", "w").write(m.group(2))
-PY
   work="$KH_DIR/work-$(basename "$doc" .md)"
   mkdir -p "$work"
   chmod 777 "$work"
-  for block in "$blocks"/*.sh; do
-    [ -e "$block" ] || continue
-    module=""
-    conf=()
-    if [[ "$block" == *.pkcs11.sh ]]; then
-      [ -n "${KEYHOLD_PKCS11:-}" ] || continue
-      module="$(realpath "$KEYHOLD_PKCS11")"
-    fi
-    if [[ "$block" == *.openssl.sh ]]; then
-      [ -n "$cnf" ] || continue
-      conf=(OPENSSL_CONF="$cnf")
-    fi
-    check "$(basename "$doc") block $(basename "$block" .sh)" \
-      env PATH="$bindir:$PATH" MODULE="$module" "${conf[@]}" \
-      bash -euo pipefail -c "cd '$work' && source '$block'"
-  done
+  KH_DOC_BLOCKS_NONE_OK=1 kh_doc_blocks "$(basename "$doc")" "$work" "${specs[@]}"
 done
 kh_summary

@@ -43,13 +43,16 @@ trap kh_cleanup EXIT
 # kh_free_port [N]: see free_port.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/free_port.sh"
 
-# kh_doc_blocks DOC TAG DIR [VAR=VALUE...]: runs every ```sh test TAG block
-# of docs/DOC (```sh test for TAG "") in order in DIR, one check each, with
-# `keyhold` and `keyholdd` on the PATH and the given variables set, so the
-# commands a how-to shows are the ones a test runs.
+# kh_doc_blocks DOC DIR TAG[:VAR=VALUE]...: runs, in document order and in
+# DIR, every ```sh test TAG block of docs/DOC whose TAG is listed ("" names a
+# plain ```sh test block), one check each, with `keyhold` and `keyholdd` on
+# the PATH and that tag's VAR=VALUE set, so the commands a how-to shows are
+# the ones a test runs. Finding no such block fails, unless
+# KH_DOC_BLOCKS_NONE_OK is set (docs_test, which reads every how-to).
 kh_doc_blocks() {
-  local doc="$1" tag="$2" dir="$3"
-  shift 3
+  local doc="$1" dir="$2"
+  shift 2
+  local specs=("$@")
   local bindir="$KH_DIR/doc-bin" blocks="$KH_DIR/doc-blocks"
   if [ ! -d "$bindir" ]; then
     mkdir -p "$bindir"
@@ -58,23 +61,34 @@ kh_doc_blocks() {
   fi
   rm -rf "$blocks"
   mkdir -p "$blocks" "$dir"
-  python3 - "$(dirname "${BASH_SOURCE[0]}")/../docs/$doc" "$tag" "$blocks" <<'PY'
+  # Block files are NNN.I.sh: the NNNth block run, for the Ith spec.
+  python3 - "$(dirname "${BASH_SOURCE[0]}")/../docs/$doc" "$blocks" "$@" <<'PY'
 import re, sys
-text = open(sys.argv[1]).read()
-tag = (" " + sys.argv[2]) if sys.argv[2] else ""
+path, out, tags = sys.argv[1], sys.argv[2], [s.split(":", 1)[0] for s in sys.argv[3:]]
 n = 0
-for m in re.finditer(r"```sh test" + re.escape(tag) + r"\n(.*?)```", text, re.S):
-    open(f"{sys.argv[3]}/{n:03d}.sh", "w").write(m.group(1))
-    n += 1
-if n == 0:
-    sys.exit(f"no ```sh test{tag} block in {sys.argv[1]}")
+for m in re.finditer(r"```sh test( [a-z0-9]+)?\n(.*?)```", open(path).read(), re.S):
+    tag = (m.group(1) or "").strip()
+    if tag in tags:
+        open(f"{out}/{n:03d}.{tags.index(tag)}.sh", "w").write(m.group(2))
+        n += 1
 PY
-  local block
+  local block spec name found=""
   for block in "$blocks"/*.sh; do
-    check "$doc block $(basename "$block" .sh)" \
-      env PATH="$bindir:$PATH" "$@" \
+    [ -e "$block" ] || continue
+    found=1
+    name="$(basename "$block" .sh)"
+    spec="${specs[${name#*.}]}"
+    local env=()
+    if [[ "$spec" == *:* ]]; then
+      env=("${spec#*:}")
+    fi
+    check "$doc block ${name%%.*}${spec:+ (${spec%%:*})}" \
+      env PATH="$bindir:$PATH" "${env[@]}" \
       bash -euo pipefail -c "cd '$dir' && source '$block'"
   done
+  if [ -z "$found" ] && [ -z "${KH_DOC_BLOCKS_NONE_OK:-}" ]; then
+    check "docs/$doc has sh test blocks for: ${specs[*]%%:*}" false
+  fi
 }
 
 # check "description" command...: runs the command, counts pass/fail.

@@ -92,7 +92,7 @@ kh_stop
 
 # --- every key type and operation ------------------------------------------
 kh_start --config "$H/keyholdd.toml"
-kh_doc_blocks hsm.md hsm "$KH_DIR/doc-hsm"  # docs/hsm.md's keys, as written
+kh_doc_blocks hsm.md "$KH_DIR/doc-hsm" hsm  # docs/hsm.md's keys, as written
 for k in web tls old; do
   check "delete the how-to's key $k" "$KEYHOLD" key delete "$k"
 done

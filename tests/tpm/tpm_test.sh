@@ -59,7 +59,7 @@ tcti = "swtpm:host=127.0.0.1,port=$PORT"
 EOF
 kh_start --config "$KH_DIR/keyholdd.toml"
 
-kh_doc_blocks tpm.md tpm "$KH_DIR/doc-tpm"
+kh_doc_blocks tpm.md "$KH_DIR/doc-tpm" tpm
 
 fingerprint() {
   openssl pkey -pubin -in "$1" -outform DER | sha256sum | awk '{print "sha256:" $1}'
