@@ -404,7 +404,6 @@ StatusOr<AuditCheck> AuditLog::Verify() {
       return check;
     }
     const std::string prefix = line.substr(0, mark);
-    const std::string mac = AuditField(line, "mac");
     // The MAC covers the line up to its mark; after the mark nothing but
     // the MAC itself and the closing "} may follow.
     if (line.size() != mark + kMacMark.size() + 64 + 2 ||
@@ -412,6 +411,7 @@ StatusOr<AuditCheck> AuditLog::Verify() {
       check.problem = where + "edited (bytes after its MAC)";
       return check;
     }
+    const std::string mac = line.substr(mark + kMacMark.size(), 64);
     if (AuditField(line, "seq") != std::to_string(expect)) {
       check.problem = where + "out of sequence (found seq " +
                       AuditField(line, "seq") +
