@@ -107,10 +107,11 @@ class Backend {
   // Backends holding objects outside the key store (HSM tokens) mark an
   // object "pending" while no key store row may exist for it, so that a
   // crash in between leaves something reconciliation may remove:
-  // Generate/Import create pending objects; Recorded() is called once the
-  // store has committed the new row (a failure only delays the mark to the
-  // next start); Retire() before the row is deleted (an error other than
-  // kNotFound keeps the row: the key stays usable and the caller may retry).
+  // Generate/Import create marked objects; Recorded() is called once the
+  // store has committed the new row (a failure only leaves the mark until
+  // the next start); Retire() before the row is deleted (an error other
+  // than kNotFound keeps the row: the key stays usable and the caller may
+  // retry); Destroy() removes the object, then the mark.
   virtual void Recorded(const KeyHandle& key) { (void)key; }
   virtual Status Retire(const KeyHandle& key) {
     (void)key;
@@ -121,7 +122,7 @@ class Backend {
   // backend, and every key it records for other backends (an HSM token may
   // be named by two backend tables, or a table renamed). Backends holding
   // objects outside the store report recorded keys whose object is gone,
-  // remove pending objects no row records (a crash between creation and the
+  // remove marked objects no row records (a crash between creation and the
   // store's insert, or between a row's deletion and the object's), and
   // leave any other unrecorded object in place.
   virtual Status Reconcile(std::span<const KeyHandle> recorded,

@@ -309,11 +309,17 @@ check "root's HSM keys are still there" grep -q "keyhold:$ME/h-ec-p256" "$W/afte
 
 # --- reconciliation at start -----------------------------------------------
 kh_stop
-# A pending keyhold object no row records (as after a crash before the
-# insert), a final one no row records (as after restoring an older key store),
-# and a foreign object keyhold must never touch.
+# A key object marked pending that no row records (as after a crash before
+# the insert), one a keyhold from before pending markers labelled pending, a
+# final one no row records (as after restoring an older key store), and a
+# foreign object keyhold must never touch.
 check "orphan keyhold object" p11 --keypairgen --key-type EC:prime256v1 \
-  --label "keyhold-pending:$ME/ghost" --id 00112233445566778899aabbccddeeff
+  --label "keyhold:$ME/ghost" --id 00112233445566778899aabbccddee01
+printf '\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\x01' >"$W/ghost-id"
+check "its pending marker" p11 --write-object "$W/ghost-id" --type data --private \
+  --label "keyhold-pending:$ME/ghost" --application-label keyhold
+check "orphan object labelled pending" p11 --keypairgen --key-type EC:prime256v1 \
+  --label "keyhold-pending:$ME/old-ghost" --id 00112233445566778899aabbccddeeff
 check "unrecorded final keyhold object" p11 --keypairgen --key-type EC:prime256v1 \
   --label "keyhold:$ME/stray" --id 00112233445566778899aabbccddee02
 check "foreign object" p11 --keypairgen --key-type EC:prime256v1 --label foreign --id 01
@@ -321,12 +327,15 @@ check "foreign object" p11 --keypairgen --key-type EC:prime256v1 --label foreign
 check "remove h-ec-p384's object behind keyhold's back" p11 --delete-object --type privkey \
   --label "keyhold:$ME/h-ec-p384"
 kh_start --config "$H/keyholdd.toml"
-check "the orphan was removed" grep -q "removed unrecorded pending token key 'keyhold-pending:$ME/ghost'" "$KH_DIR/keyholdd.log"
+check "the orphan was removed" grep -q "removed unrecorded pending token key 'keyhold:$ME/ghost'" "$KH_DIR/keyholdd.log"
+check "the old-style orphan was removed" grep -q "removed unrecorded pending token key 'keyhold-pending:$ME/old-ghost'" "$KH_DIR/keyholdd.log"
 check "the unrecorded final object was reported" grep -q "token key 'keyhold:$ME/stray' .* is not recorded in the key store; left in place" "$KH_DIR/keyholdd.log"
 check "the lost object was reported" grep -q "key '$ME/h-ec-p384' is recorded but its token object" "$KH_DIR/keyholdd.log"
 check "pkcs11-tool lists after reconciliation" p11 --list-objects --type privkey
 cp "$KH_DIR/out" "$W/objects"
-check "orphan gone from the token" sh -c "! grep -q 'keyhold:$ME/ghost' '$W/objects'"
+check "orphans gone from the token" sh -c "! grep -q 'ghost' '$W/objects'"
+check "pkcs11-tool lists data objects" p11 --list-objects --type data
+check "the orphan's marker is gone" sh -c "! grep -q 'keyhold-pending:' '$KH_DIR/out'"
 check "foreign object untouched" grep -q "label:.*foreign" "$W/objects"
 check "unrecorded final object untouched" grep -q "label:.*keyhold:$ME/stray" "$W/objects"
 check "remove the stray object" p11 --delete-object --type privkey --label "keyhold:$ME/stray"
@@ -336,36 +345,48 @@ check "sign after restart" "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig
 check "openssl verifies after restart" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" -signature "$W/sig" "$W/msg"
 
 # --- kill -9 during creation ------------------------------------------------
-for i in $(seq 1 6); do
-  "$KEYHOLD" key create "crash-$i" --type rsa-2048 --backend hsm >/dev/null 2>&1 &
-done
-sleep 0.4
-kill -9 "$KH_PID"
-wait "$KH_PID" 2>/dev/null || true
-KH_PID=""
-wait 2>/dev/null || true
-kh_start --config "$H/keyholdd.toml"
-check "list after the crash" "$KEYHOLD" key list --json
-cp "$KH_DIR/out" "$W/list.json"
-check "pkcs11-tool after the crash" p11 --list-objects --type privkey
-cp "$KH_DIR/out" "$W/objects"
-check "token keys and recorded keys agree after kill -9" python3 - "$W/list.json" "$W/objects" "$ME" <<'PY'
+# Three rounds, killed at different points of six concurrent creations.
+# No key the store records may be lost (SoftHSM2 rewrites an object's file
+# in place when an attribute changes, so keyhold never changes a key object
+# after making it), and no token key or marker may be left that no row
+# records.
+for round in 1 2 3; do
+  made=0
+  for i in $(seq 1 6); do
+    "$KEYHOLD" key create "crash-$round-$i" --type rsa-2048 --backend hsm >/dev/null 2>&1 &
+  done
+  sleep "$(echo "0.15 0.35 0.6" | cut -d' ' -f$round)"
+  kill -9 "$KH_PID"
+  wait "$KH_PID" 2>/dev/null || true
+  KH_PID=""
+  wait 2>/dev/null || true
+  kh_start --config "$H/keyholdd.toml"
+  check "list after kill -9 ($round)" "$KEYHOLD" key list --json
+  cp "$KH_DIR/out" "$W/list.json"
+  check "pkcs11-tool keys after kill -9 ($round)" p11 --list-objects --type privkey
+  cp "$KH_DIR/out" "$W/objects"
+  check "pkcs11-tool data objects after kill -9 ($round)" p11 --list-objects --type data
+  cp "$KH_DIR/out" "$W/data-objects"
+  check "token keys and recorded keys agree after kill -9 ($round)" python3 - \
+    "$W/list.json" "$W/objects" "$W/data-objects" "$ME" <<'PY'
 import json, re, sys
 keys = json.load(open(sys.argv[1]))
 keys = keys['keys'] if isinstance(keys, dict) else keys
 recorded = {k['name'] for k in keys if k['backend'] == 'hsm'} - {'h-ec-p384'}
-# Pending or final: after the restart no pending object may be left, and
-# every recorded key is marked final.
-labels = set(re.findall(r"label:\s+keyhold(?:-pending)?:%s/(\S+)" % sys.argv[3], open(sys.argv[2]).read()))
+labels = set(re.findall(r"label:\s+keyhold:%s/(\S+)" % sys.argv[4], open(sys.argv[2]).read()))
 assert "keyhold-pending:" not in open(sys.argv[2]).read()
+assert "keyhold-pending:" not in open(sys.argv[3]).read(), "a pending marker was left"
 assert recorded == labels, (sorted(recorded), sorted(labels))
 PY
-for n in $(python3 -c "
+  for n in $(python3 -c "
 import json
 keys = json.load(open('$W/list.json'))
 keys = keys['keys'] if isinstance(keys, dict) else keys
-print(' '.join(k['name'] for k in keys if k['name'].startswith('crash-')))"); do
-  check "recorded $n is usable" "$KEYHOLD" sign "$n" --in "$W/msg" --out "$W/sig"
+print(' '.join(k['name'] for k in keys if k['name'].startswith('crash-$round-')))"); do
+    check "recorded $n is usable" "$KEYHOLD" sign "$n" --in "$W/msg" --out "$W/sig"
+    made=$((made + 1))
+  done
+  echo "kill -9 round $round: $made of 6 keys recorded before the kill"
 done
 
 # --- two backend tables on one token ---------------------------------------
@@ -548,14 +569,17 @@ if [ -n "${KH_P11_FAULT_MODULE:-}" ] && [ -f "$KH_P11_FAULT_MODULE" ]; then
     timeout 20 "$KEYHOLD" key create h-crashed --type ec-p256 --backend hsm
   check "keyholdd died in C_GenerateKeyPair" kh_exited_within "$KH_PID" 10
   kh_stop
-  check "the pending object is on the token after the crash" sh -c \
+  check "the key object is on the token after the crash" sh -c \
     "pkcs11-tool --module '$M' --token-label kh-hsm --login --pin '$PIN' --list-objects \
-       --type privkey 2>/dev/null | grep -q 'keyhold-pending:$ME/h-crashed'"
+       --type privkey 2>/dev/null | grep -q 'keyhold:$ME/h-crashed'"
+  check "and its pending marker" sh -c \
+    "pkcs11-tool --module '$M' --token-label kh-hsm --login --pin '$PIN' --list-objects \
+       --type data 2>/dev/null | grep -q 'keyhold-pending:$ME/h-crashed'"
   rm -f "$W/crash"
   kh_start --config "$H/keyholdd.toml"
   check "the restart removed it" grep -q \
-    "removed unrecorded pending token key 'keyhold-pending:$ME/h-crashed'" "$KH_DIR/keyholdd.log"
-  check "pkcs11-tool after the restart" p11 --list-objects --type privkey
+    "removed unrecorded pending token key 'keyhold:$ME/h-crashed'" "$KH_DIR/keyholdd.log"
+  check "pkcs11-tool after the restart" p11 --list-objects
   check "no h-crashed object on the token" sh -c "! grep -q 'h-crashed' '$KH_DIR/out'"
   fails "no h-crashed key in the store" "not found" "$KEYHOLD" key public h-crashed
   check "the name can be used again" timeout 20 "$KEYHOLD" key create h-crashed --type ec-p256 --backend hsm

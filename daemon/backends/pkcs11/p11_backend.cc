@@ -52,15 +52,20 @@ spdlog::logger& Log() {
   return *logger;
 }
 
-// Every token object keyhold creates carries this CKA_LABEL prefix; objects
+// Every key object keyhold creates carries this CKA_LABEL prefix; objects
 // without it are never touched (reconciliation included).
 constexpr std::string_view kLabelPrefix = "keyhold:";
-// The label of an object no key store row may record yet (being created) or
-// any more (being deleted): reconciliation at start removes such an object
-// when no row records it, and marks it final (kLabelPrefix) when one does.
-// An unrecorded object with the final label is only reported, never removed
-// (a renamed backend table, a key store restored from a backup).
+// The label of a pending marker (Impl::CreateMarker): a data object beside a
+// key object that no key store row may record yet (being created) or any
+// more (being deleted). Reconciliation at start removes a marked key object
+// when no row records it; an unmarked one no row records is only reported,
+// never removed (a renamed backend table, a key store restored from a
+// backup). Before markers, keyhold gave the key object this label itself
+// and relabelled it; such objects are still found, and still removed when
+// no row records them.
 constexpr std::string_view kPendingPrefix = "keyhold-pending:";
+// The CKA_APPLICATION of keyhold's pending markers (Impl::CreateMarker).
+constexpr std::string_view kApplication = "keyhold";
 constexpr std::size_t kIdSize = 16;
 constexpr uint8_t kBlobVersion = 0x01;
 constexpr std::size_t kMaxPinSize = 256;
@@ -118,6 +123,10 @@ std::string TrimPadded(const unsigned char* p, std::size_t n) {
     s.pop_back();
   }
   return s;
+}
+
+std::span<const uint8_t> AsBytes(std::string_view s) {
+  return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
 }
 
 std::span<const uint8_t> EcParams(v1::KeyType type) {
@@ -578,9 +587,7 @@ void AddPrivateKeyPolicy(Template& t, std::span<const uint8_t> id,
   t.Bool(CKA_SENSITIVE, true);
   t.Bool(CKA_EXTRACTABLE, false);
   t.Bytes(CKA_ID, id);
-  t.Bytes(CKA_LABEL,
-          std::span<const uint8_t>(
-              reinterpret_cast<const uint8_t*>(label.data()), label.size()));
+  t.Bytes(CKA_LABEL, AsBytes(label));
 }
 
 }  // namespace
@@ -1146,8 +1153,9 @@ struct P11Backend::Impl {
   // The private key object of blob, from the cache unless fresh.
   // The object must carry the key's own label too, so a blob copied to
   // another key reference finds nothing.
-  // The private key object of key: its CKA_ID, and a label naming ref (final
-  // or pending). fresh: search the token even if a handle is cached.
+  // The private key object of key: its CKA_ID, and a label naming ref (final,
+  // or pending as keyhold labelled new objects before markers). fresh:
+  // search the token even if a handle is cached.
   CK_RV FindKey(CK_SESSION_HANDLE s, uint64_t key_id, const Blob& blob,
                 const daemon::KeyRef& ref, bool fresh, CK_OBJECT_HANDLE* out) {
     if (!fresh) {
@@ -1192,11 +1200,89 @@ struct P11Backend::Impl {
     return CKR_OK;
   }
 
-  // Sets the CKA_LABEL of the object h.
-  CK_RV SetLabel(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h,
-                 const std::string& label) {
-    CK_ATTRIBUTE a{CKA_LABEL, const_cast<char*>(label.data()), label.size()};
-    return fn->C_SetAttributeValue(s, h, &a, 1);
+  // A key's pending marker: a token data object (CKO_DATA, CKA_APPLICATION
+  // kApplication, label kPendingPrefix + reference, CKA_VALUE the key's
+  // CKA_ID) that exists while no key store row may record the key: from
+  // before its object is made until the store's commit (Recorded()), and
+  // from Retire() until the object is destroyed. A key object itself is
+  // never changed after it is made: SoftHSM2 rewrites an object's file in
+  // place on C_SetAttributeValue, and a crash in that write loses the key.
+  CK_RV CreateMarker(CK_SESSION_HANDLE s, const daemon::KeyRef& ref,
+                     std::span<const uint8_t> id) {
+    const std::string label = PendingLabelFor(ref);
+    Template t;
+    t.Ulong(CKA_CLASS, CKO_DATA);
+    t.Bool(CKA_TOKEN, true);
+    t.Bool(CKA_PRIVATE, true);
+    t.Bytes(CKA_LABEL, AsBytes(label));
+    t.Bytes(CKA_APPLICATION, AsBytes(kApplication));
+    t.Bytes(CKA_VALUE, id);
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    const Creation creation;
+    const CK_RV rv = fn->C_CreateObject(s, t.Get(), t.Count(), &h);
+    if (rv == CKR_OK) {
+      ForgetObjectHandle(h);
+    }
+    return rv;
+  }
+
+  // Whether the data object h is a keyhold marker; if so its label and
+  // value (another application's values are never read).
+  CK_RV ReadMarker(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, bool* is_marker,
+                   std::string* label, std::vector<uint8_t>* id) {
+    *is_marker = false;
+    std::vector<uint8_t> app;
+    CK_RV rv = GetAttr(s, h, CKA_APPLICATION, &app);
+    if (rv != CKR_OK || !std::ranges::equal(app, AsBytes(kApplication))) {
+      return rv;
+    }
+    std::vector<uint8_t> l;
+    if (rv = GetAttr(s, h, CKA_LABEL, &l); rv != CKR_OK) {
+      return rv;
+    }
+    label->assign(l.begin(), l.end());
+    if (!label->starts_with(kPendingPrefix)) {
+      return CKR_OK;
+    }
+    if (rv = GetAttr(s, h, CKA_VALUE, id); rv != CKR_OK) {
+      return rv;
+    }
+    *is_marker = id->size() == kIdSize;
+    return CKR_OK;
+  }
+
+  // Destroys one pending marker of key (ref, id), if there is one: one per
+  // CreateMarker(), so a Retire() racing a Recorded() leaves one behind.
+  CK_RV DestroyMarker(CK_SESSION_HANDLE s, const daemon::KeyRef& ref,
+                      std::span<const uint8_t> id) {
+    const std::string label = PendingLabelFor(ref);
+    Template t;
+    t.Ulong(CKA_CLASS, CKO_DATA);
+    t.Bool(CKA_TOKEN, true);
+    t.Bytes(CKA_LABEL, AsBytes(label));
+    std::vector<CK_OBJECT_HANDLE> found;
+    CK_RV rv = FindObjects(s, t, &found);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    for (CK_OBJECT_HANDLE h : found) {
+      // Read just before the destroy: a number another object took since
+      // the search fails this check.
+      bool marker = false;
+      std::string l;
+      std::vector<uint8_t> value;
+      rv = ReadMarker(s, h, &marker, &l, &value);
+      if (IsSessionLost(rv)) {
+        return rv;
+      }
+      const bool yes =
+          rv == CKR_OK && marker && l == label && std::ranges::equal(value, id);
+      if (yes) {
+        rv = fn->C_DestroyObject(s, h);
+        return rv == CKR_OBJECT_HANDLE_INVALID ? CKR_OK : rv;
+      }
+    }
+    return CKR_OK;
   }
 
   void Forget(uint64_t key_id) {
@@ -1566,8 +1652,8 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
   if (!id.ok()) {
     return id.status();
   }
-  // Pending until the key store records it (Recorded()).
-  const std::string label = im.PendingLabelFor(ref);
+  // Marked pending until the key store records it (Recorded()).
+  const std::string label = im.LabelFor(ref);
   static constexpr uint8_t kF4[] = {0x01, 0x00, 0x01};
 
   Template pub;
@@ -1596,16 +1682,20 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
   Status st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
     // A retry after a lost session may follow a pair the token did make:
     // a new CKA_ID (same buffer, which the template points at) keeps the
-    // two apart; the first stays pending and goes at the next start.
+    // two apart; the first stays marked and goes at the next start.
     if (retry && !RedrawId(&*id)) {
       *what = "drawing a random CKA_ID";
       return CKR_FUNCTION_FAILED;
     }
     retry = true;
+    *what = "C_CreateObject (pending marker)";
+    CK_RV rv = im.CreateMarker(s, ref, *id);
+    if (rv != CKR_OK) {
+      return rv;
+    }
     CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
     CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
     *what = "C_GenerateKeyPair";
-    CK_RV rv = CKR_OK;
     {
       const Impl::Creation creation;
       rv = im.fn->C_GenerateKeyPair(s, &mech, pub.Get(), pub.Count(),
@@ -1616,13 +1706,17 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
       }
     }
     if (rv != CKR_OK) {
+      if (!IsSessionLost(rv)) {
+        (void)im.DestroyMarker(s, ref, *id);  // else: the next start
+      }
       return rv;
     }
     *what = "reading the new public key";
     rv = im.PublicSpki(s, hpub, type, &out.public_key, &conv);
     im.fn->C_DestroyObject(s, hpub);
-    if (rv != CKR_OK) {
-      im.fn->C_DestroyObject(s, hpriv);
+    if (rv != CKR_OK && !IsSessionLost(rv) &&
+        im.fn->C_DestroyObject(s, hpriv) == CKR_OK) {
+      (void)im.DestroyMarker(s, ref, *id);
     }
     return rv;
   });
@@ -1746,7 +1840,7 @@ StatusOr<CreatedKey> P11Backend::Import(const daemon::KeyRef& ref,
   if (!id.ok()) {
     return id.status();
   }
-  const std::string label = im.PendingLabelFor(ref);
+  const std::string label = im.LabelFor(ref);
   t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
   AddPrivateKeyPolicy(t, *id, label);
   bool retry = false;
@@ -1756,12 +1850,22 @@ StatusOr<CreatedKey> P11Backend::Import(const daemon::KeyRef& ref,
       return CKR_FUNCTION_FAILED;
     }
     retry = true;
+    *what = "C_CreateObject (pending marker)";
+    CK_RV rv = im.CreateMarker(s, ref, *id);
+    if (rv != CKR_OK) {
+      return rv;
+    }
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     *what = "C_CreateObject";
-    const Impl::Creation creation;
-    const CK_RV rv = im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
-    if (rv == CKR_OK) {
-      Impl::ForgetObjectHandle(h);
+    {
+      const Impl::Creation creation;
+      rv = im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
+      if (rv == CKR_OK) {
+        Impl::ForgetObjectHandle(h);
+      }
+    }
+    if (rv != CKR_OK && !IsSessionLost(rv)) {
+      (void)im.DestroyMarker(s, ref, *id);  // else: the next start
     }
     return rv;
   });
@@ -2166,9 +2270,21 @@ Status P11Backend::Destroy(const KeyHandle& key) {
       /*fresh_lookup=*/true);
   im.Forget(key.id);
   if (st.code() == Code::kNotFound) {
-    return Status::Ok();  // already gone: the goal is reached
+    st = Status::Ok();  // already gone: the goal is reached
   }
-  return st;
+  if (!st.ok()) {
+    return st;  // a marker stays, so the next start removes the object
+  }
+  // The marker goes last (Generate's if the store refused the key,
+  // Retire's after a delete).
+  StatusOr<Blob> blob = im.BlobOf(key);
+  if (!blob.ok()) {
+    return blob.status();
+  }
+  return im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+    *what = "C_DestroyObject (pending marker)";
+    return im.DestroyMarker(s, key.ref, blob->id);
+  });
 }
 
 unsigned P11Backend::MaxBlockingCalls() const { return impl_->config.sessions; }
@@ -2203,25 +2319,18 @@ std::string P11Backend::CallsInProgress() const {
 
 void P11Backend::Recorded(const KeyHandle& key) {
   Impl& im = *impl_;
-  const std::string label = im.LabelFor(key.ref);
-  Status st = im.EnsureReady();
+  StatusOr<Blob> blob = im.BlobOf(key);
+  Status st = blob.ok() ? im.EnsureReady() : blob.status();
   if (st.ok()) {
-    st = im.WithKey(
-        key,
-        [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
-            const Impl::StillKey& still_key) -> CK_RV {
-          if (const CK_RV bound = still_key(); bound != CKR_OK) {
-            return bound;
-          }
-          *what = "C_SetAttributeValue(CKA_LABEL)";
-          return im.SetLabel(s, h, label);
-        },
-        /*fresh_lookup=*/true);
+    st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+      *what = "C_DestroyObject (pending marker)";
+      return im.DestroyMarker(s, key.ref, blob->id);
+    });
   }
   if (!st.ok()) {
     Log().warn(
-        "{}key '{}' is recorded but its token object is still marked "
-        "pending ({}); the next start marks it",
+        "{}key '{}' is recorded but its pending marker is still on the token "
+        "({}); the next start removes the marker",
         im.Where(), key.ref.ToString(), st.message());
   }
 }
@@ -2229,32 +2338,22 @@ void P11Backend::Recorded(const KeyHandle& key) {
 Status P11Backend::Retire(const KeyHandle& key) {
   Impl& im = *impl_;
   KH_RETURN_IF_ERROR(im.EnsureReady());
-  const std::string label = im.PendingLabelFor(key.ref);
-  bool read_only = false;
+  StatusOr<Blob> blob = im.BlobOf(key);
+  if (!blob.ok()) {
+    return blob.status();
+  }
+  // Only a key whose object is there gets a marker: nothing else is left
+  // to remove.
   Status st = im.WithKey(
       key,
-      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE h, const char** what,
-          const Impl::StillKey& still_key) -> CK_RV {
-        if (const CK_RV bound = still_key(); bound != CKR_OK) {
-          return bound;
-        }
-        *what = "C_SetAttributeValue(CKA_LABEL)";
-        const CK_RV rv = im.SetLabel(s, h, label);
-        if (rv == CKR_ATTRIBUTE_READ_ONLY) {
-          read_only = true;  // a token that never relabels: delete as is
-          return CKR_OK;
-        }
-        return rv;
+      [&](CK_SESSION_HANDLE s, CK_OBJECT_HANDLE, const char** what,
+          const Impl::StillKey&) -> CK_RV {
+        *what = "C_CreateObject (pending marker)";
+        return im.CreateMarker(s, key.ref, blob->id);
       },
       /*fresh_lookup=*/true);
   if (st.code() == Code::kNotFound) {
-    return Status::Ok();  // nothing left to remove
-  }
-  if (st.ok() && read_only) {
-    Log().warn(
-        "{}key '{}': the token does not let its label change; if removing "
-        "the object fails it is only reported at the next start",
-        im.Where(), key.ref.ToString());
+    return Status::Ok();
   }
   return st;
 }
@@ -2281,9 +2380,12 @@ Status P11Backend::Impl::Reconcile(std::span<const KeyHandle> recorded,
   // CKA_ID on this token that any row records, with that row's reference.
   std::map<std::vector<uint8_t>, const KeyHandle*> wanted;
   std::map<std::vector<uint8_t>, const KeyHandle*> known;
-  // Removing a pending object is only safe when the recorded set is
-  // complete: a blob this daemon cannot read (say, from a newer version)
-  // means the list may miss live keys.
+  // Markers are only touched at a start no request can run beside (a
+  // marker may belong to a key being made or deleted right now), and
+  // unrecorded keys only removed when the recorded set is also complete: a
+  // blob this daemon cannot read (say, from a newer version) means the list
+  // may miss live keys.
+  const bool clear_markers = remove_pending;
   bool may_delete = remove_pending;
   for (const KeyHandle& k : recorded) {
     StatusOr<Blob> blob = DecodeBlob(k.blob);
@@ -2309,15 +2411,51 @@ Status P11Backend::Impl::Reconcile(std::span<const KeyHandle> recorded,
   }
   std::size_t removed = 0;
   std::size_t missing = 0;
-  std::size_t marked = 0;
+  std::size_t cleared = 0;
   Status st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
-    removed = missing = marked = 0;
+    removed = missing = cleared = 0;
+    // The pending markers: (CKA_ID, the reference their label names).
+    struct Marker {
+      CK_OBJECT_HANDLE h;
+      std::vector<uint8_t> id;
+      std::string ref;
+      bool keep = false;  // its key object could not be removed
+    };
+    std::vector<Marker> markers;
+    Template dt;
+    dt.Ulong(CKA_CLASS, CKO_DATA);
+    dt.Bool(CKA_TOKEN, true);
+    std::vector<CK_OBJECT_HANDLE> found;
+    *what = "listing token data objects";
+    CK_RV rv = im.FindObjects(s, dt, &found);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    for (CK_OBJECT_HANDLE h : found) {
+      bool is_marker = false;
+      std::string label;
+      std::vector<uint8_t> id;
+      rv = im.ReadMarker(s, h, &is_marker, &label, &id);
+      if (IsSessionLost(rv)) {
+        return rv;
+      }
+      if (rv == CKR_OK && is_marker) {  // else not ours: never touched
+        markers.push_back(
+            {h, std::move(id), label.substr(kPendingPrefix.size())});
+      }
+    }
+    auto marked = [&](std::span<const uint8_t> id, std::string_view ref) {
+      return std::ranges::find_if(markers, [&](const Marker& m) {
+        return std::ranges::equal(m.id, id) && m.ref == ref;
+      });
+    };
+
     Template t;
     t.Ulong(CKA_CLASS, CKO_PRIVATE_KEY);
     t.Bool(CKA_TOKEN, true);
-    std::vector<CK_OBJECT_HANDLE> found;
     *what = "listing token keys";
-    CK_RV rv = im.FindObjects(s, t, &found);
+    found.clear();
+    rv = im.FindObjects(s, t, &found);
     if (rv != CKR_OK) {
       return rv;
     }
@@ -2331,43 +2469,37 @@ Status P11Backend::Impl::Reconcile(std::span<const KeyHandle> recorded,
       }
       const std::string_view l(reinterpret_cast<const char*>(label.data()),
                                label.size());
-      const bool pending = l.starts_with(kPendingPrefix);
-      if ((!pending && !l.starts_with(kLabelPrefix)) || id.size() != kIdSize) {
+      // Labelled pending itself: made by a keyhold from before markers.
+      const bool old_pending = l.starts_with(kPendingPrefix);
+      if ((!old_pending && !l.starts_with(kLabelPrefix)) ||
+          id.size() != kIdSize) {
         continue;  // not ours: never touched
       }
-      if (auto k = known.find(id); k != known.end()) {
+      if (known.contains(id)) {
         present.insert(id);
-        if (pending) {
-          // Recorded, but the mark did not happen (a crash right after the
-          // store's commit, or a failed C_SetAttributeValue).
-          rv = im.SetLabel(s, h, im.LabelFor(k->second->ref));
-          if (IsSessionLost(rv)) {
-            return rv;
-          }
-          if (rv != CKR_OK) {
-            // Harmless: a recorded object is never removed, pending or not.
-            Log().warn("{}cannot mark token key '{}' (id {}) recorded: {}",
-                       im.Where(), std::string(l), HexEncode(id), CkrName(rv));
-            continue;
-          }
-          ++marked;
-        }
-        continue;
+        continue;  // recorded: never removed, never changed
       }
+      const std::string_view ref =
+          l.substr(old_pending ? kPendingPrefix.size() : kLabelPrefix.size());
+      const auto marker = marked(id, ref);
+      const bool pending = old_pending || marker != markers.end();
       if (!pending || !may_delete) {
-        // Marked final but recorded nowhere: a key store restored from an
-        // older backup, or another keyhold on this token. Never removed.
-        // Pending ones wait for a start that may remove them.
+        // Unmarked and recorded nowhere: a key store restored from an older
+        // backup, or another keyhold on this token. Never removed. Marked
+        // ones wait for a start that may remove them.
         Log().warn(
             "{}token key '{}' (id {}) is not recorded in the key store; "
             "left in place{}",
             im.Where(), std::string(l), HexEncode(id),
             pending ? " until the next start" : "");
+        if (marker != markers.end()) {
+          marker->keep = true;
+        }
         continue;
       }
-      // Pending and recorded nowhere: a crash (or a failed insert) between
-      // creation and the store's commit, or between a row's deletion and
-      // the object's.
+      // Marked pending and recorded nowhere: a crash (or a failed insert)
+      // between creation and the store's commit, or between a row's
+      // deletion and the object's.
       *what = "C_DestroyObject";
       rv = im.fn->C_DestroyObject(s, h);
       if (rv != CKR_OK) {
@@ -2376,6 +2508,21 @@ Status P11Backend::Impl::Reconcile(std::span<const KeyHandle> recorded,
       ++removed;
       Log().warn("{}removed unrecorded pending token key '{}' (id {})",
                  im.Where(), std::string(l), HexEncode(id));
+    }
+    if (clear_markers) {
+      // Recorded keys' markers (a crash right after the store's commit, or
+      // before a delete removed the row), and those whose key is gone.
+      for (const Marker& m : markers) {
+        if (m.keep || (!known.contains(m.id) && !may_delete)) {
+          continue;
+        }
+        *what = "C_DestroyObject (pending marker)";
+        rv = im.fn->C_DestroyObject(s, m.h);
+        if (rv != CKR_OK) {
+          return rv;
+        }
+        ++cleared;
+      }
     }
     for (const auto& [id, k] : wanted) {
       if (!present.contains(id)) {
@@ -2393,9 +2540,9 @@ Status P11Backend::Impl::Reconcile(std::span<const KeyHandle> recorded,
   }
   im.ForgetAllHandles();
   Log().info(
-      "{}reconciled: {} recorded, {} missing, {} marked recorded, {} "
-      "unrecorded pending removed",
-      im.Where(), wanted.size(), missing, marked, removed);
+      "{}reconciled: {} recorded, {} missing, {} unrecorded pending removed, "
+      "{} pending markers removed",
+      im.Where(), wanted.size(), missing, removed, cleared);
   return Status::Ok();
 }
 

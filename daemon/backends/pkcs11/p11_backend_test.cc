@@ -433,9 +433,9 @@ TEST_F(P11BackendTest, ImportEcAndRsa) {
             Code::kInvalidArgument);
 }
 
-// Generate/Import make pending objects; the key store's commit marks them
-// (Recorded). Reconciliation removes pending objects no row records and
-// keeps recorded ones.
+// Generate/Import mark their objects pending; the key store's commit removes
+// the mark (Recorded). Reconciliation removes marked objects no row records
+// and keeps recorded ones.
 TEST_F(P11BackendTest, ReconcileRemovesUnrecordedPendingAndKeepsRecorded) {
   auto kept = backend_->Generate({1000, "kept"}, v1::EC_P256);
   auto orphan = backend_->Generate({1000, "orphan"}, v1::EC_P256);
@@ -455,10 +455,10 @@ TEST_F(P11BackendTest, ReconcileRemovesUnrecordedPendingAndKeepsRecorded) {
   EXPECT_TRUE(backend_->Destroy(hk).ok());
 }
 
-// What reconciliation must never remove: a recorded key whose mark did not
-// happen (crash after the commit), a key another backend table on the same
-// token records, a marked key no row records (a key store restored from an
-// older backup, a renamed table), and anything when a recorded blob is
+// What reconciliation must never remove: a recorded key whose mark was not
+// removed (crash after the commit), a key another backend table on the same
+// token records, an unmarked key no row records (a key store restored from
+// an older backup, a renamed table), and anything when a recorded blob is
 // unreadable.
 TEST_F(P11BackendTest, ReconcileNeverRemovesWhatMayBeLive) {
   SignParams p;
@@ -474,8 +474,8 @@ TEST_F(P11BackendTest, ReconcileNeverRemovesWhatMayBeLive) {
   const KeyHandle hb = Handle(*b, 71, "b");
   const KeyHandle hc = Handle(*c, 72, "c");
   const KeyHandle hd = Handle(*d, 73, "d");
-  // a: recorded, still pending. b: pending, recorded by another table.
-  // c: marked, then its row lost. d: pending, unrecorded, but a recorded
+  // a: recorded, still marked. b: marked, recorded by another table.
+  // c: unmarked, then its row lost. d: marked, unrecorded, but a recorded
   // blob is unreadable.
   backend_->Recorded(hc);
   const std::vector<uint8_t> garbage = {0xff, 0x00, 0x01};
@@ -489,8 +489,8 @@ TEST_F(P11BackendTest, ReconcileNeverRemovesWhatMayBeLive) {
   for (const KeyHandle* h : {&ha, &hb, &hc, &hd}) {
     EXPECT_TRUE(backend_->Sign(*h, p, digest).ok()) << h->ref.ToString();
   }
-  // a and b were marked by that pass (recorded): with no row at all they
-  // now stay, as c does; d, still pending and recorded nowhere, goes.
+  // That pass removed a's and b's marks (recorded): with no row at all they
+  // now stay, as c does; d, still marked and recorded nowhere, goes.
   ASSERT_TRUE(backend_->Reconcile({}, {}).ok());
   for (const KeyHandle* h : {&ha, &hb, &hc}) {
     EXPECT_TRUE(backend_->Sign(*h, p, digest).ok()) << h->ref.ToString();
@@ -501,7 +501,7 @@ TEST_F(P11BackendTest, ReconcileNeverRemovesWhatMayBeLive) {
 
 // Deleting marks the object pending first: if the row then goes but the
 // object stays (a crash, a failed C_DestroyObject), the next start removes
-// it; a retired key whose row is still there is marked final again.
+// it; a retired key whose row is still there loses the mark again.
 TEST_F(P11BackendTest, RetiredKeyIsRemovedOnlyWithoutItsRow) {
   SignParams p;
   p.algorithm = v1::ECDSA;
@@ -521,7 +521,7 @@ TEST_F(P11BackendTest, RetiredKeyIsRemovedOnlyWithoutItsRow) {
   ASSERT_TRUE(backend_->Reconcile(std::span(&ha, 1), {}).ok());
   EXPECT_TRUE(backend_->Sign(ha, p, digest).ok());
   EXPECT_EQ(backend_->Sign(hb, p, digest).status().code(), Code::kNotFound);
-  ASSERT_TRUE(backend_->Reconcile({}, {}).ok());  // a is marked again
+  ASSERT_TRUE(backend_->Reconcile({}, {}).ok());  // a is unmarked now
   EXPECT_TRUE(backend_->Sign(ha, p, digest).ok());
   EXPECT_TRUE(backend_->Destroy(ha).ok());
   EXPECT_TRUE(backend_->Retire(ha).ok());  // gone already: nothing to do
@@ -1046,7 +1046,7 @@ TEST_F(P11FaultTest, RemovedTokenThenBack) {
 // not up): the backend starts anyway so the daemon's other backends serve,
 // its requests fail with "backend unavailable", and once the token is there
 // the next request finds it, logs in and works. The start's reconciliation
-// waits for the token and then removes no pending object (one may be in the
+// waits for the token and then removes no marked object (one may be in the
 // middle of its creation by then).
 TEST_F(P11FaultTest, TokenAbsentAtStartIsUsedOnceItIsThere) {
   auto k = backend_->Generate({1000, "late"}, v1::EC_P256);
@@ -1078,7 +1078,7 @@ TEST_F(P11FaultTest, TokenAbsentAtStartIsUsedOnceItIsThere) {
   ASSERT_TRUE(sig.ok()) << sig.status().ToString();
   EXPECT_TRUE(Verifies(k->public_key, *sig, digest));
   EXPECT_TRUE((*b)->SupportsEd25519());
-  // The unrecorded pending object survived the late reconciliation.
+  // The unrecorded marked object survived the late reconciliation.
   auto psig = (*b)->Sign(ph, EcdsaSha256(), digest);
   ASSERT_TRUE(psig.ok()) << psig.status().ToString();
   EXPECT_TRUE(Verifies(pending->public_key, *psig, digest));
@@ -1119,7 +1119,7 @@ CK_OBJECT_HANDLE DestroyBehindKeyholdsBack(const std::string& name) {
                        nullptr, &s) != CKR_OK) {
     return CK_INVALID_HANDLE;
   }
-  CK_OBJECT_HANDLE h = FindByLabel(f, s, "keyhold-pending:1000/" + name);
+  CK_OBJECT_HANDLE h = FindByLabel(f, s, "keyhold:1000/" + name);
   if (h != CK_INVALID_HANDLE && f->C_DestroyObject(s, h) != CKR_OK) {
     h = CK_INVALID_HANDLE;
   }
@@ -1326,6 +1326,199 @@ TEST_F(P11FaultTest, HandleTakenBeforeDeriveIsNeverUsed) {
   ASSERT_TRUE(y.ok()) << y.status().ToString();
   ASSERT_FALSE(z.ok()) << "derived with the key that took the handle";
   EXPECT_EQ(z.status().code(), Code::kNotFound) << z.status().ToString();
+}
+
+// A read-write session of the test's own on the token, through the fault
+// module, as another program with the PIN would have.
+class OwnSession {
+ public:
+  OwnSession() {
+    CK_SLOT_ID slots[8];
+    CK_ULONG count = 8;
+    if (Faults().functions(&f_) != CKR_OK ||
+        f_->C_GetSlotList(CK_TRUE, slots, &count) != CKR_OK || count == 0 ||
+        f_->C_OpenSession(slots[0], CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                          nullptr, nullptr, &s_) != CKR_OK) {
+      s_ = CK_INVALID_HANDLE;
+    }
+  }
+  OwnSession(const OwnSession&) = delete;
+  OwnSession& operator=(const OwnSession&) = delete;
+  ~OwnSession() {
+    if (s_ != CK_INVALID_HANDLE) {
+      f_->C_CloseSession(s_);
+    }
+  }
+  bool ok() const { return s_ != CK_INVALID_HANDLE; }
+
+  // How many token objects of class cls carry label (-1: the search failed).
+  int Count(CK_OBJECT_CLASS cls, const std::string& label) {
+    CK_ATTRIBUTE t[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+    if (f_->C_FindObjectsInit(s_, t, 2) != CKR_OK) {
+      return -1;
+    }
+    CK_OBJECT_HANDLE found[16];
+    CK_ULONG n = 0;
+    const CK_RV rv = f_->C_FindObjects(s_, found, 16, &n);
+    f_->C_FindObjectsFinal(s_);
+    return rv == CKR_OK ? static_cast<int>(n) : -1;
+  }
+
+  // A private token data object, as keyhold's pending markers are.
+  bool Data(const std::string& label, const std::string& application,
+            std::vector<uint8_t> value) {
+    CK_OBJECT_CLASS cls = CKO_DATA;
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE t[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_TOKEN, &yes, sizeof(yes)},
+        {CKA_PRIVATE, &yes, sizeof(yes)},
+        {CKA_LABEL, const_cast<char*>(label.data()), label.size()},
+        {CKA_APPLICATION, const_cast<char*>(application.data()),
+         application.size()},
+        {CKA_VALUE, value.data(), value.size()}};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    return f_->C_CreateObject(s_, t, 6, &h) == CKR_OK;
+  }
+
+ private:
+  CK_FUNCTION_LIST* f_ = nullptr;
+  CK_SESSION_HANDLE s_ = CK_INVALID_HANDLE;
+};
+
+// SoftHSM2 rewrites an object's file in place when an attribute changes,
+// and a keyholdd killed during that write lost the key (an empty file, seen
+// with kill -9 during relabels). So a key object is made with its final
+// label and never changed again; a separate marker object says "pending"
+// and is only ever created and destroyed.
+TEST_F(P11FaultTest, KeyObjectsAreNeverChangedAfterCreation) {
+  ASSERT_NE(Faults().count, nullptr);
+  OwnSession own;
+  ASSERT_TRUE(own.ok());
+  auto g = backend_->Generate({1000, "still-g"}, v1::EC_P256);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  SslPtr<EVP_PKEY> ec(EVP_EC_gen("P-256"));
+  auto i = backend_->Import({1000, "still-i"}, PemOf(ec.get()));
+  ASSERT_TRUE(i.ok()) << i.status().ToString();
+  const KeyHandle hg = Handle(*g, 400, "still-g");
+  const KeyHandle hi = Handle(*i, 401, "still-i");
+  EXPECT_EQ(own.Count(CKO_PRIVATE_KEY, "keyhold:1000/still-g"), 1);
+  EXPECT_EQ(own.Count(CKO_PRIVATE_KEY, "keyhold:1000/still-i"), 1);
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/still-g"), 1);
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/still-i"), 1);
+  backend_->Recorded(hg);
+  backend_->Recorded(hi);
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/still-g"), 0);
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/still-i"), 0);
+
+  // A delete: marked, the row goes, then the object and its mark.
+  ASSERT_TRUE(backend_->Retire(hg).ok());
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/still-g"), 1);
+  EXPECT_TRUE(backend_->Sign(hg, EcdsaSha256(), Sha256("g")).ok());
+  ASSERT_TRUE(backend_->Destroy(hg).ok());
+  EXPECT_EQ(own.Count(CKO_PRIVATE_KEY, "keyhold:1000/still-g"), 0);
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/still-g"), 0);
+  // A delete that failed after Retire: the start takes the mark off.
+  ASSERT_TRUE(backend_->Retire(hi).ok());
+  ASSERT_TRUE(backend_->Reconcile(std::span(&hi, 1), {}).ok());
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/still-i"), 0);
+  EXPECT_TRUE(backend_->Sign(hi, EcdsaSha256(), Sha256("i")).ok());
+  ASSERT_TRUE(backend_->Destroy(hi).ok());
+  EXPECT_EQ(Faults().count("C_SetAttributeValue"), 0u);
+}
+
+// What a kill -9 can leave, one state per step of a create or delete, and
+// what the next start makes of it.
+TEST_F(P11FaultTest, CrashLeftoversAreSettledAtStart) {
+  OwnSession own;
+  ASSERT_TRUE(own.ok());
+  // Died before the store's commit: key and mark, no row.
+  auto made = backend_->Generate({1000, "c-made"}, v1::EC_P256);
+  // Died after the commit: key, mark and row.
+  auto committed = backend_->Generate({1000, "c-committed"}, v1::EC_P256);
+  // Died in a delete, after the row went: key and mark, no row.
+  auto deleting = backend_->Generate({1000, "c-deleting"}, v1::EC_P256);
+  ASSERT_TRUE(made.ok() && committed.ok() && deleting.ok());
+  const KeyHandle hm = Handle(*made, 410, "c-made");
+  const KeyHandle hc = Handle(*committed, 411, "c-committed");
+  const KeyHandle hd = Handle(*deleting, 412, "c-deleting");
+  backend_->Recorded(hd);
+  ASSERT_TRUE(backend_->Retire(hd).ok());
+  // Died while the token made the key: only the mark.
+  const std::vector<uint8_t> unmade_id(16, 0x5a);
+  ASSERT_TRUE(own.Data("keyhold-pending:1000/c-unmade", "keyhold", unmade_id));
+  // Not keyhold's, for all its label: never touched.
+  ASSERT_TRUE(own.Data("keyhold-pending:1000/c-foreign", "other", unmade_id));
+
+  ASSERT_TRUE(backend_->Reconcile(std::span(&hc, 1), {}).ok());
+  const std::vector<uint8_t> digest = Sha256("c");
+  EXPECT_EQ(backend_->Sign(hm, EcdsaSha256(), digest).status().code(),
+            Code::kNotFound);
+  EXPECT_EQ(backend_->Sign(hd, EcdsaSha256(), digest).status().code(),
+            Code::kNotFound);
+  EXPECT_TRUE(backend_->Sign(hc, EcdsaSha256(), digest).ok());
+  for (const char* name : {"c-made", "c-deleting"}) {
+    EXPECT_EQ(own.Count(CKO_PRIVATE_KEY, std::string("keyhold:1000/") + name),
+              0)
+        << name;
+  }
+  for (const char* name : {"c-made", "c-committed", "c-deleting", "c-unmade"}) {
+    EXPECT_EQ(own.Count(CKO_DATA, std::string("keyhold-pending:1000/") + name),
+              0)
+        << name;
+  }
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/c-foreign"), 1);
+  EXPECT_TRUE(backend_->Destroy(hc).ok());
+}
+
+// A mark the token refuses to make fails the creation before any key
+// exists; a key the token refuses to make takes its mark away again.
+TEST_F(P11FaultTest, CreationWithoutAMarkFailsAndLeavesNothing) {
+  OwnSession own;
+  ASSERT_TRUE(own.ok());
+  Faults().fail("C_CreateObject", CKR_DEVICE_MEMORY, 1);
+  auto g = backend_->Generate({1000, "nomark"}, v1::EC_P256);
+  ASSERT_FALSE(g.ok());
+  EXPECT_NE(g.status().message().find("pending marker"), std::string::npos)
+      << g.status().ToString();
+  EXPECT_EQ(Faults().count("C_GenerateKeyPair"), 0u);
+  SslPtr<EVP_PKEY> ec(EVP_EC_gen("P-256"));
+  Faults().fail("C_CreateObject", CKR_DEVICE_MEMORY, 1);
+  EXPECT_FALSE(backend_->Import({1000, "nomark"}, PemOf(ec.get())).ok());
+  EXPECT_EQ(own.Count(CKO_PRIVATE_KEY, "keyhold:1000/nomark"), 0);
+
+  Faults().fail("C_GenerateKeyPair", CKR_DEVICE_MEMORY, 1);
+  EXPECT_FALSE(backend_->Generate({1000, "nokey"}, v1::EC_P256).ok());
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/nokey"), 0);
+  EXPECT_EQ(own.Count(CKO_PRIVATE_KEY, "keyhold:1000/nokey"), 0);
+}
+
+// A mark that cannot be removed after the commit leaves a usable key and
+// goes at the next start; a delete whose mark cannot be made is refused
+// and keeps the key.
+TEST_F(P11FaultTest, MarkFailuresNeverCostAKey) {
+  OwnSession own;
+  ASSERT_TRUE(own.ok());
+  auto k = backend_->Generate({1000, "mf"}, v1::EC_P256);
+  ASSERT_TRUE(k.ok()) << k.status().ToString();
+  const KeyHandle h = Handle(*k, 420, "mf");
+  Faults().fail("C_DestroyObject", CKR_ACTION_PROHIBITED, 1);
+  backend_->Recorded(h);
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/mf"), 1);
+  const std::vector<uint8_t> digest = Sha256("mf");
+  EXPECT_TRUE(backend_->Sign(h, EcdsaSha256(), digest).ok());
+  ASSERT_TRUE(backend_->Reconcile(std::span(&h, 1), {}).ok());
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/mf"), 0);
+  EXPECT_TRUE(backend_->Sign(h, EcdsaSha256(), digest).ok());
+
+  Faults().fail("C_CreateObject", CKR_DEVICE_MEMORY, 1);
+  EXPECT_FALSE(backend_->Retire(h).ok());
+  EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/mf"), 0);
+  ASSERT_TRUE(backend_->Reconcile({}, {}).ok());  // unmarked: kept
+  EXPECT_TRUE(backend_->Sign(h, EcdsaSha256(), digest).ok());
+  EXPECT_TRUE(backend_->Destroy(h).ok());
 }
 
 }  // namespace

@@ -14,7 +14,7 @@
 //  - hang: while the file named by KH_P11_FAULT_HANG_FILE exists, C_Sign
 //    waits (it touches FILE.entered first), for the daemon-level test that a
 //    hanging module cannot hang the daemon's I/O;
-//  - reuse: the next key pair made (or object created) gets a given
+//  - reuse: the next key pair made (or key object created) gets a given
 //    (destroyed) object's handle for its private key, as modules that
 //    recycle handles do; that number then names the new key in every call,
 //    for the test that a handle cached for a key destroyed behind keyhold's
@@ -23,9 +23,9 @@
 //    (C_GenerateKeyPair, C_SignInit, C_DecryptInit, C_DeriveKey), so a test
 //    can make something happen at exactly that point of a backend call;
 //  - crash: while the file named by KH_P11_FAULT_CRASH_FILE exists, a
-//    C_GenerateKeyPair or C_CreateObject that succeeded ends the process
-//    (_exit), as a kill -9 of keyholdd between the token's creation of a key
-//    and the key store's commit would.
+//    C_GenerateKeyPair or C_CreateObject (of a key) that succeeded ends the
+//    process (_exit), as a kill -9 of keyholdd between the token's creation
+//    of a key and the key store's commit would.
 //
 // The controls are plain C functions; a test dlopen()s this module itself
 // and looks them up. Nothing here is built into keyholdd.
@@ -304,10 +304,18 @@ CK_RV FindObjects(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE_PTR out, CK_ULONG max,
 
 CK_RV SetAttributeValue(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o,
                         CK_ATTRIBUTE_PTR t, CK_ULONG n) {
+  Fault f;
+  if (TakeFault("C_SetAttributeValue", &f) && f.kind == Fault::kFail) {
+    return f.rv;
+  }
   return g_real->C_SetAttributeValue(s, In(o), t, n);
 }
 
 CK_RV DestroyObject(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o) {
+  Fault f;
+  if (TakeFault("C_DestroyObject", &f) && f.kind == Fault::kFail) {
+    return f.rv;
+  }
   return g_real->C_DestroyObject(s, In(o));
 }
 
@@ -345,6 +353,10 @@ CK_RV GenerateKeyPair(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
                       CK_ATTRIBUTE_PTR priv, CK_ULONG npriv,
                       CK_OBJECT_HANDLE_PTR hpub, CK_OBJECT_HANDLE_PTR hpriv) {
   RunHook("C_GenerateKeyPair");
+  Fault f;
+  if (TakeFault("C_GenerateKeyPair", &f) && f.kind == Fault::kFail) {
+    return f.rv;
+  }
   return Made(
       g_real->C_GenerateKeyPair(s, m, pub, npub, priv, npriv, hpub, hpriv),
       hpriv);
@@ -352,7 +364,20 @@ CK_RV GenerateKeyPair(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m,
 
 CK_RV CreateObject(CK_SESSION_HANDLE s, CK_ATTRIBUTE_PTR t, CK_ULONG n,
                    CK_OBJECT_HANDLE_PTR h) {
-  return Made(g_real->C_CreateObject(s, t, n, h), h);
+  Fault f;
+  if (TakeFault("C_CreateObject", &f) && f.kind == Fault::kFail) {
+    return f.rv;
+  }
+  const CK_RV rv = g_real->C_CreateObject(s, t, n, h);
+  // Data objects (keyhold's pending markers) are not keys: no crash, no
+  // reused handle.
+  for (CK_ULONG i = 0; i < n; ++i) {
+    if (t[i].type == CKA_CLASS && t[i].ulValueLen == sizeof(CK_OBJECT_CLASS) &&
+        *static_cast<const CK_OBJECT_CLASS*>(t[i].pValue) == CKO_DATA) {
+      return rv;
+    }
+  }
+  return Made(rv, h);
 }
 
 CK_RV SignInit(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
