@@ -344,18 +344,32 @@ fails "its use says the object is gone" "not found" "$KEYHOLD" sign h-ec-p384 --
 check "sign after restart" "$KEYHOLD" sign h-ec-p256 --in "$W/msg" --out "$W/sig"
 check "openssl verifies after restart" openssl dgst -sha256 -verify "$W/h-ec-p256.pub" -signature "$W/sig" "$W/msg"
 
-# --- kill -9 during creation ------------------------------------------------
-# Three rounds, killed at different points of six concurrent creations.
-# No key the store records may be lost (SoftHSM2 rewrites an object's file
-# in place when an attribute changes, so keyhold never changes a key object
-# after making it), and no token key or marker may be left that no row
-# records.
+# --- kill -9 during creation and deletion ----------------------------------
+# Three rounds, killed at different points of six concurrent creations and,
+# from the second round on, the deletions of the keys earlier rounds
+# recorded. No key the store records may be lost (SoftHSM2 rewrites an
+# object's file in place when an attribute changes, so keyhold never
+# changes a key object after making it), and no token key or marker may be
+# left that no row records.
+keep=""
 for round in 1 2 3; do
   made=0
+  for n in $keep; do
+    "$KEYHOLD" key delete "$n" >/dev/null 2>&1 &
+  done
   for i in $(seq 1 6); do
     "$KEYHOLD" key create "crash-$round-$i" --type rsa-2048 --backend hsm >/dev/null 2>&1 &
   done
-  sleep "$(echo "0.15 0.35 0.6" | cut -d' ' -f$round)"
+  # Killed once the round has recorded 1, then 2 of its keys (whatever the
+  # machine's speed), then 0.15 s in, so creations are cut at different
+  # steps.
+  want="$(echo "1 2 0" | cut -d' ' -f$round)"
+  [ "$want" -gt 0 ] || sleep 0.15
+  for _ in $(seq 1 400); do
+    got="$("$KEYHOLD" key list 2>/dev/null | grep -c "crash-$round-" || true)"
+    [ "$got" -ge "$want" ] && break
+    sleep 0.05
+  done
   kill -9 "$KH_PID"
   wait "$KH_PID" 2>/dev/null || true
   KH_PID=""
@@ -382,11 +396,17 @@ PY
 import json
 keys = json.load(open('$W/list.json'))
 keys = keys['keys'] if isinstance(keys, dict) else keys
-print(' '.join(k['name'] for k in keys if k['name'].startswith('crash-$round-')))"); do
+print(' '.join(k['name'] for k in keys if k['name'].startswith('crash-')))"); do
     check "recorded $n is usable" "$KEYHOLD" sign "$n" --in "$W/msg" --out "$W/sig"
-    made=$((made + 1))
+    case "$n" in crash-$round-*) made=$((made + 1)) ;; esac
   done
-  echo "kill -9 round $round: $made of 6 keys recorded before the kill"
+  echo "kill -9 round $round: $made of 6 keys recorded before the kill;" \
+    "$(echo $keep | wc -w) deletions sent"
+  keep="$(python3 -c "
+import json
+keys = json.load(open('$W/list.json'))
+keys = keys['keys'] if isinstance(keys, dict) else keys
+print(' '.join(k['name'] for k in keys if k['name'].startswith('crash-')))")"
 done
 
 # --- two backend tables on one token ---------------------------------------
