@@ -1252,7 +1252,8 @@ struct P11Backend::Impl {
   }
 
   // Destroys one pending marker of key (ref, id), if there is one: one per
-  // CreateMarker(), so a Retire() racing a Recorded() leaves one behind.
+  // CreateMarker(), so a Retire() racing a Recorded() and the Destroy()
+  // after it remove one each.
   CK_RV DestroyMarker(CK_SESSION_HANDLE s, const daemon::KeyRef& ref,
                       std::span<const uint8_t> id) {
     const std::string label = PendingLabelFor(ref);
