@@ -1351,6 +1351,26 @@ class OwnSession {
   }
   bool ok() const { return s_ != CK_INVALID_HANDLE; }
 
+  // Destroys every token object of class cls that carries label; false if
+  // a call failed.
+  bool DestroyAll(CK_OBJECT_CLASS cls, const std::string& label) {
+    CK_ATTRIBUTE t[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
+    CK_OBJECT_HANDLE found[16];
+    CK_ULONG n = 0;
+    if (f_->C_FindObjectsInit(s_, t, 2) != CKR_OK) {
+      return false;
+    }
+    const CK_RV rv = f_->C_FindObjects(s_, found, 16, &n);
+    f_->C_FindObjectsFinal(s_);
+    bool ok = rv == CKR_OK;
+    for (CK_ULONG i = 0; ok && i < n; ++i) {
+      ok = f_->C_DestroyObject(s_, found[i]) == CKR_OK;
+    }
+    return ok;
+  }
+
   // How many token objects of class cls carry label (-1: the search failed).
   int Count(CK_OBJECT_CLASS cls, const std::string& label) {
     CK_ATTRIBUTE t[] = {
@@ -1470,6 +1490,7 @@ TEST_F(P11FaultTest, CrashLeftoversAreSettledAtStart) {
         << name;
   }
   EXPECT_EQ(own.Count(CKO_DATA, "keyhold-pending:1000/c-foreign"), 1);
+  EXPECT_TRUE(own.DestroyAll(CKO_DATA, "keyhold-pending:1000/c-foreign"));
   EXPECT_TRUE(backend_->Destroy(hc).ok());
 }
 
