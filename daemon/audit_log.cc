@@ -411,6 +411,13 @@ StatusOr<AuditCheck> AuditLog::Verify() {
       check.problem = where + "edited (bytes after its MAC)";
       return check;
     }
+    if (in.eof()) {
+      // getline() stopped at the end of the file, not at a line end: the
+      // record was cut or its line end removed, and the next one written
+      // would run on in the same line.
+      check.problem = where + "edited (no line end after it)";
+      return check;
+    }
     const std::string mac = line.substr(mark + kMacMark.size(), 64);
     if (AuditField(line, "seq") != std::to_string(expect)) {
       check.problem = where + "out of sequence (found seq " +

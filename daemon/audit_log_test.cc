@@ -264,6 +264,27 @@ TEST_F(AuditLogTest, BytesAfterTheMacAreFound) {
   EXPECT_TRUE(check->intact) << check->problem;
 }
 
+// The last record without its line end (found by audit_log_fuzzer): the
+// next record appended would share its line.
+TEST_F(AuditLogTest, MissingLastLineEndIsFound) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  Fill(*log);
+  const auto original = Lines();
+  {
+    std::ofstream out(dir_ / "audit.log", std::ios::trunc);
+    for (std::size_t i = 0; i < original.size(); ++i) {
+      out << original[i] << (i + 1 < original.size() ? "\n" : "");
+    }
+  }
+  EXPECT_NE(Problem(*log).find("record 5: edited (no line end"),
+            std::string::npos);
+  Write(original);
+  auto check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+}
+
 TEST_F(AuditLogTest, RemovedRecordIsFound) {
   auto log = Open();
   ASSERT_NE(log, nullptr);
