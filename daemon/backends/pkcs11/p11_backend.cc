@@ -1286,6 +1286,37 @@ struct P11Backend::Impl {
     return CKR_OK;
   }
 
+  // Makes a key object under a pending marker: the marker first, then
+  // create() (which names its call in *what), and the marker goes again if
+  // the object could not be made. After a lost session neither is certain,
+  // so both stay for the next start's reconciliation.
+  template <typename Create>
+  CK_RV CreateMarked(CK_SESSION_HANDLE s, const daemon::KeyRef& ref,
+                     std::span<const uint8_t> id, const char** what,
+                     Create&& create) {
+    *what = "C_CreateObject (pending marker)";
+    CK_RV rv = CreateMarker(s, ref, id);
+    if (rv != CKR_OK) {
+      return rv;
+    }
+    {
+      const Creation creation;
+      rv = create();
+    }
+    if (rv != CKR_OK && !IsSessionLost(rv)) {
+      (void)DestroyMarker(s, ref, id);
+    }
+    return rv;
+  }
+
+  // Removes key (ref, id)'s pending marker in a session of its own.
+  Status Unmark(const daemon::KeyRef& ref, std::span<const uint8_t> id) {
+    return Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
+      *what = "C_DestroyObject (pending marker)";
+      return DestroyMarker(s, ref, id);
+    });
+  }
+
   void Forget(uint64_t key_id) {
     std::unique_lock lock(cache_mu);
     handles.erase(key_id);
@@ -1689,27 +1720,20 @@ StatusOr<CreatedKey> P11Backend::Generate(const daemon::KeyRef& ref,
       return CKR_FUNCTION_FAILED;
     }
     retry = true;
-    *what = "C_CreateObject (pending marker)";
-    CK_RV rv = im.CreateMarker(s, ref, *id);
-    if (rv != CKR_OK) {
-      return rv;
-    }
     CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
     CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
-    *what = "C_GenerateKeyPair";
-    {
-      const Impl::Creation creation;
-      rv = im.fn->C_GenerateKeyPair(s, &mech, pub.Get(), pub.Count(),
-                                    priv.Get(), priv.Count(), &hpub, &hpriv);
-      if (rv == CKR_OK) {
+    CK_RV rv = im.CreateMarked(s, ref, *id, what, [&] {
+      *what = "C_GenerateKeyPair";
+      const CK_RV made =
+          im.fn->C_GenerateKeyPair(s, &mech, pub.Get(), pub.Count(), priv.Get(),
+                                   priv.Count(), &hpub, &hpriv);
+      if (made == CKR_OK) {
         Impl::ForgetObjectHandle(hpub);
         Impl::ForgetObjectHandle(hpriv);
       }
-    }
+      return made;
+    });
     if (rv != CKR_OK) {
-      if (!IsSessionLost(rv)) {
-        (void)im.DestroyMarker(s, ref, *id);  // else: the next start
-      }
       return rv;
     }
     *what = "reading the new public key";
@@ -1851,24 +1875,15 @@ StatusOr<CreatedKey> P11Backend::Import(const daemon::KeyRef& ref,
       return CKR_FUNCTION_FAILED;
     }
     retry = true;
-    *what = "C_CreateObject (pending marker)";
-    CK_RV rv = im.CreateMarker(s, ref, *id);
-    if (rv != CKR_OK) {
-      return rv;
-    }
-    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
-    *what = "C_CreateObject";
-    {
-      const Impl::Creation creation;
-      rv = im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
-      if (rv == CKR_OK) {
+    return im.CreateMarked(s, ref, *id, what, [&] {
+      *what = "C_CreateObject";
+      CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+      const CK_RV made = im.fn->C_CreateObject(s, t.Get(), t.Count(), &h);
+      if (made == CKR_OK) {
         Impl::ForgetObjectHandle(h);
       }
-    }
-    if (rv != CKR_OK && !IsSessionLost(rv)) {
-      (void)im.DestroyMarker(s, ref, *id);  // else: the next start
-    }
-    return rv;
+      return made;
+    });
   });
   if (!st.ok()) {
     return st;
@@ -2282,10 +2297,7 @@ Status P11Backend::Destroy(const KeyHandle& key) {
   if (!blob.ok()) {
     return blob.status();
   }
-  return im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
-    *what = "C_DestroyObject (pending marker)";
-    return im.DestroyMarker(s, key.ref, blob->id);
-  });
+  return im.Unmark(key.ref, blob->id);
 }
 
 unsigned P11Backend::MaxBlockingCalls() const { return impl_->config.sessions; }
@@ -2323,10 +2335,7 @@ void P11Backend::Recorded(const KeyHandle& key) {
   StatusOr<Blob> blob = im.BlobOf(key);
   Status st = blob.ok() ? im.EnsureReady() : blob.status();
   if (st.ok()) {
-    st = im.Run([&](CK_SESSION_HANDLE s, const char** what) -> CK_RV {
-      *what = "C_DestroyObject (pending marker)";
-      return im.DestroyMarker(s, key.ref, blob->id);
-    });
+    st = im.Unmark(key.ref, blob->id);
   }
   if (!st.ok()) {
     Log().warn(
