@@ -11,15 +11,19 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <deque>
 #include <fstream>
+#include <functional>
 
 #include "common/key_types.h"
+#include "daemon/log.h"
 
 namespace keyhold::daemon {
 namespace {
@@ -32,6 +36,57 @@ constexpr std::string_view kMacMark = ",\"mac\":\"";
 std::string Errno(const std::string& what, int err) {
   return what + ": " + std::strerror(err);
 }
+
+spdlog::logger& Log() {
+  static const auto logger = ComponentLog("audit");
+  return *logger;
+}
+
+// Reads lines from a descriptor up to `limit` bytes (what the file held
+// when Verify or Read took it; appends after that are not read).
+class LineReader {
+ public:
+  LineReader(int fd, uint64_t limit) : file_(::fdopen(fd, "r")), left_(limit) {
+    if (file_ == nullptr) {
+      ::close(fd);
+    }
+  }
+  // The FILE and getline()'s buffer are C resources this class owns.
+  ~LineReader() {
+    if (file_ != nullptr) {
+      std::fclose(file_);  // NOLINT(cppcoreguidelines-owning-memory)
+    }
+    std::free(buf_);  // NOLINT(cppcoreguidelines-owning-memory)
+  }
+  LineReader(const LineReader&) = delete;
+  LineReader& operator=(const LineReader&) = delete;
+
+  bool ok() const { return file_ != nullptr; }
+  // The next line without its line end; *ended says whether it had one.
+  bool Next(std::string* line, bool* ended) {
+    if (file_ == nullptr || left_ == 0) {
+      return false;
+    }
+    const ssize_t n = ::getline(&buf_, &cap_, file_);
+    if (n <= 0) {
+      return false;
+    }
+    std::size_t len = static_cast<std::size_t>(n);
+    if (len > left_) {
+      len = static_cast<std::size_t>(left_);  // grew since: stop at the limit
+    }
+    left_ -= len;
+    *ended = len > 0 && buf_[len - 1] == '\n';
+    line->assign(buf_, *ended ? len - 1 : len);
+    return true;
+  }
+
+ private:
+  FILE* file_;
+  uint64_t left_;
+  char* buf_ = nullptr;
+  std::size_t cap_ = 0;
+};
 
 // Appends s as the inside of a JSON string.
 void AppendJsonEscaped(std::string& out, const std::string& s) {
@@ -138,6 +193,9 @@ StatusOr<SecretBytes> LoadOrCreateKey(const std::filesystem::path& path) {
   return key;
 }
 
+// The "seq" of a file's first record; 0 if there is none.
+uint64_t FirstSeq(const std::filesystem::path& path);
+
 }  // namespace
 
 std::string AuditField(const std::string& line, const std::string& name) {
@@ -160,6 +218,22 @@ std::string AuditField(const std::string& line, const std::string& name) {
   const std::size_t end = line.find_first_of(",}", i);
   return line.substr(i, end == std::string::npos ? std::string::npos : end - i);
 }
+
+namespace {
+
+uint64_t FirstSeq(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (!std::getline(in, line)) {
+    return 0;
+  }
+  const std::string seq = AuditField(line, "seq");
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(seq.c_str(), &end, 10);
+  return end != seq.c_str() && *end == '\0' ? n : 0;
+}
+
+}  // namespace
 
 AuditLog::AuditLog(std::filesystem::path path, int fd, SecretBytes mac_key)
     : path_(std::move(path)), fd_(fd), mac_key_(std::move(mac_key)) {
@@ -206,6 +280,17 @@ StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
     return key.status();
   }
   const std::filesystem::path path = dir / "audit.log";
+  // A rotation cut short: its new file either never took audit.log's
+  // place (then audit.log goes on and the new file goes) or had just lost
+  // it (then the new file is audit.log; audit.log.1 is the old one).
+  const std::filesystem::path next = dir / "audit.log.new";
+  if (::access(next.c_str(), F_OK) == 0) {
+    if (::access(path.c_str(), F_OK) == 0) {
+      ::unlink(next.c_str());
+    } else if (::rename(next.c_str(), path.c_str()) != 0) {
+      return Internal(Errno("cannot rename " + next.string(), errno));
+    }
+  }
   const int fd =
       ::open(path.c_str(),
              O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -214,6 +299,15 @@ StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
   }
   std::unique_ptr<AuditLog> log(new AuditLog(path, fd, std::move(*key)));
   log->head_ = kGenesis;
+  struct stat st {};
+  if (::fstat(fd, &st) == 0) {
+    log->size_ = static_cast<uint64_t>(st.st_size);
+  }
+  // Where the oldest file kept starts, taken as found at start (as the
+  // head is).
+  const std::vector<unsigned> rotated = log->RotatedNumbers();
+  log->floor_ = std::max<uint64_t>(
+      FirstSeq(rotated.empty() ? path : log->Rotated(rotated[0])), 1);
   // Continue after the last complete record.
   std::ifstream in(path);
   std::string line;
@@ -239,14 +333,13 @@ StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
   return log;
 }
 
-std::string AuditLog::Mac(const std::string& prefix) {
+std::string AuditLog::Mac(EVP_MAC_CTX* ctx, const std::string& prefix) const {
   unsigned char mac[EVP_MAX_MD_SIZE];
   std::size_t len = 0;
-  if (mac_ctx_ != nullptr && EVP_MAC_init(mac_ctx_, nullptr, 0, nullptr) == 1 &&
-      EVP_MAC_update(mac_ctx_,
-                     reinterpret_cast<const unsigned char*>(prefix.data()),
+  if (ctx != nullptr && EVP_MAC_init(ctx, nullptr, 0, nullptr) == 1 &&
+      EVP_MAC_update(ctx, reinterpret_cast<const unsigned char*>(prefix.data()),
                      prefix.size()) == 1 &&
-      EVP_MAC_final(mac_ctx_, mac, &len, sizeof(mac)) == 1) {
+      EVP_MAC_final(ctx, mac, &len, sizeof(mac)) == 1) {
     return HexEncode(std::span<const uint8_t>(mac, len));
   }
   ERR_clear_error();
@@ -260,6 +353,38 @@ std::string AuditLog::Mac(const std::string& prefix) {
 
 Status AuditLog::Append(const AuditEvent& e) {
   return AppendRecord(e, nullptr);
+}
+
+void AuditLog::SetRotation(uint64_t max_bytes, unsigned keep) {
+  std::lock_guard<std::mutex> lock(mu_);
+  rotate_bytes_ = max_bytes;
+  keep_ = std::max(keep, 1U);
+  rotate_retry_at_ = 0;
+}
+
+std::filesystem::path AuditLog::Rotated(unsigned n) const {
+  return path_.string() + "." + std::to_string(n);
+}
+
+std::vector<unsigned> AuditLog::RotatedNumbers() const {
+  std::vector<unsigned> out;
+  const std::string prefix = path_.filename().string() + ".";
+  std::error_code ec;
+  for (const auto& entry :
+       std::filesystem::directory_iterator(path_.parent_path(), ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with(prefix) || name.size() > prefix.size() + 6) {
+      continue;
+    }
+    const std::string digits = name.substr(prefix.size());
+    if (digits.empty() || digits[0] == '0' ||
+        digits.find_first_not_of("0123456789") != std::string::npos) {
+      continue;
+    }
+    out.push_back(static_cast<unsigned>(std::stoul(digits)));
+  }
+  std::sort(out.begin(), out.end(), std::greater<>());
+  return out;
 }
 
 void AuditLog::CountUse(const AuditEvent& e) {
@@ -326,9 +451,8 @@ Status AuditLog::FlushUses() {
   return Status::Ok();
 }
 
-Status AuditLog::AppendRecord(const AuditEvent& e, const UseGroup* uses) {
-  std::lock_guard<std::mutex> lock(mu_);
-  const uint64_t seq = seq_ + 1;
+std::string AuditLog::FormatRecord(uint64_t seq, const AuditEvent& e,
+                                   const UseGroup* uses, std::string* mac) {
   std::string line;
   line.reserve(256 + e.exe.size() + e.key.size() + e.detail.size());
   line += "{\"seq\":";
@@ -367,10 +491,18 @@ Status AuditLog::AppendRecord(const AuditEvent& e, const UseGroup* uses) {
   line += ",\"prev\":\"";
   line += head_;
   line += "\"";
-  const std::string mac = Mac(line);
+  *mac = Mac(mac_ctx_, line);
   line += kMacMark;
-  line += mac;
+  line += *mac;
   line += "\"}\n";
+  return line;
+}
+
+Status AuditLog::AppendRecord(const AuditEvent& e, const UseGroup* uses) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t seq = seq_ + 1;
+  std::string mac;
+  const std::string line = FormatRecord(seq, e, uses, &mac);
   const ssize_t n = ::write(fd_, line.data(), line.size());
   if (n != static_cast<ssize_t>(line.size())) {
     const int err = n < 0 ? errno : ENOSPC;
@@ -383,66 +515,216 @@ Status AuditLog::AppendRecord(const AuditEvent& e, const UseGroup* uses) {
   }
   seq_ = seq;
   head_ = mac;
+  size_ += line.size();
+  if (rotate_bytes_ > 0 && size_ >= rotate_bytes_ &&
+      size_ >= rotate_retry_at_) {
+    if (Status st = Rotate(); !st.ok()) {
+      rotate_retry_at_ =
+          size_ + std::max<uint64_t>(rotate_bytes_ / 16, uint64_t{1} << 20);
+      Log().error("cannot rotate the audit log ({}); records go on in {}",
+                  st.message(), path_.string());
+    }
+  }
+  return Status::Ok();  // the record is written, rotated or not
+}
+
+Status AuditLog::Rotate() {
+  // The new file and its first record, chained to the last one, before
+  // anything moves: a failure here changes nothing.
+  const std::filesystem::path next = path_.string() + ".new";
+  const int fd = ::open(
+      next.c_str(),
+      O_WRONLY | O_APPEND | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) {
+    return Internal(Errno("cannot create " + next.string(), errno));
+  }
+  AuditEvent e;
+  e.uid = ::geteuid();
+  e.pid = ::getpid();
+  e.op = kAuditRotatedOp;
+  e.result = "ok";
+  e.detail =
+      "the records before this one are in " + Rotated(1).filename().string();
+  std::string mac;
+  const std::string line = FormatRecord(seq_ + 1, e, nullptr, &mac);
+  if (::write(fd, line.data(), line.size()) !=
+      static_cast<ssize_t>(line.size())) {
+    const int err = errno;
+    ::close(fd);
+    ::unlink(next.c_str());
+    return Internal(Errno("cannot write " + next.string(), err));
+  }
+  // Make room: files from number keep_ on go, the others move up one.
+  std::vector<unsigned> numbers = RotatedNumbers();
+  bool deleted = false;
+  for (const unsigned n : numbers) {
+    if (n >= keep_) {
+      ::unlink(Rotated(n).c_str());
+      deleted = true;
+    } else if (::rename(Rotated(n).c_str(), Rotated(n + 1).c_str()) != 0) {
+      const int err = errno;
+      ::close(fd);
+      ::unlink(next.c_str());
+      return Internal(Errno("cannot rename " + Rotated(n).string(), err));
+    }
+  }
+  if (::rename(path_.c_str(), Rotated(1).c_str()) != 0) {
+    const int err = errno;
+    ::close(fd);
+    ::unlink(next.c_str());
+    return Internal(Errno("cannot rename " + path_.string(), err));
+  }
+  if (::rename(next.c_str(), path_.c_str()) != 0) {
+    const int err = errno;
+    (void)::rename(Rotated(1).c_str(), path_.c_str());
+    ::close(fd);
+    ::unlink(next.c_str());
+    return Internal(Errno("cannot rename " + next.string(), err));
+  }
+  ::close(fd_);
+  fd_ = fd;
+  size_ = line.size();
+  seq_ += 1;
+  head_ = mac;
+  rotate_retry_at_ = 0;
+  if (deleted) {
+    const std::vector<unsigned> kept = RotatedNumbers();
+    floor_ =
+        kept.empty() ? seq_ : std::max<uint64_t>(FirstSeq(Rotated(kept[0])), 1);
+  }
+  Log().info("audit log rotated at record {}: earlier records in {}", seq_,
+             Rotated(1).string());
   return Status::Ok();
 }
 
-StatusOr<AuditCheck> AuditLog::Verify() {
-  std::lock_guard<std::mutex> lock(mu_);
-  AuditCheck check;
-  std::ifstream in(path_);
-  if (!in) {
-    return Internal("cannot read " + path_.string());
+namespace {
+
+// A file of the log as it was when taken (its descriptor, so a rotation
+// meanwhile moves nothing under the reader, and its size then).
+struct TakenFile {
+  std::string name;  // "" for audit.log, else "audit.log.N"
+  std::unique_ptr<LineReader> lines;
+};
+
+StatusOr<TakenFile> Take(const std::filesystem::path& path, bool current) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  struct stat st {};
+  if (fd < 0 || ::fstat(fd, &st) != 0) {
+    const int err = errno;
+    if (fd >= 0) {
+      ::close(fd);
+    }
+    return Internal(Errno("cannot read " + path.string(), err));
   }
-  std::string line;
+  TakenFile f;
+  f.name = current ? "" : path.filename().string();
+  f.lines = std::make_unique<LineReader>(fd, static_cast<uint64_t>(st.st_size));
+  if (!f.lines->ok()) {
+    return Internal(Errno("cannot read " + path.string(), errno));
+  }
+  return f;
+}
+
+}  // namespace
+
+StatusOr<AuditCheck> AuditLog::Verify() {
+  std::vector<TakenFile> files;  // oldest first
+  uint64_t last_seq = 0;
+  uint64_t floor = 1;
+  std::string head;
+  EVP_MAC_CTX* ctx = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const unsigned n : RotatedNumbers()) {
+      auto f = Take(Rotated(n), false);
+      if (!f.ok()) {
+        return f.status();
+      }
+      files.push_back(std::move(*f));
+    }
+    auto f = Take(path_, true);
+    if (!f.ok()) {
+      return f.status();
+    }
+    files.push_back(std::move(*f));
+    last_seq = seq_;
+    head = head_;
+    floor = floor_;
+    if (mac_ctx_ != nullptr) {
+      ctx = EVP_MAC_CTX_dup(mac_ctx_);  // null: Mac() falls back
+    }
+  }
+  const std::unique_ptr<EVP_MAC_CTX, decltype(&EVP_MAC_CTX_free)> ctx_owner(
+      ctx, EVP_MAC_CTX_free);
+  AuditCheck check;
+  check.files = files.size();
   std::string prev = kGenesis;
   uint64_t expect = 1;
-  while (std::getline(in, line)) {
-    const std::string where = "record " + std::to_string(expect) + ": ";
-    const std::size_t mark = line.rfind(kMacMark);
-    if (mark == std::string::npos) {
-      check.problem = where + "not a record (torn or edited)";
-      return check;
+  std::string line;
+  bool ended = false;
+  for (TakenFile& file : files) {
+    const std::string in_file = file.name.empty() ? "" : file.name + ": ";
+    while (file.lines->Next(&line, &ended)) {
+      if (check.records == 0) {
+        check.first = 1;
+        // The oldest file kept begins after a rotation that deleted older
+        // files: its first record is the rotation record this daemon
+        // knows it starts with, and its "prev" is taken as read.
+        if (floor > 1 && AuditField(line, "op") == kAuditRotatedOp &&
+            AuditField(line, "seq") == std::to_string(floor)) {
+          expect = floor;
+          check.first = floor;
+          prev = AuditField(line, "prev");
+        }
+      }
+      const std::string where =
+          in_file + "record " + std::to_string(expect) + ": ";
+      const std::size_t mark = line.rfind(kMacMark);
+      if (mark == std::string::npos) {
+        check.problem = where + "not a record (torn or edited)";
+        return check;
+      }
+      const std::string prefix = line.substr(0, mark);
+      // The MAC covers the line up to its mark; after the mark nothing but
+      // the MAC itself and the closing "} may follow.
+      if (line.size() != mark + kMacMark.size() + 64 + 2 ||
+          line.compare(line.size() - 2, 2, "\"}") != 0) {
+        check.problem = where + "edited (bytes after its MAC)";
+        return check;
+      }
+      if (!ended) {
+        // The file ends in the record, not after its line end: the record
+        // was cut or its line end removed, and the next one written would
+        // run on in the same line.
+        check.problem = where + "edited (no line end after it)";
+        return check;
+      }
+      const std::string mac = line.substr(mark + kMacMark.size(), 64);
+      if (AuditField(line, "seq") != std::to_string(expect)) {
+        check.problem = where + "out of sequence (found seq " +
+                        AuditField(line, "seq") +
+                        "): records removed, inserted or moved";
+        return check;
+      }
+      if (AuditField(line, "prev") != prev) {
+        check.problem = where + "does not follow the record before it";
+        return check;
+      }
+      const std::string want = Mac(ctx, prefix);
+      if (mac.size() != want.size() ||
+          CRYPTO_memcmp(mac.data(), want.data(), want.size()) != 0) {
+        check.problem = where + "edited (its MAC does not match)";
+        return check;
+      }
+      prev = mac;
+      ++expect;
+      ++check.records;
     }
-    const std::string prefix = line.substr(0, mark);
-    // The MAC covers the line up to its mark; after the mark nothing but
-    // the MAC itself and the closing "} may follow.
-    if (line.size() != mark + kMacMark.size() + 64 + 2 ||
-        line.compare(line.size() - 2, 2, "\"}") != 0) {
-      check.problem = where + "edited (bytes after its MAC)";
-      return check;
-    }
-    if (in.eof()) {
-      // getline() stopped at the end of the file, not at a line end: the
-      // record was cut or its line end removed, and the next one written
-      // would run on in the same line.
-      check.problem = where + "edited (no line end after it)";
-      return check;
-    }
-    const std::string mac = line.substr(mark + kMacMark.size(), 64);
-    if (AuditField(line, "seq") != std::to_string(expect)) {
-      check.problem = where + "out of sequence (found seq " +
-                      AuditField(line, "seq") +
-                      "): records removed, inserted or moved";
-      return check;
-    }
-    if (AuditField(line, "prev") != prev) {
-      check.problem = where + "does not follow the record before it";
-      return check;
-    }
-    const std::string want = Mac(prefix);
-    if (mac.size() != want.size() ||
-        CRYPTO_memcmp(mac.data(), want.data(), want.size()) != 0) {
-      check.problem = where + "edited (its MAC does not match)";
-      return check;
-    }
-    prev = mac;
-    ++expect;
-    ++check.records;
   }
-  if (check.records != seq_ || prev != head_) {
-    check.problem = "the log ends at record " + std::to_string(check.records) +
+  if (expect - 1 != last_seq || prev != head) {
+    check.problem = "the log ends at record " + std::to_string(expect - 1) +
                     " but this daemon wrote up to record " +
-                    std::to_string(seq_) + ": records removed from the end";
+                    std::to_string(last_seq) + ": records removed from the end";
     return check;
   }
   check.intact = true;
@@ -452,25 +734,46 @@ StatusOr<AuditCheck> AuditLog::Verify() {
 StatusOr<std::vector<std::string>> AuditLog::Read(
     const std::optional<std::string>& key, std::optional<uint32_t> uid,
     std::size_t limit) {
-  std::lock_guard<std::mutex> lock(mu_);
-  std::ifstream in(path_);
-  if (!in) {
-    return Internal("cannot read " + path_.string());
+  std::vector<TakenFile> files;  // newest first
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto f = Take(path_, true);
+    if (!f.ok()) {
+      return f.status();
+    }
+    files.push_back(std::move(*f));
+    std::vector<unsigned> numbers = RotatedNumbers();
+    for (auto n = numbers.rbegin(); n != numbers.rend(); ++n) {
+      auto older = Take(Rotated(*n), false);
+      if (!older.ok()) {
+        return older.status();
+      }
+      files.push_back(std::move(*older));
+    }
   }
   std::deque<std::string> kept;
-  std::string line;
   const std::string want_uid = uid ? std::to_string(*uid) : "";
-  while (std::getline(in, line)) {
-    if (key && AuditField(line, "key") != *key) {
-      continue;
+  std::string line;
+  bool ended = false;
+  for (TakenFile& file : files) {
+    if (kept.size() >= limit) {
+      break;
     }
-    if (uid && AuditField(line, "uid") != want_uid) {
-      continue;
+    const std::size_t room = limit - kept.size();
+    std::deque<std::string> found;  // this file's last `room` matches
+    while (file.lines->Next(&line, &ended)) {
+      if (key && AuditField(line, "key") != *key) {
+        continue;
+      }
+      if (uid && AuditField(line, "uid") != want_uid) {
+        continue;
+      }
+      found.push_back(line);
+      if (found.size() > room) {
+        found.pop_front();
+      }
     }
-    kept.push_back(line);
-    if (kept.size() > limit) {
-      kept.pop_front();
-    }
+    kept.insert(kept.begin(), found.begin(), found.end());
   }
   return std::vector<std::string>(kept.begin(), kept.end());
 }

@@ -47,8 +47,8 @@ class AuditLogTest : public ::testing::Test {
     e.result = "ok";
     return e;
   }
-  std::vector<std::string> Lines() {
-    std::ifstream in(dir_ / "audit.log");
+  std::vector<std::string> Lines(const std::string& name = "audit.log") {
+    std::ifstream in(dir_ / name);
     std::vector<std::string> out;
     std::string line;
     while (std::getline(in, line)) {
@@ -56,8 +56,9 @@ class AuditLogTest : public ::testing::Test {
     }
     return out;
   }
-  void Write(const std::vector<std::string>& lines) {
-    std::ofstream out(dir_ / "audit.log", std::ios::trunc);
+  void Write(const std::vector<std::string>& lines,
+             const std::string& name = "audit.log") {
+    std::ofstream out(dir_ / name, std::ios::trunc);
     for (const auto& l : lines) {
       out << l << "\n";
     }
@@ -330,6 +331,206 @@ TEST_F(AuditLogTest, CutOffTailIsFound) {
   lines.pop_back();
   Write(lines);
   EXPECT_NE(Problem(*log).find("removed from the end"), std::string::npos);
+}
+
+// Rotation: audit.log past the limit becomes audit.log.1 and so on, files
+// past `keep` go, and each new file starts with a rotation record chained to
+// the last record before it; Verify checks the chain across the files and
+// Read reaches into them.
+TEST_F(AuditLogTest, RotationKeepsTheChainAcrossFiles) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  log->SetRotation(1000, 3);  // ~250-byte records: a new file every 4-5
+  for (int i = 0; i < 40; ++i) {
+    ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
+  }
+  EXPECT_TRUE(fs::exists(dir_ / "audit.log.1"));
+  EXPECT_TRUE(fs::exists(dir_ / "audit.log.3"));
+  EXPECT_FALSE(fs::exists(dir_ / "audit.log.4"));
+  EXPECT_FALSE(fs::exists(dir_ / "audit.log.new"));
+  struct stat st {};
+  ASSERT_EQ(stat((dir_ / "audit.log.2").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_LT(st.st_size, 1300);
+
+  const auto current = Lines();
+  const auto before = Lines("audit.log.1");
+  ASSERT_FALSE(current.empty());
+  ASSERT_FALSE(before.empty());
+  EXPECT_EQ(AuditField(current[0], "op"), kAuditRotatedOp);
+  EXPECT_EQ(AuditField(current[0], "detail"),
+            "the records before this one are in audit.log.1");
+  EXPECT_EQ(AuditField(current[0], "prev"), AuditField(before.back(), "mac"));
+  EXPECT_EQ(std::stoull(AuditField(current[0], "seq")),
+            std::stoull(AuditField(before.back(), "seq")) + 1);
+
+  auto check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+  EXPECT_EQ(check->files, 4u);
+  const auto oldest = Lines("audit.log.3");
+  ASSERT_FALSE(oldest.empty());
+  EXPECT_EQ(AuditField(oldest[0], "op"), kAuditRotatedOp);
+  EXPECT_EQ(check->first, std::stoull(AuditField(oldest[0], "seq")));
+  EXPECT_GT(check->first, 1u);
+  const std::size_t kept = oldest.size() + Lines("audit.log.2").size() +
+                           before.size() + current.size();
+  EXPECT_EQ(check->records, kept);
+
+  // Read: the newest records, oldest first, across files.
+  auto all = log->Read(std::nullopt, std::nullopt, 1000);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), kept);
+  for (std::size_t i = 1; i < all->size(); ++i) {
+    EXPECT_EQ(std::stoull(AuditField((*all)[i], "seq")),
+              std::stoull(AuditField((*all)[i - 1], "seq")) + 1);
+  }
+  auto some = log->Read(std::nullopt, std::nullopt, current.size() + 2);
+  ASSERT_TRUE(some.ok());
+  ASSERT_EQ(some->size(), current.size() + 2);
+  EXPECT_EQ(some->back(), current.back());
+
+  // A restarted daemon continues the chain in the current file.
+  log.reset();
+  log = Open();
+  ASSERT_NE(log, nullptr);
+  ASSERT_TRUE(log->Append(Event(7, "grant-use", "1000/web")).ok());
+  check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+  EXPECT_EQ(check->records, kept + 1);
+}
+
+// Without rotation nothing changes: one file, the chain from record 1.
+TEST_F(AuditLogTest, NoRotationByDefault) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  for (int i = 0; i < 40; ++i) {
+    ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "audit.log.1"));
+  auto check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+  EXPECT_EQ(check->first, 1u);
+  EXPECT_EQ(check->files, 1u);
+  EXPECT_EQ(check->records, 40u);
+}
+
+// Edits in a rotated file, a removed rotated file and records cut from the
+// start of the oldest file are all found.
+TEST_F(AuditLogTest, TamperingAcrossRotatedFilesIsFound) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  log->SetRotation(1000, 5);
+  for (int i = 0; i < 30; ++i) {
+    ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
+  }
+  ASSERT_TRUE(fs::exists(dir_ / "audit.log.5"));
+  {
+    // An edited record in audit.log.2.
+    auto lines = Lines("audit.log.2");
+    const auto original = lines;
+    const std::size_t at = lines[1].find("1000/web");
+    ASSERT_NE(at, std::string::npos);
+    lines[1].replace(at, 8, "1000/wex");
+    Write(lines, "audit.log.2");
+    const std::string problem = Problem(*log);
+    EXPECT_EQ(problem.rfind("audit.log.2: record ", 0), 0u) << problem;
+    EXPECT_NE(problem.find("MAC does not match"), std::string::npos);
+    Write(original, "audit.log.2");
+  }
+  {
+    // The last record of audit.log.1 removed.
+    auto lines = Lines("audit.log.1");
+    const auto original = lines;
+    lines.pop_back();
+    Write(lines, "audit.log.1");
+    EXPECT_NE(Problem(*log).find("out of sequence"), std::string::npos);
+    Write(original, "audit.log.1");
+  }
+  {
+    // audit.log.3 removed as a whole.
+    fs::rename(dir_ / "audit.log.3", dir_ / "aside");
+    EXPECT_NE(Problem(*log).find("out of sequence"), std::string::npos);
+    fs::rename(dir_ / "aside", dir_ / "audit.log.3");
+  }
+  {
+    // The first records of the oldest file (its rotation record among
+    // them) removed.
+    auto lines = Lines("audit.log.5");
+    const auto original = lines;
+    lines.erase(lines.begin(), lines.begin() + 2);
+    Write(lines, "audit.log.5");
+    EXPECT_NE(Problem(*log).find("audit.log.5: record 1: out of sequence"),
+              std::string::npos);
+    Write(original, "audit.log.5");
+  }
+  auto check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+}
+
+// A rotation that cannot happen (here audit.log.new is a directory) loses
+// no record: they go on in audit.log, and a later try succeeds.
+TEST_F(AuditLogTest, FailedRotationLosesNothing) {
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  fs::create_directory(dir_ / "audit.log.new");
+  log->SetRotation(1000, 2);
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "audit.log.1"));
+  EXPECT_EQ(Lines().size(), 10u);
+  auto check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+  // The next try comes after another MiB (1000 / 16 is less).
+  fs::remove(dir_ / "audit.log.new");
+  log->SetRotation(1000, 2);  // a new setting tries again at once
+  ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
+  EXPECT_TRUE(fs::exists(dir_ / "audit.log.1"));
+  EXPECT_EQ(Lines("audit.log.1").size(), 11u);
+  check = log->Verify();
+  ASSERT_TRUE(check.ok());
+  EXPECT_TRUE(check->intact) << check->problem;
+  EXPECT_EQ(check->records, 12u);
+}
+
+// A rotation cut short by a crash: a new file that never replaced
+// audit.log is dropped; one that had (audit.log gone) becomes audit.log.
+TEST_F(AuditLogTest, InterruptedRotationIsCompletedAtOpen) {
+  {
+    auto log = Open();
+    ASSERT_NE(log, nullptr);
+    log->SetRotation(1000, 2);
+    for (int i = 0; i < 8; ++i) {
+      ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
+    }
+  }
+  ASSERT_TRUE(fs::exists(dir_ / "audit.log.1"));
+  const auto current = Lines();
+  // Crash before the renames: a stray new file beside audit.log.
+  Write({"{\"seq\":99}"}, "audit.log.new");
+  {
+    auto log = Open();
+    ASSERT_NE(log, nullptr);
+    EXPECT_FALSE(fs::exists(dir_ / "audit.log.new"));
+    EXPECT_EQ(Lines(), current);
+    auto check = log->Verify();
+    ASSERT_TRUE(check.ok());
+    EXPECT_TRUE(check->intact) << check->problem;
+  }
+  // Crash between the renames: audit.log is audit.log.1 now, the new file
+  // not yet in its place.
+  fs::rename(dir_ / "audit.log.1", dir_ / "audit.log.2");
+  fs::rename(dir_ / "audit.log", dir_ / "audit.log.1");
+  Write({current.back()}, "audit.log.new");  // stands in for a new file
+  auto log = Open();
+  ASSERT_NE(log, nullptr);
+  EXPECT_FALSE(fs::exists(dir_ / "audit.log.new"));
+  EXPECT_EQ(Lines(), std::vector<std::string>{current.back()});
 }
 
 TEST_F(AuditLogTest, UnsafeKeyFileIsRefused) {

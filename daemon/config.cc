@@ -132,8 +132,8 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
       root,
       {"socket", "state_dir", "admins", "log_level", "default_backend",
        "worker_threads", "blocking_threads", "inline_crypto", "audit_key_use",
-       "audit_key_use_per_minute", "master_key_sealed_by", "cpu_local_sessions",
-       "limits", "backend"},
+       "audit_key_use_per_minute", "audit_rotate_mb", "audit_keep_files",
+       "master_key_sealed_by", "cpu_local_sessions", "limits", "backend"},
       ""));
   KH_RETURN_IF_ERROR(ReadString(root, "socket", &c.socket_path));
   KH_RETURN_IF_ERROR(ReadString(root, "state_dir", &c.state_dir));
@@ -151,6 +151,10 @@ StatusOr<Config> ParseConfig(const std::string& toml_text,
   KH_RETURN_IF_ERROR(ReadBool(root, "audit_key_use", &c.audit_key_use));
   KH_RETURN_IF_ERROR(
       ReadBool(root, "audit_key_use_per_minute", &c.audit_key_use_per_minute));
+  KH_RETURN_IF_ERROR(
+      ReadUint(root, "audit_rotate_mb", &c.audit_rotate_mb, "", 0, 1 << 20));
+  KH_RETURN_IF_ERROR(
+      ReadUint(root, "audit_keep_files", &c.audit_keep_files, "", 1, 10000));
   if (const toml::node* admins = root.get("admins")) {
     const toml::array* arr = admins->as_array();
     if (arr == nullptr) {

@@ -75,6 +75,11 @@ struct Config {
   // one record per caller, operation, key and result ("count", "since"),
   // instead of one record per use. A crash loses at most a minute of counts.
   bool audit_key_use_per_minute = false;
+  // The audit log rotates once it holds this many MiB (0: never): it
+  // becomes audit.log.1 and a new one starts, chained to it.
+  uint32_t audit_rotate_mb = 64;
+  // Rotated audit logs kept (audit.log.1 .. .N); older ones are deleted.
+  uint32_t audit_keep_files = 16;
   Limits limits;
   // Device backends besides the built-in "software" one, in file order.
   std::vector<BackendSection> backends;

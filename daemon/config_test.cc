@@ -111,6 +111,19 @@ TEST(ConfigTest, AuditKeyUsePerMinute) {
   EXPECT_FALSE(ParseConfig("audit_key_use_per_minute = 1", "t").ok());
 }
 
+TEST(ConfigTest, AuditRotation) {
+  const Config d;
+  EXPECT_EQ(d.audit_rotate_mb, 64u);
+  EXPECT_EQ(d.audit_keep_files, 16u);
+  auto c = ParseConfig("audit_rotate_mb = 0\naudit_keep_files = 3", "t");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->audit_rotate_mb, 0u);
+  EXPECT_EQ(c->audit_keep_files, 3u);
+  EXPECT_FALSE(ParseConfig("audit_keep_files = 0", "t").ok());
+  EXPECT_FALSE(ParseConfig("audit_rotate_mb = -1", "t").ok());
+  EXPECT_FALSE(ParseConfig("audit_rotate_mb = \"64M\"", "t").ok());
+}
+
 TEST(ConfigTest, MasterKeySealedByNamesATpmBackend) {
   auto c = ParseConfig(
       "master_key_sealed_by = \"tpm\"\n[[backend.tpm]]\nname = \"tpm\"\n", "t");
@@ -183,6 +196,8 @@ TEST(ConfigTest, ShippedExampleMatchesDefaults) {
   EXPECT_EQ(c->inline_crypto, d.inline_crypto);
   EXPECT_EQ(c->audit_key_use, d.audit_key_use);
   EXPECT_EQ(c->audit_key_use_per_minute, d.audit_key_use_per_minute);
+  EXPECT_EQ(c->audit_rotate_mb, d.audit_rotate_mb);
+  EXPECT_EQ(c->audit_keep_files, d.audit_keep_files);
   EXPECT_EQ(c->master_key_sealed_by, d.master_key_sealed_by);
   EXPECT_EQ(c->cpu_local_sessions, d.cpu_local_sessions);
   EXPECT_EQ(c->limits.max_frame_bytes, d.limits.max_frame_bytes);

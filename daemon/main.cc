@@ -150,9 +150,9 @@ void NotifySystemd(const std::string& state) {
 
 // SIGHUP: re-reads the config file and applies what can change while
 // connections stay open (limits, admins, log level, inline_crypto,
-// audit_key_use). A file that does not load or validate changes nothing;
-// settings that need a restart keep their running values, with a warning.
-// Recorded in the audit log either way.
+// audit_key_use, audit log rotation). A file that does not load or validate
+// changes nothing; settings that need a restart keep their running values, with
+// a warning. Recorded in the audit log either way.
 void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
             keyhold::daemon::LiveSettings* live,
             keyhold::daemon::AuditLog* audit) {
@@ -188,6 +188,12 @@ void Reload(const StartOptions& opts, keyhold::daemon::Config* running,
     running->inline_crypto = next->inline_crypto;
     running->audit_key_use = next->audit_key_use;
     running->audit_key_use_per_minute = next->audit_key_use_per_minute;
+    running->audit_rotate_mb = next->audit_rotate_mb;
+    running->audit_keep_files = next->audit_keep_files;
+    if (audit != nullptr) {
+      audit->SetRotation(uint64_t{running->audit_rotate_mb} << 20,
+                         running->audit_keep_files);
+    }
     live->Set(keyhold::daemon::RuntimeSettings::From(*running));
     spdlog::set_level(spdlog::level::from_str(running->log_level));
   }
@@ -361,6 +367,8 @@ int Run(int argc, char** argv) {
     spdlog::critical("audit log: {}", audit.status().message());
     return 1;
   }
+  (*audit)->SetRotation(uint64_t{config.audit_rotate_mb} << 20,
+                        config.audit_keep_files);
   keyhold::StatusOr<keyhold::SecretBytes> master_key =
       keyhold::daemon::LoadMasterKey(config);
   if (!master_key.ok()) {

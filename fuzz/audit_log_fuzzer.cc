@@ -2,18 +2,24 @@
 // text that callers choose (their executable's path, key and grantee
 // names), and Verify() reads the file back after someone may have edited it.
 //
-// Byte 0 picks the mode; the rest of the input:
-//  - fields (even): split at 0xff into exe, op, key, result and detail,
+// Byte 0 picks the mode (its value mod 4); the rest of the input:
+//  - fields (0, 2): split at 0xff into exe, op, key, result and detail,
 //    with uid and pid from the first 8 bytes. The event is appended to a
 //    fresh log after one fixed record. Every field reads back as written
 //    (AuditField; for fields without control characters, which are kept as
 //    \u00XX), so no field can pose as another; Read() by the key finds the
 //    record; Verify() says intact.
-//  - edit (odd): three fixed records are written, then bytes 1-2 give an
+//  - edit (1): three fixed records are written, then bytes 1-2 give an
 //    offset and byte 3 a length of the file to replace with the rest of
 //    the input (cut if it runs past the end). Verify() must say intact
 //    exactly when the file is unchanged, and Open() of the edited file must
 //    not crash.
+//  - edit across rotated files (3): the same with a log that rotates after
+//    every record, keeping two files: audit.log.2, audit.log.1 and
+//    audit.log hold a rotation record each, the first two a fixed record
+//    after it. The edit applies to the three files end to end, which are
+//    then cut back at their old lengths (so an edit can move bytes from
+//    one file into the next).
 
 #include <cstddef>
 #include <cstdint>
@@ -50,7 +56,10 @@ void WriteFile(const std::filesystem::path& p, const std::string& bytes) {
 
 // A fresh log (the MAC key stays; only the records go).
 std::unique_ptr<AuditLog> FreshLog() {
-  std::filesystem::remove(Dir() / "audit.log");
+  for (const char* name :
+       {"audit.log", "audit.log.1", "audit.log.2", "audit.log.new"}) {
+    std::filesystem::remove(Dir() / name);
+  }
   auto log = AuditLog::Open(Dir());
   if (!log.ok()) {
     std::abort();
@@ -173,16 +182,73 @@ void Edit(const uint8_t* data, std::size_t size) {
   (void)AuditLog::Open(Dir());  // continues after the edited file, or refuses
 }
 
+void EditRotated(const uint8_t* data, std::size_t size) {
+  if (size < 3) {
+    return;
+  }
+  auto log = FreshLog();
+  log->SetRotation(1, 2);
+  for (uint32_t n = 0; n < 3; ++n) {
+    if (!log->Append(Fixed(n)).ok()) {
+      std::abort();
+    }
+  }
+  const std::filesystem::path files[] = {
+      Dir() / "audit.log.2", Dir() / "audit.log.1", Dir() / "audit.log"};
+  std::string original;
+  std::size_t lengths[3];
+  for (int i = 0; i < 3; ++i) {
+    const std::string text = ReadFile(files[i]);
+    lengths[i] = text.size();
+    original += text;
+  }
+  if (lengths[0] == 0 || lengths[1] == 0 || lengths[2] == 0) {
+    std::abort();  // every file holds records
+  }
+  const std::size_t at = std::min<std::size_t>(
+      std::size_t{data[0]} | std::size_t{data[1]} << 8, original.size());
+  const std::size_t cut = std::min<std::size_t>(data[2], original.size() - at);
+  std::string edited = original;
+  edited.replace(
+      at, cut, std::string(reinterpret_cast<const char*>(data + 3), size - 3));
+  std::size_t from = 0;
+  for (int i = 0; i < 3; ++i) {
+    std::string part;
+    if (from < edited.size()) {
+      part = i == 2 ? edited.substr(from) : edited.substr(from, lengths[i]);
+    }
+    from += part.size();
+    WriteFile(files[i], part);
+  }
+  auto check = log->Verify();
+  if (!check.ok() || check->intact != (edited == original)) {
+    std::fprintf(stderr, "intact=%d for an edited rotated log: %s\n",
+                 check.ok() ? check->intact : -1,
+                 check.ok() ? check->problem.c_str() : "");
+    std::abort();
+  }
+  if (edited == original && (check->files != 3 || check->first != 2)) {
+    std::abort();
+  }
+  log.reset();
+  (void)AuditLog::Open(Dir());
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, std::size_t size) {
   if (size == 0) {
     return 0;
   }
-  if (data[0] % 2 == 0) {
-    Fields(data + 1, size - 1);
-  } else {
-    Edit(data + 1, size - 1);
+  switch (data[0] % 4) {
+    case 1:
+      Edit(data + 1, size - 1);
+      break;
+    case 3:
+      EditRotated(data + 1, size - 1);
+      break;
+    default:
+      Fields(data + 1, size - 1);
   }
   return 0;
 }

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <thread>
 #include <vector>
 
@@ -203,6 +204,76 @@ TEST(AuditAggregateTest, UsesAreCountedNotRecordedOneByOne) {
   auto check = c.Audit(verify);
   ASSERT_TRUE(check.ok());
   EXPECT_TRUE(check->intact()) << check->problem();
+}
+
+// audit_rotate_mb and audit_keep_files through a real daemon: with rotation
+// off the log grows past 1 MiB in one file; a reload that turns it on
+// rotates at its own record; the next MiB rotates again and, with one file
+// kept, deletes the oldest. Verify checks the chain across the files.
+TEST(AuditRotationTest, ReloadTurnsRotationOnAndVerifySpansTheFiles) {
+  DaemonProcess daemon("audit_rotate_mb = 0\n");
+  ASSERT_TRUE(daemon.Start()) << daemon.log();
+  client::Client c(daemon.ClientOptions());
+  ASSERT_TRUE(c.GenerateKey(client::MakeKeyRef("rot"), v1::EC_P256).ok());
+  const v1::SignRequest req = SignRequestFor("rot");
+  const std::filesystem::path log = daemon.state_dir() + "/audit.log";
+  const std::filesystem::path one = daemon.state_dir() + "/audit.log.1";
+  const auto fill = [&](uintmax_t bytes) {
+    for (int i = 0; i < 20000 && std::filesystem::file_size(log) < bytes; ++i) {
+      ASSERT_TRUE(c.Sign(req).ok());
+    }
+  };
+  fill((1 << 20) + 4096);
+  EXPECT_FALSE(std::filesystem::exists(one));
+
+  const std::string line =
+      daemon.Reload("audit_rotate_mb = 1\naudit_keep_files = 1\n");
+  EXPECT_NE(line.find("reloaded"), std::string::npos) << line;
+  // The reload's audit record follows its log line.
+  for (int i = 0; i < 500 && !std::filesystem::exists(one); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(std::filesystem::exists(one));
+  ASSERT_TRUE(c.Sign(req).ok());  // waits for the rotation to finish
+  EXPECT_GT(std::filesystem::file_size(one), uintmax_t{1} << 20);
+  EXPECT_LT(std::filesystem::file_size(log), 4096u);
+  v1::AuditRequest verify;
+  verify.set_verify(true);
+  auto check = c.Audit(verify);
+  ASSERT_TRUE(check.ok()) << check.status().ToString();
+  EXPECT_TRUE(check->intact()) << check->problem();
+  EXPECT_EQ(check->files(), 2u);
+  EXPECT_EQ(check->first(), 1u);
+  const uint64_t all = check->checked();
+
+  // Sign until the log rotates again (audit.log shrinks).
+  uintmax_t size = std::filesystem::file_size(log);
+  for (int i = 0; i < 20000; ++i) {
+    ASSERT_TRUE(c.Sign(req).ok());
+    const uintmax_t now = std::filesystem::file_size(log);
+    if (now < size) {
+      break;
+    }
+    size = now;
+  }
+  EXPECT_LT(std::filesystem::file_size(log), 4096u);
+  EXPECT_FALSE(std::filesystem::exists(daemon.state_dir() + "/audit.log.2"));
+  check = c.Audit(verify);
+  ASSERT_TRUE(check.ok()) << check.status().ToString();
+  EXPECT_TRUE(check->intact()) << check->problem();
+  EXPECT_EQ(check->files(), 2u);
+  // The first file went: the oldest kept starts at the reload's rotation.
+  EXPECT_GT(check->first(), 1u);
+  EXPECT_LE(check->first(), all);
+  v1::AuditRequest last;
+  last.set_limit(3);
+  auto records = c.Audit(last);
+  ASSERT_TRUE(records.ok());
+  ASSERT_EQ(records->records_size(), 3);
+  // The newest: the signature that rotated, the rotation, the verify.
+  EXPECT_NE(records->records(1).find("\"op\":\"audit-log-rotated\""),
+            std::string::npos)
+      << records->records(1);
 }
 
 }  // namespace

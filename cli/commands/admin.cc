@@ -118,8 +118,16 @@ int RunAuditVerify(Context& ctx) {
         static_cast<unsigned long long>(r->checked()), r->problem().c_str());
     return 1;
   }
-  return Print("audit log intact: " + std::to_string(r->checked()) +
-               " records\n");
+  std::string out =
+      "audit log intact: " + std::to_string(r->checked()) + " records";
+  if (r->files() > 1) {
+    out += " in " + std::to_string(r->files()) + " files";
+  }
+  if (r->first() > 1) {
+    out += ", from record " + std::to_string(r->first()) + " (records 1 to " +
+           std::to_string(r->first() - 1) + " were rotated away)";
+  }
+  return Print(out + "\n");
 }
 
 struct StatsOptions {

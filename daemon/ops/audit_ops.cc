@@ -20,6 +20,8 @@ Status HandleAudit(OpContext& ctx, const OpArgs&, v1::Request& request,
     out->set_intact(check->intact);
     out->set_checked(check->records);
     out->set_problem(check->problem);
+    out->set_first(check->first);
+    out->set_files(static_cast<uint32_t>(check->files));
     return Status::Ok();
   }
   constexpr uint32_t kDefaultLimit = 100;
