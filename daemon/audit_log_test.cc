@@ -73,6 +73,12 @@ class AuditLogTest : public ::testing::Test {
     ASSERT_TRUE(log.Append(Event(0, "list-clients", "")).ok());
     ASSERT_TRUE(log.Append(Event(1000, "destroy-key", "1000/web")).ok());
   }
+  // Appends n signatures by uid 1000 with key 1000/web.
+  static void Signs(AuditLog& log, int n) {
+    for (int i = 0; i < n; ++i) {
+      ASSERT_TRUE(log.Append(Event(1000, "sign", "1000/web")).ok());
+    }
+  }
   std::string Problem(AuditLog& log) {
     auto check = log.Verify();
     EXPECT_TRUE(check.ok());
@@ -342,9 +348,7 @@ TEST_F(AuditLogTest, RotationKeepsTheChainAcrossFiles) {
   auto log = Open();
   ASSERT_NE(log, nullptr);
   log->SetRotation(1000, 3);  // ~250-byte records: a new file every 4-5
-  for (int i = 0; i < 40; ++i) {
-    ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
-  }
+  Signs(*log, 40);
   EXPECT_TRUE(fs::exists(dir_ / "audit.log.1"));
   EXPECT_TRUE(fs::exists(dir_ / "audit.log.3"));
   EXPECT_FALSE(fs::exists(dir_ / "audit.log.4"));
@@ -433,9 +437,7 @@ TEST_F(AuditLogTest, VerifyWhileAppendingAndRotating) {
 TEST_F(AuditLogTest, NoRotationByDefault) {
   auto log = Open();
   ASSERT_NE(log, nullptr);
-  for (int i = 0; i < 40; ++i) {
-    ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
-  }
+  Signs(*log, 40);
   EXPECT_FALSE(fs::exists(dir_ / "audit.log.1"));
   auto check = log->Verify();
   ASSERT_TRUE(check.ok());
@@ -451,9 +453,7 @@ TEST_F(AuditLogTest, TamperingAcrossRotatedFilesIsFound) {
   auto log = Open();
   ASSERT_NE(log, nullptr);
   log->SetRotation(1000, 5);
-  for (int i = 0; i < 30; ++i) {
-    ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
-  }
+  Signs(*log, 30);
   ASSERT_TRUE(fs::exists(dir_ / "audit.log.5"));
   {
     // An edited record in audit.log.2.
@@ -506,9 +506,7 @@ TEST_F(AuditLogTest, FailedRotationLosesNothing) {
   ASSERT_NE(log, nullptr);
   fs::create_directory(dir_ / "audit.log.new");
   log->SetRotation(1000, 2);
-  for (int i = 0; i < 10; ++i) {
-    ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
-  }
+  Signs(*log, 10);
   EXPECT_FALSE(fs::exists(dir_ / "audit.log.1"));
   EXPECT_EQ(Lines().size(), 10u);
   auto check = log->Verify();
@@ -533,9 +531,7 @@ TEST_F(AuditLogTest, InterruptedRotationIsCompletedAtOpen) {
     auto log = Open();
     ASSERT_NE(log, nullptr);
     log->SetRotation(1000, 2);
-    for (int i = 0; i < 8; ++i) {
-      ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
-    }
+    Signs(*log, 8);
   }
   ASSERT_TRUE(fs::exists(dir_ / "audit.log.1"));
   const auto current = Lines();

@@ -153,24 +153,52 @@ void Fields(const uint8_t* data, std::size_t size) {
   }
 }
 
-void Edit(const uint8_t* data, std::size_t size) {
+// Modes edit and edit across rotated files: see the top of the file.
+void Edit(const uint8_t* data, std::size_t size, bool rotated) {
   if (size < 3) {
     return;
   }
   auto log = FreshLog();
+  if (rotated) {
+    log->SetRotation(1, 2);
+  }
   for (uint32_t n = 0; n < 3; ++n) {
     if (!log->Append(Fixed(n)).ok()) {
       std::abort();
     }
   }
-  const std::string original = ReadFile(Dir() / "audit.log");
+  std::vector<std::filesystem::path> files;
+  if (rotated) {
+    files = {Dir() / "audit.log.2", Dir() / "audit.log.1"};
+  }
+  files.push_back(Dir() / "audit.log");
+  std::string original;
+  std::vector<std::size_t> lengths;
+  for (const auto& file : files) {
+    const std::string text = ReadFile(file);
+    if (text.empty()) {
+      std::abort();  // every file holds records
+    }
+    lengths.push_back(text.size());
+    original += text;
+  }
   const std::size_t at = std::min<std::size_t>(
       std::size_t{data[0]} | std::size_t{data[1]} << 8, original.size());
   const std::size_t cut = std::min<std::size_t>(data[2], original.size() - at);
   std::string edited = original;
   edited.replace(
       at, cut, std::string(reinterpret_cast<const char*>(data + 3), size - 3));
-  WriteFile(Dir() / "audit.log", edited);
+  // Cut back at the old lengths; the last file takes the rest.
+  std::size_t from = 0;
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    std::string part;
+    if (from < edited.size()) {
+      part = i + 1 == files.size() ? edited.substr(from)
+                                   : edited.substr(from, lengths[i]);
+    }
+    from += part.size();
+    WriteFile(files[i], part);
+  }
   auto check = log->Verify();
   if (!check.ok() || check->intact != (edited == original)) {
     std::fprintf(stderr, "intact=%d for an edited log: %s\n",
@@ -178,60 +206,12 @@ void Edit(const uint8_t* data, std::size_t size) {
                  check.ok() ? check->problem.c_str() : "");
     std::abort();
   }
+  if (edited == original &&
+      (check->files != files.size() || check->first != (rotated ? 2u : 1u))) {
+    std::abort();
+  }
   log.reset();
   (void)AuditLog::Open(Dir());  // continues after the edited file, or refuses
-}
-
-void EditRotated(const uint8_t* data, std::size_t size) {
-  if (size < 3) {
-    return;
-  }
-  auto log = FreshLog();
-  log->SetRotation(1, 2);
-  for (uint32_t n = 0; n < 3; ++n) {
-    if (!log->Append(Fixed(n)).ok()) {
-      std::abort();
-    }
-  }
-  const std::filesystem::path files[] = {
-      Dir() / "audit.log.2", Dir() / "audit.log.1", Dir() / "audit.log"};
-  std::string original;
-  std::size_t lengths[3];
-  for (int i = 0; i < 3; ++i) {
-    const std::string text = ReadFile(files[i]);
-    lengths[i] = text.size();
-    original += text;
-  }
-  if (lengths[0] == 0 || lengths[1] == 0 || lengths[2] == 0) {
-    std::abort();  // every file holds records
-  }
-  const std::size_t at = std::min<std::size_t>(
-      std::size_t{data[0]} | std::size_t{data[1]} << 8, original.size());
-  const std::size_t cut = std::min<std::size_t>(data[2], original.size() - at);
-  std::string edited = original;
-  edited.replace(
-      at, cut, std::string(reinterpret_cast<const char*>(data + 3), size - 3));
-  std::size_t from = 0;
-  for (int i = 0; i < 3; ++i) {
-    std::string part;
-    if (from < edited.size()) {
-      part = i == 2 ? edited.substr(from) : edited.substr(from, lengths[i]);
-    }
-    from += part.size();
-    WriteFile(files[i], part);
-  }
-  auto check = log->Verify();
-  if (!check.ok() || check->intact != (edited == original)) {
-    std::fprintf(stderr, "intact=%d for an edited rotated log: %s\n",
-                 check.ok() ? check->intact : -1,
-                 check.ok() ? check->problem.c_str() : "");
-    std::abort();
-  }
-  if (edited == original && (check->files != 3 || check->first != 2)) {
-    std::abort();
-  }
-  log.reset();
-  (void)AuditLog::Open(Dir());
 }
 
 }  // namespace
@@ -242,10 +222,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, std::size_t size) {
   }
   switch (data[0] % 4) {
     case 1:
-      Edit(data + 1, size - 1);
+      Edit(data + 1, size - 1, /*rotated=*/false);
       break;
     case 3:
-      EditRotated(data + 1, size - 1);
+      Edit(data + 1, size - 1, /*rotated=*/true);
       break;
     default:
       Fields(data + 1, size - 1);
