@@ -21,6 +21,7 @@
 #include <deque>
 #include <fstream>
 #include <functional>
+#include <optional>
 
 #include "common/key_types.h"
 #include "daemon/log.h"
@@ -193,8 +194,26 @@ StatusOr<SecretBytes> LoadOrCreateKey(const std::filesystem::path& path) {
   return key;
 }
 
-// The "seq" of a file's first record; 0 if there is none.
-uint64_t FirstSeq(const std::filesystem::path& path);
+// A record's "seq", if it is a number.
+std::optional<uint64_t> SeqOf(const std::string& line) {
+  const std::string seq = AuditField(line, "seq");
+  char* end = nullptr;
+  const unsigned long long n = std::strtoull(seq.c_str(), &end, 10);
+  if (end == seq.c_str() || *end != '\0') {
+    return std::nullopt;
+  }
+  return n;
+}
+
+// The "seq" of a file's first record; 1 if it has no readable one.
+uint64_t FirstSeq(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (!std::getline(in, line)) {
+    return 1;
+  }
+  return std::max<uint64_t>(SeqOf(line).value_or(1), 1);
+}
 
 }  // namespace
 
@@ -218,22 +237,6 @@ std::string AuditField(const std::string& line, const std::string& name) {
   const std::size_t end = line.find_first_of(",}", i);
   return line.substr(i, end == std::string::npos ? std::string::npos : end - i);
 }
-
-namespace {
-
-uint64_t FirstSeq(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  std::string line;
-  if (!std::getline(in, line)) {
-    return 0;
-  }
-  const std::string seq = AuditField(line, "seq");
-  char* end = nullptr;
-  const unsigned long long n = std::strtoull(seq.c_str(), &end, 10);
-  return end != seq.c_str() && *end == '\0' ? n : 0;
-}
-
-}  // namespace
 
 AuditLog::AuditLog(std::filesystem::path path, int fd, SecretBytes mac_key)
     : path_(std::move(path)), fd_(fd), mac_key_(std::move(mac_key)) {
@@ -305,9 +308,7 @@ StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
   }
   // Where the oldest file kept starts, taken as found at start (as the
   // head is).
-  const std::vector<unsigned> rotated = log->RotatedNumbers();
-  log->floor_ = std::max<uint64_t>(
-      FirstSeq(rotated.empty() ? path : log->Rotated(rotated[0])), 1);
+  log->floor_ = log->OldestKeptSeq();
   // Continue after the last complete record.
   std::ifstream in(path);
   std::string line;
@@ -319,15 +320,13 @@ StatusOr<std::unique_ptr<AuditLog>> AuditLog::Open(
   }
   if (!last.empty()) {
     const std::string mac = AuditField(last, "mac");
-    const std::string seq = AuditField(last, "seq");
-    char* end = nullptr;
-    const unsigned long long n = std::strtoull(seq.c_str(), &end, 10);
-    if (mac.size() != 64 || end == seq.c_str() || *end != '\0') {
+    const std::optional<uint64_t> seq = SeqOf(last);
+    if (mac.size() != 64 || !seq) {
       return Internal(path.string() +
                       ": the last record is unreadable; move the file "
                       "aside (and keep it) to start a new log");
     }
-    log->seq_ = n;
+    log->seq_ = *seq;
     log->head_ = mac;
   }
   return log;
@@ -364,6 +363,11 @@ void AuditLog::SetRotation(uint64_t max_bytes, unsigned keep) {
 
 std::filesystem::path AuditLog::Rotated(unsigned n) const {
   return path_.string() + "." + std::to_string(n);
+}
+
+uint64_t AuditLog::OldestKeptSeq() const {
+  const std::vector<unsigned> rotated = RotatedNumbers();
+  return FirstSeq(rotated.empty() ? path_ : Rotated(rotated[0]));
 }
 
 std::vector<unsigned> AuditLog::RotatedNumbers() const {
@@ -538,6 +542,12 @@ Status AuditLog::Rotate() {
   if (fd < 0) {
     return Internal(Errno("cannot create " + next.string(), errno));
   }
+  // On any failure below: the new file goes, audit.log stays as it is.
+  const auto abandon = [&](const std::string& what, int err) {
+    ::close(fd);
+    ::unlink(next.c_str());
+    return Internal(Errno(what, err));
+  };
   AuditEvent e;
   e.uid = ::geteuid();
   e.pid = ::getpid();
@@ -549,10 +559,7 @@ Status AuditLog::Rotate() {
   const std::string line = FormatRecord(seq_ + 1, e, nullptr, &mac);
   if (::write(fd, line.data(), line.size()) !=
       static_cast<ssize_t>(line.size())) {
-    const int err = errno;
-    ::close(fd);
-    ::unlink(next.c_str());
-    return Internal(Errno("cannot write " + next.string(), err));
+    return abandon("cannot write " + next.string(), errno);
   }
   // Make room: files from number keep_ on go, the others move up one.
   std::vector<unsigned> numbers = RotatedNumbers();
@@ -562,24 +569,16 @@ Status AuditLog::Rotate() {
       ::unlink(Rotated(n).c_str());
       deleted = true;
     } else if (::rename(Rotated(n).c_str(), Rotated(n + 1).c_str()) != 0) {
-      const int err = errno;
-      ::close(fd);
-      ::unlink(next.c_str());
-      return Internal(Errno("cannot rename " + Rotated(n).string(), err));
+      return abandon("cannot rename " + Rotated(n).string(), errno);
     }
   }
   if (::rename(path_.c_str(), Rotated(1).c_str()) != 0) {
-    const int err = errno;
-    ::close(fd);
-    ::unlink(next.c_str());
-    return Internal(Errno("cannot rename " + path_.string(), err));
+    return abandon("cannot rename " + path_.string(), errno);
   }
   if (::rename(next.c_str(), path_.c_str()) != 0) {
     const int err = errno;
     (void)::rename(Rotated(1).c_str(), path_.c_str());
-    ::close(fd);
-    ::unlink(next.c_str());
-    return Internal(Errno("cannot rename " + next.string(), err));
+    return abandon("cannot rename " + next.string(), err);
   }
   ::close(fd_);
   fd_ = fd;
@@ -588,9 +587,7 @@ Status AuditLog::Rotate() {
   head_ = mac;
   rotate_retry_at_ = 0;
   if (deleted) {
-    const std::vector<unsigned> kept = RotatedNumbers();
-    floor_ =
-        kept.empty() ? seq_ : std::max<uint64_t>(FirstSeq(Rotated(kept[0])), 1);
+    floor_ = OldestKeptSeq();
   }
   Log().info("audit log rotated at record {}: earlier records in {}", seq_,
              Rotated(1).string());

@@ -131,6 +131,8 @@ class AuditLog {
   // The numbers N of the audit.log.N files, descending (oldest first).
   std::vector<unsigned> RotatedNumbers() const;
   std::filesystem::path Rotated(unsigned n) const;
+  // The seq of the first record of the oldest file there is (1 if none).
+  uint64_t OldestKeptSeq() const;
 
   const std::filesystem::path path_;
   int fd_;  // audit.log; guarded by mu_ (Rotate replaces it)
