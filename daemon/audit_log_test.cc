@@ -79,6 +79,16 @@ class AuditLogTest : public ::testing::Test {
       ASSERT_TRUE(log.Append(Event(1000, "sign", "1000/web")).ok());
     }
   }
+  // Verify() runs and says intact; the check, for further expectations.
+  static AuditCheck Intact(AuditLog& log) {
+    auto check = log.Verify();
+    if (!check.ok()) {
+      ADD_FAILURE() << check.status().ToString();
+      return {};
+    }
+    EXPECT_TRUE(check->intact) << check->problem;
+    return *check;
+  }
   std::string Problem(AuditLog& log) {
     auto check = log.Verify();
     EXPECT_TRUE(check.ok());
@@ -93,10 +103,8 @@ TEST_F(AuditLogTest, RecordsChainAndVerify) {
   auto log = Open();
   ASSERT_NE(log, nullptr);
   Fill(*log);
-  auto check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
-  EXPECT_EQ(check->records, 5u);
+  auto check = Intact(*log);
+  EXPECT_EQ(check.records, 5u);
   const auto lines = Lines();
   ASSERT_EQ(lines.size(), 5u);
   EXPECT_EQ(AuditField(lines[0], "seq"), "1");
@@ -127,10 +135,8 @@ TEST_F(AuditLogTest, RecordsChainAndVerify) {
   log = Open();
   ASSERT_NE(log, nullptr);
   ASSERT_TRUE(log->Append(Event(7, "grant-use", "1000/web")).ok());
-  check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
-  EXPECT_EQ(check->records, 6u);
+  check = Intact(*log);
+  EXPECT_EQ(check.records, 6u);
 }
 
 // The MAC is HMAC-SHA256 over the line up to ",\"mac\":\"" under the
@@ -232,10 +238,8 @@ TEST_F(AuditLogTest, CountedUsesBecomeOneRecordPerGroup) {
   EXPECT_EQ(signs, 2);
   log = Open();
   ASSERT_NE(log, nullptr);
-  auto check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
-  EXPECT_EQ(check->records, lines.size());
+  auto check = Intact(*log);
+  EXPECT_EQ(check.records, lines.size());
 }
 
 TEST_F(AuditLogTest, EditedRecordIsFound) {
@@ -267,9 +271,7 @@ TEST_F(AuditLogTest, BytesAfterTheMacAreFound) {
         << tail;
   }
   Write(original);
-  auto check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
+  Intact(*log);
 }
 
 // The last record without its line end (found by audit_log_fuzzer): the
@@ -288,9 +290,7 @@ TEST_F(AuditLogTest, MissingLastLineEndIsFound) {
   EXPECT_NE(Problem(*log).find("record 5: edited (no line end"),
             std::string::npos);
   Write(original);
-  auto check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
+  Intact(*log);
 }
 
 TEST_F(AuditLogTest, RemovedRecordIsFound) {
@@ -369,18 +369,16 @@ TEST_F(AuditLogTest, RotationKeepsTheChainAcrossFiles) {
   EXPECT_EQ(std::stoull(AuditField(current[0], "seq")),
             std::stoull(AuditField(before.back(), "seq")) + 1);
 
-  auto check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
-  EXPECT_EQ(check->files, 4u);
+  auto check = Intact(*log);
+  EXPECT_EQ(check.files, 4u);
   const auto oldest = Lines("audit.log.3");
   ASSERT_FALSE(oldest.empty());
   EXPECT_EQ(AuditField(oldest[0], "op"), kAuditRotatedOp);
-  EXPECT_EQ(check->first, std::stoull(AuditField(oldest[0], "seq")));
-  EXPECT_GT(check->first, 1u);
+  EXPECT_EQ(check.first, std::stoull(AuditField(oldest[0], "seq")));
+  EXPECT_GT(check.first, 1u);
   const std::size_t kept = oldest.size() + Lines("audit.log.2").size() +
                            before.size() + current.size();
-  EXPECT_EQ(check->records, kept);
+  EXPECT_EQ(check.records, kept);
 
   // Read: the newest records, oldest first, across files.
   auto all = log->Read(std::nullopt, std::nullopt, 1000);
@@ -400,10 +398,8 @@ TEST_F(AuditLogTest, RotationKeepsTheChainAcrossFiles) {
   log = Open();
   ASSERT_NE(log, nullptr);
   ASSERT_TRUE(log->Append(Event(7, "grant-use", "1000/web")).ok());
-  check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
-  EXPECT_EQ(check->records, kept + 1);
+  check = Intact(*log);
+  EXPECT_EQ(check.records, kept + 1);
 }
 
 // Verify and Read take the files under the lock and read them outside it:
@@ -422,9 +418,7 @@ TEST_F(AuditLogTest, VerifyWhileAppendingAndRotating) {
   });
   int checks = 0;
   while (!done || checks == 0) {
-    auto check = log->Verify();
-    ASSERT_TRUE(check.ok()) << check.status().ToString();
-    EXPECT_TRUE(check->intact) << check->problem;
+    Intact(*log);
     auto some = log->Read(std::nullopt, std::nullopt, 5);
     ASSERT_TRUE(some.ok());
     ++checks;
@@ -439,12 +433,10 @@ TEST_F(AuditLogTest, NoRotationByDefault) {
   ASSERT_NE(log, nullptr);
   Signs(*log, 40);
   EXPECT_FALSE(fs::exists(dir_ / "audit.log.1"));
-  auto check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
-  EXPECT_EQ(check->first, 1u);
-  EXPECT_EQ(check->files, 1u);
-  EXPECT_EQ(check->records, 40u);
+  auto check = Intact(*log);
+  EXPECT_EQ(check.first, 1u);
+  EXPECT_EQ(check.files, 1u);
+  EXPECT_EQ(check.records, 40u);
 }
 
 // Edits in a rotated file, a removed rotated file and records cut from the
@@ -494,9 +486,7 @@ TEST_F(AuditLogTest, TamperingAcrossRotatedFilesIsFound) {
               std::string::npos);
     Write(original, "audit.log.5");
   }
-  auto check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
+  Intact(*log);
 }
 
 // A rotation that cannot happen (here audit.log.new is a directory) loses
@@ -509,19 +499,15 @@ TEST_F(AuditLogTest, FailedRotationLosesNothing) {
   Signs(*log, 10);
   EXPECT_FALSE(fs::exists(dir_ / "audit.log.1"));
   EXPECT_EQ(Lines().size(), 10u);
-  auto check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
+  auto check = Intact(*log);
   // The next try comes after another MiB (1000 / 16 is less).
   fs::remove(dir_ / "audit.log.new");
   log->SetRotation(1000, 2);  // a new setting tries again at once
   ASSERT_TRUE(log->Append(Event(1000, "sign", "1000/web")).ok());
   EXPECT_TRUE(fs::exists(dir_ / "audit.log.1"));
   EXPECT_EQ(Lines("audit.log.1").size(), 11u);
-  check = log->Verify();
-  ASSERT_TRUE(check.ok());
-  EXPECT_TRUE(check->intact) << check->problem;
-  EXPECT_EQ(check->records, 12u);
+  check = Intact(*log);
+  EXPECT_EQ(check.records, 12u);
 }
 
 // A rotation cut short by a crash: a new file that never replaced
@@ -542,9 +528,7 @@ TEST_F(AuditLogTest, InterruptedRotationIsCompletedAtOpen) {
     ASSERT_NE(log, nullptr);
     EXPECT_FALSE(fs::exists(dir_ / "audit.log.new"));
     EXPECT_EQ(Lines(), current);
-    auto check = log->Verify();
-    ASSERT_TRUE(check.ok());
-    EXPECT_TRUE(check->intact) << check->problem;
+    Intact(*log);
   }
   // Crash between the renames: audit.log is audit.log.1 now, the new file
   // not yet in its place.
