@@ -1351,21 +1351,30 @@ class OwnSession {
   }
   bool ok() const { return s_ != CK_INVALID_HANDLE; }
 
-  // Destroys every token object of class cls that carries label; false if
-  // a call failed.
-  bool DestroyAll(CK_OBJECT_CLASS cls, const std::string& label) {
+  // The token objects of class cls that carry label (at most 16); false if
+  // the search failed.
+  bool Find(CK_OBJECT_CLASS cls, const std::string& label,
+            std::vector<CK_OBJECT_HANDLE>* out) {
     CK_ATTRIBUTE t[] = {
         {CKA_CLASS, &cls, sizeof(cls)},
         {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
-    CK_OBJECT_HANDLE found[16];
-    CK_ULONG n = 0;
     if (f_->C_FindObjectsInit(s_, t, 2) != CKR_OK) {
       return false;
     }
+    CK_OBJECT_HANDLE found[16];
+    CK_ULONG n = 0;
     const CK_RV rv = f_->C_FindObjects(s_, found, 16, &n);
     f_->C_FindObjectsFinal(s_);
-    bool ok = rv == CKR_OK;
-    for (CK_ULONG i = 0; ok && i < n; ++i) {
+    out->assign(found, found + (rv == CKR_OK ? n : 0));
+    return rv == CKR_OK;
+  }
+
+  // Destroys every token object of class cls that carries label; false if
+  // a call failed.
+  bool DestroyAll(CK_OBJECT_CLASS cls, const std::string& label) {
+    std::vector<CK_OBJECT_HANDLE> found;
+    bool ok = Find(cls, label, &found);
+    for (std::size_t i = 0; ok && i < found.size(); ++i) {
       ok = f_->C_DestroyObject(s_, found[i]) == CKR_OK;
     }
     return ok;
@@ -1373,17 +1382,8 @@ class OwnSession {
 
   // How many token objects of class cls carry label (-1: the search failed).
   int Count(CK_OBJECT_CLASS cls, const std::string& label) {
-    CK_ATTRIBUTE t[] = {
-        {CKA_CLASS, &cls, sizeof(cls)},
-        {CKA_LABEL, const_cast<char*>(label.data()), label.size()}};
-    if (f_->C_FindObjectsInit(s_, t, 2) != CKR_OK) {
-      return -1;
-    }
-    CK_OBJECT_HANDLE found[16];
-    CK_ULONG n = 0;
-    const CK_RV rv = f_->C_FindObjects(s_, found, 16, &n);
-    f_->C_FindObjectsFinal(s_);
-    return rv == CKR_OK ? static_cast<int>(n) : -1;
+    std::vector<CK_OBJECT_HANDLE> found;
+    return Find(cls, label, &found) ? static_cast<int>(found.size()) : -1;
   }
 
   // A private token data object, as keyhold's pending markers are.
