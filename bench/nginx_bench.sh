@@ -5,12 +5,20 @@
 #   bench/nginx_bench.sh [--seconds N] [--threads N] [--tls 1.3|1.2]
 #                        [--build-dir DIR] [--configs LIST]
 #                        [--worker-cpu-affinity] [--keyholdd-config FILE]
+#                        [--floor]
 #
 # --worker-cpu-affinity adds `worker_cpu_affinity auto;` (each nginx worker
 # pinned to its own CPU) for both the file and the keyhold configurations;
 # keyholdd then serves each worker from an I/O thread on the worker's CPU
 # (cpu_local_sessions). --keyholdd-config passes a config file to keyholdd
 # (e.g. one with cpu_local_sessions = false).
+#
+# --floor puts bench/floor_signer in keyholdd's place for nginx: it answers
+# the signatures itself (the same keys, in its own memory, one blocking thread
+# per connection, no event loop, no authorization or audit) and relays the
+# rest to keyholdd. The keyhold rows then show what crossing the process
+# boundary costs with a signer that does nothing else; its CPU is counted in
+# the keyholdd column.
 #
 # Starts its own keyholdd and nginx (2 workers, as www-data, the provider
 # loaded through OPENSSL_CONF as in tests/ossl/nginx_test.sh) on 127.0.0.1,
@@ -31,9 +39,10 @@ CONFIGS="file-ec-p256,keyhold-ec-p256,file-rsa-2048,keyhold-rsa-2048"
 WARMUP=1
 AFFINITY=""
 KH_CONFIG=""
+FLOOR=""
 
 usage() {
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2
 }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -45,6 +54,7 @@ while [ $# -gt 0 ]; do
     --warmup) WARMUP="$2"; shift 2 ;;
     --worker-cpu-affinity) AFFINITY="worker_cpu_affinity auto;"; shift ;;
     --keyholdd-config) KH_CONFIG="$(realpath "$2")"; shift 2 ;;
+    --floor) FLOOR=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "nginx_bench: unknown option $1" >&2; usage; exit 2 ;;
   esac
@@ -55,10 +65,11 @@ KEYHOLDD="$BUILD_DIR/daemon/keyholdd"
 KEYHOLD="$BUILD_DIR/cli/keyhold"
 PROVIDER="$BUILD_DIR/ossl-provider/keyhold.so"
 LOAD="$BUILD_DIR/bench/tls_handshake_load"
-for f in "$KEYHOLDD" "$KEYHOLD" "$PROVIDER" "$LOAD"; do
+FLOOR_SIGNER="$BUILD_DIR/bench/floor_signer"
+for f in "$KEYHOLDD" "$KEYHOLD" "$PROVIDER" "$LOAD" ${FLOOR:+"$FLOOR_SIGNER"}; do
   if [ ! -x "$f" ] && [ ! -f "$f" ]; then
     echo "nginx_bench: $f not built; run: cmake --build $BUILD_DIR --target" \
-      "keyholdd keyhold keyhold-provider tls_handshake_load" >&2
+      "keyholdd keyhold keyhold-provider tls_handshake_load floor_signer" >&2
     exit 2
   fi
 done
@@ -83,11 +94,16 @@ mkdir -p "$T/nginx/logs"
 export KEYHOLD_SOCKET="$T/run/keyhold.sock"
 KH_PID=""
 NGINX_PID=""
+FLOOR_PID=""
 # shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
   if [ -n "$NGINX_PID" ]; then
     kill "$NGINX_PID" 2>/dev/null || true
     wait "$NGINX_PID" 2>/dev/null || true
+  fi
+  if [ -n "$FLOOR_PID" ]; then
+    kill "$FLOOR_PID" 2>/dev/null || true
+    wait "$FLOOR_PID" 2>/dev/null || true
   fi
   if [ -n "$KH_PID" ]; then
     kill "$KH_PID" 2>/dev/null || true
@@ -133,6 +149,24 @@ for type in ec-p256 rsa-2048; do
     -addext subjectAltName=IP:127.0.0.1 -days 1 -out "$T/keys/$type.crt" 2>/dev/null ||
     die "certificate for $type failed"
 done
+
+# The processes that sign for nginx: keyholdd, and with --floor the floor
+# signer in front of it (nginx then talks to the floor signer only).
+SIGNER_PIDS=("$KH_PID")
+NGINX_SOCKET="$KEYHOLD_SOCKET"
+if [ -n "$FLOOR" ]; then
+  mkdir -m 755 "$T/floor"
+  NGINX_SOCKET="$T/floor/keyhold.sock"
+  "$FLOOR_SIGNER" --listen "$NGINX_SOCKET" --upstream "$KEYHOLD_SOCKET" \
+    --key "nginx-ec-p256=$T/keys/ec-p256.key" \
+    --key "nginx-rsa-2048=$T/keys/rsa-2048.key" 2>>"$T/floor.log" &
+  FLOOR_PID=$!
+  for _ in $(seq 1 100); do [ -S "$NGINX_SOCKET" ] && break; sleep 0.05; done
+  [ -S "$NGINX_SOCKET" ] || die "floor_signer did not start"
+  SIGNER_PIDS+=("$FLOOR_PID")
+fi
+# The process that must sign for nginx (checked after the warm-up).
+SIGNING_PID="${FLOOR_PID:-$KH_PID}"
 
 CNF="$T/openssl-keyhold.cnf"
 sed "s|^# module = .*|module = $PROVIDER|" "$ROOT/conf/openssl-keyhold.cnf" >"$CNF"
@@ -193,7 +227,7 @@ CONF
   echo "}"
 } >"$T/nginx/nginx.conf"
 
-OPENSSL_CONF="$CNF" nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" \
+KEYHOLD_SOCKET="$NGINX_SOCKET" OPENSSL_CONF="$CNF" nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" \
   2>>"$T/nginx/logs/error.log" &
 NGINX_PID=$!
 for _ in $(seq 1 100); do
@@ -233,13 +267,13 @@ declare -A HS FAIL WALL NG KH CLI RESUMED PROTO ERR SCHED
 run_load() {  # run_load CONFIG SECONDS: one segment, added to the totals
   local c="$1" s="$2" type="${1#*-}" n0 k0 n1 k1 s0 s1 out
   n0="$(ticks "$NGINX_PID" "${WORKERS[@]}")"
-  k0="$(ticks "$KH_PID")"
-  s0="$(sched_ns "$NGINX_PID" "${WORKERS[@]}" "$KH_PID")"
+  k0="$(ticks "${SIGNER_PIDS[@]}")"
+  s0="$(sched_ns "$NGINX_PID" "${WORKERS[@]}" "${SIGNER_PIDS[@]}")"
   out="$("$LOAD" --port "${PORT_OF[$c]}" --seconds "$s" --threads "$THREADS" \
     --tls "$TLS" --cafile "$T/keys/$type.crt")" || die "load generator failed: $out"
-  s1="$(sched_ns "$NGINX_PID" "${WORKERS[@]}" "$KH_PID")"
+  s1="$(sched_ns "$NGINX_PID" "${WORKERS[@]}" "${SIGNER_PIDS[@]}")"
   n1="$(ticks "$NGINX_PID" "${WORKERS[@]}")"
-  k1="$(ticks "$KH_PID")"
+  k1="$(ticks "${SIGNER_PIDS[@]}")"
   val() { echo "$out" | sed -n "s/.*\\b$1=\\([^ ]*\\).*/\\1/p"; }
   HS[$c]=$(( ${HS[$c]:-0} + $(val handshakes) ))
   FAIL[$c]=$(( ${FAIL[$c]:-0} + $(val failures) ))
@@ -264,13 +298,16 @@ done
 {
   echo "## nginx full TLS handshakes: key in keyhold vs key file"
   echo
-  echo "- command: \`bench/nginx_bench.sh --seconds $SECONDS_PER --threads $THREADS --tls $TLS --build-dir ${BUILD_DIR#"$ROOT"/} --configs $CONFIGS${AFFINITY:+ --worker-cpu-affinity}${KH_CONFIG:+ --keyholdd-config $KH_CONFIG}\`"
+  echo "- command: \`bench/nginx_bench.sh --seconds $SECONDS_PER --threads $THREADS --tls $TLS --build-dir ${BUILD_DIR#"$ROOT"/} --configs $CONFIGS${AFFINITY:+ --worker-cpu-affinity}${KH_CONFIG:+ --keyholdd-config $KH_CONFIG}${FLOOR:+ --floor}\`"
   echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "- machine: nproc $(nproc), CPU $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1), kernel $(uname -sr)"
   echo "- load average at start: $(cat /proc/loadavg)"
   echo "- nginx: $(nginx -v 2>&1 | sed 's/.*: //'), 2 workers as www-data${AFFINITY:+ pinned one per CPU (worker_cpu_affinity auto)}, OPENSSL_CONF with the default and keyhold providers (\`?provider=default\`), ssl_session_cache off, ssl_session_tickets off, access_log off"
   echo "- OpenSSL: $(openssl version)"
   echo "- keyholdd: \`$KEYHOLDD --socket <tmp>/run/keyhold.sock --state-dir <tmp>/state --log-level warn${KH_CONFIG:+ --config $KH_CONFIG}\` (pid $KH_PID), software backend; keys generated as PEM files and imported, so both configurations of a type use the same key and certificate"
+  if [ -n "$FLOOR" ]; then
+    echo "- --floor: nginx's signatures come from \`bench/floor_signer\` (pid $FLOOR_PID; same keys in its own memory, blocking thread per connection, everything else relayed to keyholdd); the keyholdd columns count floor_signer + keyholdd"
+  fi
   echo "- load: \`tls_handshake_load --threads $THREADS --tls $TLS\` on the same 2 cores: a fresh connection and full handshake per request (no session offered, no tickets), server certificate verified, then \`GET /\` with \`Connection: close\`"
   echo "- method: each configuration runs ${SECONDS_PER} s in two halves, ec-p256 in the order file, keyhold, keyhold, file and rsa-2048 keyhold, file, file, keyhold, after a ${WARMUP} s warm-up of each; server CPU = utime + stime (/proc/PID/stat, ${CLK_TCK} Hz ticks) of the nginx master and workers and of keyholdd over the measured segments; cross-checked with the run time of all their threads from /proc/PID/task/*/schedstat (ns)"
   echo
@@ -278,12 +315,13 @@ done
 cat "$T/header.md"
 
 for c in "${WANT[@]}"; do
-  before="$(ticks "$KH_PID")"
+  before="$(ticks "$SIGNING_PID")"
   "$LOAD" --port "${PORT_OF[$c]}" --seconds "$WARMUP" --threads "$THREADS" --tls "$TLS" \
     --cafile "$T/keys/${c#*-}.crt" >/dev/null
-  # Guard: a keyhold configuration must really sign in keyholdd.
-  if [[ "$c" == keyhold-* ]] && [ "$(ticks "$KH_PID")" -le "$before" ]; then
-    die "$c: keyholdd used no CPU during the warm-up; is nginx signing with the provider?"
+  # Guard: a keyhold configuration must really sign in keyholdd (or, with
+  # --floor, in the floor signer).
+  if [[ "$c" == keyhold-* ]] && [ "$(ticks "$SIGNING_PID")" -le "$before" ]; then
+    die "$c: pid $SIGNING_PID used no CPU during the warm-up; is nginx signing with the provider?"
   fi
 done
 HALF="$(calc "$SECONDS_PER / 2" %.3f)"

@@ -5,11 +5,24 @@
 # one client connection at a time): tpm2-openssl, keyhold, keyhold,
 # tpm2-openssl. The last keyhold round also does 10,000 signatures over 20
 # keys. Prints a Markdown table for bench/RESULTS.md.
-#   bench/tpm_compare.sh [--seconds N]      (default 5 per side and round)
+#   bench/tpm_compare.sh [--seconds N] [--api sign|digest-sign]
+#     --seconds  per side and round (default 5)
+#     --api      sign (default): EVP_PKEY_sign over a digest on tpm2-openssl's
+#                side, the client library's Sign() on keyhold's;
+#                digest-sign: EVP_DigestSign over a message through each
+#                side's OpenSSL provider (tpm2-openssl, keyhold.so), as TLS
+#                and X.509 signing do (see bench/tpm_bench.cc)
 # Needs: swtpm, tpm2-openssl (Debian packages), a dev build (BUILD=build/dev).
 set -euo pipefail
 SECONDS_PER=5
-if [ "${1:-}" = "--seconds" ]; then SECONDS_PER="$2"; fi
+API=sign
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) SECONDS_PER="$2"; shift 2 ;;
+    --api) API="$2"; shift 2 ;;
+    *) echo "usage: $0 [--seconds N] [--api sign|digest-sign]" >&2; exit 2 ;;
+  esac
+done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BUILD="${BUILD:-$ROOT/build/dev}"
 BENCH="$BUILD/bench/tpm_bench"
@@ -53,11 +66,13 @@ keyhold_round() {
     --state-dir "$DIR/state" --log-level warn 2>>"$DIR/keyholdd.log" &
   KH_PID=$!
   for _ in $(seq 1 100); do [ -S "$DIR/kh.sock" ] && break; sleep 0.05; done
-  "$BENCH" --side keyhold --socket "$DIR/kh.sock" --seconds "$SECONDS_PER" "$@" >>"$DIR/results"
+  "$BENCH" --side keyhold --socket "$DIR/kh.sock" --seconds "$SECONDS_PER" \
+    --api "$API" "$@" >>"$DIR/results"
   kill "$KH_PID"; wait "$KH_PID" || true; KH_PID=""
 }
 openssl_round() {
-  "$BENCH" --side tpm2-openssl --tcti "$TCTI" --seconds "$SECONDS_PER" >>"$DIR/results"
+  "$BENCH" --side tpm2-openssl --tcti "$TCTI" --seconds "$SECONDS_PER" \
+    --api "$API" >>"$DIR/results"
 }
 
 openssl_round
@@ -65,6 +80,8 @@ keyhold_round
 keyhold_round --many
 openssl_round
 
+echo "API: $API"
+echo
 echo "| key | tpm2-openssl ops/s (round 1, 2) | keyhold TPM backend ops/s (round 1, 2) | p50 µs tpm2-openssl / keyhold |"
 echo "|---|---|---|---|"
 for type in ec-p256 rsa-2048; do

@@ -1,0 +1,275 @@
+// floor_signer: the least work any out-of-process signer must do, to measure
+// what crossing a process boundary costs by itself (bench/nginx_bench.sh
+// --floor). NOT a key service: it holds private keys in its own memory and
+// checks nobody's rights. Never run it outside a benchmark.
+//
+//   floor_signer --listen SOCKET --upstream KEYHOLDD_SOCKET
+//                --key NAME=PEM [--key NAME=PEM ...]
+//
+// It speaks keyhold's wire protocol on SOCKET with one blocking thread per
+// connection and no event loop: a Sign request for a key named on the command
+// line is answered here (EVP_PKEY_sign over the caller's digest, exactly what
+// keyholdd's software backend computes); every other request (Hello, public
+// keys, ...) is relayed unchanged to keyholdd on UPSTREAM over a connection of
+// the same thread. Compared with keyholdd it leaves out the event loop,
+// authorization, the key cache and store, the audit log and the statistics;
+// what remains is the kernel's socket round trip, the protocol's framing and
+// protobuf, and the signature.
+#include <openssl/bio.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "common/frame.h"
+#include "common/ssl_ptr.h"
+#include "keyhold/v1/keyhold.pb.h"
+
+namespace {
+
+namespace v1 = keyhold::v1;
+using keyhold::SslPtr;
+
+// Reads exactly n bytes; false on EOF or error.
+bool ReadFull(int fd, void* buf, std::size_t n) {
+  auto* p = static_cast<uint8_t*>(buf);
+  while (n > 0) {
+    const ssize_t r = recv(fd, p, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+bool WriteFull(int fd, const void* buf, std::size_t n) {
+  const auto* p = static_cast<const uint8_t*>(buf);
+  while (n > 0) {
+    const ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return false;
+    p += w;
+    n -= static_cast<std::size_t>(w);
+  }
+  return true;
+}
+
+// One frame, header and body, into *frame.
+bool ReadFrame(int fd, uint32_t max_body, std::string* frame) {
+  uint8_t header[keyhold::kFrameHeaderBytes];
+  if (!ReadFull(fd, header, sizeof header)) return false;
+  auto length = keyhold::DecodeFrameHeader(header, max_body);
+  if (!length.ok()) return false;
+  frame->assign(reinterpret_cast<const char*>(header), sizeof header);
+  frame->resize(sizeof header + *length);
+  return ReadFull(fd, frame->data() + sizeof header, *length);
+}
+
+int Connect(const std::string& path) {
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+  if (fd < 0 ||
+      connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+const EVP_MD* Md(v1::Digest d) {
+  switch (d) {
+    case v1::SHA1:
+      return EVP_sha1();
+    case v1::SHA224:
+      return EVP_sha224();
+    case v1::SHA256:
+      return EVP_sha256();
+    case v1::SHA384:
+      return EVP_sha384();
+    case v1::SHA512:
+      return EVP_sha512();
+    default:
+      return nullptr;
+  }
+}
+
+// The signature over a caller digest, as keyholdd's software backend makes
+// it; empty on failure.
+std::string Sign(EVP_PKEY* key, const v1::SignRequest& req) {
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(key, nullptr));
+  const EVP_MD* md = Md(req.digest());
+  if (ctx == nullptr || md == nullptr || EVP_PKEY_sign_init(ctx.get()) != 1 ||
+      EVP_PKEY_CTX_set_signature_md(ctx.get(), md) != 1) {
+    return {};
+  }
+  if (req.algorithm() == v1::RSA_PKCS1 &&
+      EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_PADDING) != 1) {
+    return {};
+  }
+  if (req.algorithm() == v1::RSA_PSS) {
+    const int salt =
+        req.has_pss_salt_length()
+            ? (req.pss_salt_length() == -2   ? RSA_PSS_SALTLEN_MAX
+               : req.pss_salt_length() == -1 ? RSA_PSS_SALTLEN_DIGEST
+                                             : req.pss_salt_length())
+            : RSA_PSS_SALTLEN_DIGEST;
+    const EVP_MD* mgf1 = req.pss_mgf1_digest() == v1::DIGEST_NONE
+                             ? md
+                             : Md(req.pss_mgf1_digest());
+    if (EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_PSS_PADDING) != 1 ||
+        EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx.get(), salt) != 1 ||
+        mgf1 == nullptr || EVP_PKEY_CTX_set_rsa_mgf1_md(ctx.get(), mgf1) != 1) {
+      return {};
+    }
+  }
+  const auto* data = reinterpret_cast<const uint8_t*>(req.data().data());
+  std::size_t len = 0;
+  if (EVP_PKEY_sign(ctx.get(), nullptr, &len, data, req.data().size()) != 1) {
+    return {};
+  }
+  std::string sig(len, '\0');
+  if (EVP_PKEY_sign(ctx.get(), reinterpret_cast<uint8_t*>(sig.data()), &len,
+                    data, req.data().size()) != 1) {
+    return {};
+  }
+  sig.resize(len);
+  return sig;
+}
+
+struct Shared {
+  std::string upstream;
+  std::map<std::string, SslPtr<EVP_PKEY>> keys;  // read-only after start
+};
+
+void Serve(const Shared& shared, int fd) {
+  int up = -1;
+  std::string frame;
+  std::string answer;
+  v1::Request req;
+  v1::Response resp;
+  while (ReadFrame(fd, keyhold::kDefaultMaxFrameBytes, &frame)) {
+    const auto body = std::span<const uint8_t>(
+        reinterpret_cast<const uint8_t*>(frame.data()) +
+            keyhold::kFrameHeaderBytes,
+        frame.size() - keyhold::kFrameHeaderBytes);
+    auto found = shared.keys.end();
+    if (keyhold::DecodeRequest(body, &req).ok() && req.has_sign()) {
+      found = shared.keys.find(req.sign().key().name());
+    }
+    if (found != shared.keys.end()) {
+      resp.Clear();
+      resp.set_id(req.id());
+      std::string sig = Sign(found->second.get(), req.sign());
+      if (sig.empty()) {
+        resp.set_code(v1::INTERNAL);
+        resp.set_message("floor_signer: signing failed");
+      } else {
+        resp.set_code(v1::OK);
+        *resp.mutable_sign()->mutable_signature() = std::move(sig);
+      }
+      auto encoded =
+          keyhold::EncodeFrame(resp, keyhold::kMaxResponseFrameBytes);
+      if (!encoded.ok() || !WriteFull(fd, encoded->data(), encoded->size())) {
+        break;
+      }
+      continue;
+    }
+    // Everything else goes to keyholdd as is.
+    if (up < 0 && (up = Connect(shared.upstream)) < 0) break;
+    if (!WriteFull(up, frame.data(), frame.size()) ||
+        !ReadFrame(up, keyhold::kMaxResponseFrameBytes, &answer) ||
+        !WriteFull(fd, answer.data(), answer.size())) {
+      break;
+    }
+  }
+  if (up >= 0) close(up);
+  close(fd);
+}
+
+void Usage(const char* prog) {
+  std::fprintf(stderr,
+               "usage: %s --listen SOCKET --upstream KEYHOLDD_SOCKET "
+               "--key NAME=PEM [--key NAME=PEM ...]\n",
+               prog);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string listen_path;
+  auto shared = std::make_unique<Shared>();
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (i + 1 >= argc) {
+      Usage(argv[0]);
+      return 2;
+    }
+    const std::string v = argv[++i];
+    if (a == "--listen") {
+      listen_path = v;
+    } else if (a == "--upstream") {
+      shared->upstream = v;
+    } else if (a == "--key" && v.find('=') != std::string::npos) {
+      const std::string name = v.substr(0, v.find('='));
+      const std::string path = v.substr(v.find('=') + 1);
+      SslPtr<BIO> bio(BIO_new_file(path.c_str(), "r"));
+      SslPtr<EVP_PKEY> key(
+          bio == nullptr
+              ? nullptr
+              : PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
+      if (key == nullptr) {
+        std::fprintf(stderr, "floor_signer: cannot read a key from %s\n",
+                     path.c_str());
+        return 2;
+      }
+      shared->keys[name] = std::move(key);
+    } else {
+      Usage(argv[0]);
+      return 2;
+    }
+  }
+  if (listen_path.empty() || shared->upstream.empty() || shared->keys.empty()) {
+    Usage(argv[0]);
+    return 2;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  const int lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", listen_path.c_str());
+  unlink(listen_path.c_str());
+  if (lfd < 0 ||
+      bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      chmod(listen_path.c_str(), 0666) != 0 || listen(lfd, 128) != 0) {
+    std::fprintf(stderr, "floor_signer: cannot listen on %s: %s\n",
+                 listen_path.c_str(), std::strerror(errno));
+    return 1;
+  }
+  for (;;) {
+    const int fd = accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      std::perror("floor_signer: accept");
+      return 1;
+    }
+    std::thread([&s = *shared, fd] { Serve(s, fd); }).detach();
+  }
+}
