@@ -43,6 +43,7 @@ TEST(ReloadTest, SighupUnderLoadAppliesGoodFilesAndKeepsConnections) {
   std::atomic<int> signed_ok{0};
   std::atomic<int> failed{0};
   std::vector<std::thread> load;
+  load.reserve(4);
   for (int t = 0; t < 4; ++t) {
     load.emplace_back([&] {
       const v1::SignRequest req = SignRequestFor("k");

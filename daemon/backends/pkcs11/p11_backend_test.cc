@@ -88,7 +88,9 @@ class Env : public ::testing::Environment {
   }
 };
 
-const auto* const g_env = ::testing::AddGlobalTestEnvironment(new Env);
+// GoogleTest takes ownership of the environment.
+const auto* const g_env = ::testing::AddGlobalTestEnvironment(
+    new Env);  // NOLINT(cppcoreguidelines-owning-memory)
 
 P11Config BaseConfig() {
   P11Config c;
@@ -149,6 +151,7 @@ class P11BackendTest : public ::testing::Test {
                       int each) {
     std::atomic<int> good{0};
     std::vector<std::thread> running;
+    running.reserve(static_cast<std::size_t>(threads));
     for (int t = 0; t < threads; ++t) {
       running.emplace_back([&] {
         for (int i = 0; i < each; ++i) {
