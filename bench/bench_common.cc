@@ -6,6 +6,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/store.h>
 #include <openssl/x509.h>
 #include <sched.h>
 #include <signal.h>
@@ -201,6 +202,29 @@ std::vector<std::string> SplitComma(const std::string& s) {
 
 std::span<const uint8_t> Bytes(const std::string& s) {
   return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
+}
+
+SslPtr<EVP_PKEY> LoadStorePrivateKey(OSSL_LIB_CTX* libctx,
+                                     const std::string& uri) {
+  OSSL_STORE_CTX* store =
+      OSSL_STORE_open_ex(uri.c_str(), libctx, nullptr, nullptr, nullptr,
+                         nullptr, nullptr, nullptr);
+  if (store == nullptr) {
+    return nullptr;
+  }
+  EVP_PKEY* key = nullptr;
+  while (key == nullptr && OSSL_STORE_eof(store) == 0) {
+    OSSL_STORE_INFO* info = OSSL_STORE_load(store);
+    if (info == nullptr) {
+      break;
+    }
+    if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY) {
+      key = OSSL_STORE_INFO_get1_PKEY(info);
+    }
+    OSSL_STORE_INFO_free(info);
+  }
+  OSSL_STORE_close(store);
+  return SslPtr<EVP_PKEY>(key);
 }
 
 SslPtr<EVP_PKEY> GenerateLocalKey(v1::KeyType type) {

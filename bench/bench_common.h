@@ -159,6 +159,11 @@ int Finish(const char* prog, int rc, const std::string& error,
 
 std::span<const uint8_t> Bytes(const std::string& s);
 keyhold::SslPtr<EVP_PKEY> GenerateLocalKey(v1::KeyType type);
+
+// The first private key OSSL_STORE finds at `uri` in `libctx` (e.g.
+// "keyhold:NAME" with keyhold.so loaded), or null.
+keyhold::SslPtr<EVP_PKEY> LoadStorePrivateKey(OSSL_LIB_CTX* libctx,
+                                              const std::string& uri);
 keyhold::SecretBytes Pkcs8Pem(EVP_PKEY* pkey);
 std::string PublicKeyDer(EVP_PKEY* pkey);
 

@@ -37,6 +37,7 @@
 #include <utility>
 
 #include "common/frame.h"
+#include "common/key_types.h"
 #include "common/ssl_ptr.h"
 #include "keyhold/v1/keyhold.pb.h"
 
@@ -94,28 +95,11 @@ int Connect(const std::string& path) {
   return fd;
 }
 
-const EVP_MD* Md(v1::Digest d) {
-  switch (d) {
-    case v1::SHA1:
-      return EVP_sha1();
-    case v1::SHA224:
-      return EVP_sha224();
-    case v1::SHA256:
-      return EVP_sha256();
-    case v1::SHA384:
-      return EVP_sha384();
-    case v1::SHA512:
-      return EVP_sha512();
-    default:
-      return nullptr;
-  }
-}
-
 // The signature over a caller digest, as keyholdd's software backend makes
 // it; empty on failure.
 std::string Sign(EVP_PKEY* key, const v1::SignRequest& req) {
   SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(key, nullptr));
-  const EVP_MD* md = Md(req.digest());
+  const EVP_MD* md = keyhold::DigestMd(req.digest());
   if (ctx == nullptr || md == nullptr || EVP_PKEY_sign_init(ctx.get()) != 1 ||
       EVP_PKEY_CTX_set_signature_md(ctx.get(), md) != 1) {
     return {};
@@ -133,7 +117,7 @@ std::string Sign(EVP_PKEY* key, const v1::SignRequest& req) {
             : RSA_PSS_SALTLEN_DIGEST;
     const EVP_MD* mgf1 = req.pss_mgf1_digest() == v1::DIGEST_NONE
                              ? md
-                             : Md(req.pss_mgf1_digest());
+                             : keyhold::DigestMd(req.pss_mgf1_digest());
     if (EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_PSS_PADDING) != 1 ||
         EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx.get(), salt) != 1 ||
         mgf1 == nullptr || EVP_PKEY_CTX_set_rsa_mgf1_md(ctx.get(), mgf1) != 1) {

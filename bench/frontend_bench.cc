@@ -38,7 +38,6 @@
 #include <openssl/evp.h>
 #include <openssl/provider.h>
 #include <openssl/rand.h>
-#include <openssl/store.h>
 #include <openssl/x509.h>
 #include <unistd.h>
 
@@ -320,31 +319,13 @@ class ProviderEnv {
   }
 
   SslPtr<EVP_PKEY> LoadKey(const std::string& uri) {
-    OSSL_STORE_CTX* store =
-        OSSL_STORE_open_ex(uri.c_str(), libctx_, nullptr, nullptr, nullptr,
-                           nullptr, nullptr, nullptr);
-    if (store == nullptr) {
-      Fail("OSSL_STORE_open_ex " + uri + ": " + OpenSslErrors());
-    }
-    EVP_PKEY* key = nullptr;
-    while (key == nullptr && OSSL_STORE_eof(store) == 0) {
-      OSSL_STORE_INFO* info = OSSL_STORE_load(store);
-      if (info == nullptr) {
-        break;
-      }
-      if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY) {
-        key = OSSL_STORE_INFO_get1_PKEY(info);
-      }
-      OSSL_STORE_INFO_free(info);
-    }
-    OSSL_STORE_close(store);
-    if (key == nullptr) {
+    SslPtr<EVP_PKEY> out = LoadStorePrivateKey(libctx_, uri);
+    if (out == nullptr) {
       Fail("no private key at " + uri + ": " + OpenSslErrors());
     }
-    SslPtr<EVP_PKEY> out(key);
     // The key must live in keyhold, or the provider side would measure the
     // default provider.
-    const OSSL_PROVIDER* prov = EVP_PKEY_get0_provider(key);
+    const OSSL_PROVIDER* prov = EVP_PKEY_get0_provider(out.get());
     if (prov == nullptr || prov != keyhold_) {
       Fail(uri + " was not loaded by the keyhold provider");
     }

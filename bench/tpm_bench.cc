@@ -28,7 +28,6 @@
 #include <openssl/evp.h>
 #include <openssl/provider.h>
 #include <openssl/rsa.h>
-#include <openssl/store.h>
 #include <openssl/x509.h>
 #include <unistd.h>
 
@@ -42,6 +41,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_common.h"
 #include "common/client/client.h"
 #include "common/key_types.h"
 #include "common/ssl_ptr.h"
@@ -171,28 +171,11 @@ struct KeyholdProvider {
   KeyholdProvider& operator=(const KeyholdProvider&) = delete;
 
   SslPtr<EVP_PKEY> Load(const std::string& uri) const {
-    OSSL_STORE_CTX* store =
-        OSSL_STORE_open_ex(uri.c_str(), libctx, nullptr, nullptr, nullptr,
-                           nullptr, nullptr, nullptr);
-    EVP_PKEY* key = nullptr;
-    while (store != nullptr && key == nullptr && OSSL_STORE_eof(store) == 0) {
-      OSSL_STORE_INFO* info = OSSL_STORE_load(store);
-      if (info == nullptr) {
-        break;
-      }
-      if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY) {
-        key = OSSL_STORE_INFO_get1_PKEY(info);
-      }
-      OSSL_STORE_INFO_free(info);
-    }
-    if (store != nullptr) {
-      OSSL_STORE_close(store);
-    }
-    if (key == nullptr || EVP_PKEY_get0_provider(key) != keyhold) {
-      EVP_PKEY_free(key);
+    SslPtr<EVP_PKEY> key = keyhold::bench::LoadStorePrivateKey(libctx, uri);
+    if (key == nullptr || EVP_PKEY_get0_provider(key.get()) != keyhold) {
       Die("cannot load " + uri + " through the keyhold provider");
     }
-    return SslPtr<EVP_PKEY>(key);
+    return key;
   }
 };
 
