@@ -20,9 +20,10 @@
 // --api digest-sign: EVP_DigestSign over a 130-byte message (the size of a
 // TLS 1.3 CertificateVerify input), a fresh EVP_MD_CTX per signature, which
 // is what TLS, X.509, CMS and `openssl dgst` do. tpm2-openssl's signature
-// then hashes in the TPM (a hash sequence that yields the ticket TPM2_Sign
-// takes); keyhold's side goes through keyhold.so (OSSL_STORE "keyhold:NAME",
-// needs --provider), which hashes in the process and sends one request.
+// then hashes in the TPM first (two TPM commands per signature, with the
+// hash's ticket passed to TPM2_Sign); keyhold's side goes through keyhold.so
+// (OSSL_STORE "keyhold:NAME", needs --provider), which hashes in the process
+// and sends one request. The --many round signs with Sign() either way.
 #include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
