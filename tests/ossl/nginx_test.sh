@@ -48,9 +48,10 @@ check "rsa server certificate" env OPENSSL_CONF="$CNF" openssl req -new -x509 \
 check "client certificate" env OPENSSL_CONF="$CNF" openssl req -new -x509 \
   -key "$W/client.ref.pem" -subj /CN=client -days 1 -out "$W/client.crt"
 
-P1=$(kh_free_port 3)
+P1=$(kh_free_port 4)
 P2=$((P1 + 1))
 P3=$((P1 + 2))
+P4=$((P1 + 3))
 mkdir -p "$KH_DIR/nginx/logs"
 cat >"$KH_DIR/nginx/nginx.conf" <<CONF
 user www-data;
@@ -71,6 +72,9 @@ http {
   scgi_temp_path $KH_DIR/nginx/scgi;
   ssl_session_cache off;
   ssl_session_tickets off;
+  # nginx 1.22's built-in default stops at TLS 1.2 (Debian's nginx.conf
+  # adds TLSv1.3; this file does not include it).
+  ssl_protocols TLSv1.2 TLSv1.3;
   server {
     listen 127.0.0.1:$P1 ssl;
     ssl_certificate $W/web.crt;
@@ -90,6 +94,13 @@ http {
     ssl_verify_client on;
     ssl_client_certificate $W/client.crt;
     location / { return 200 "client \$ssl_client_s_dn\n"; }
+  }
+  server {
+    listen 127.0.0.1:$P4 ssl;
+    ssl_certificate $W/web.crt;
+    ssl_certificate_key $W/web.ref.pem;
+    ssl_session_tickets on;
+    location / { return 200 "ok\n"; }
   }
 }
 CONF
@@ -134,6 +145,28 @@ check "curl --cert --key client.ref.pem authenticates" sh -c \
      --key '$W/client.ref.pem' https://127.0.0.1:$P3/ | grep -q 'client CN=client'"
 check "without the client key the server refuses" sh -c \
   "! env -u OPENSSL_CONF curl -sf --cacert '$W/web.crt' https://127.0.0.1:$P3/ >/dev/null"
+
+# docs/openssl.md: a resumed session makes no signature. One full TLS 1.3
+# handshake (one more signature in the audit log), then the same session
+# resumed from its ticket (none).
+signs() { grep -c '"op":"sign"' "$KH_DIR/state/audit.log"; }
+session() {  # session new|reused ARGS...: GET / with plain openssl s_client
+  local want="$1"
+  shift
+  printf 'GET / HTTP/1.0\r\n\r\n' | env -u OPENSSL_CONF openssl s_client -tls1_3 \
+    -connect "127.0.0.1:$P4" -CAfile "$W/web.crt" -verify_return_error -ign_eof "$@" \
+    >"$W/session.out" 2>&1
+  grep -E '^(New|Reused),|HTTP/1' "$W/session.out"
+  grep -q "^$want, TLSv1.3" "$W/session.out" && grep -q '^HTTP/1.1 200' "$W/session.out"
+}
+S0=$(signs)
+check "full handshake with a session ticket (ec-p256, TLS 1.3)" \
+  session New -sess_out "$W/sess.pem"
+S1=$(signs)
+check "the session resumed from its ticket" session Reused -sess_in "$W/sess.pem"
+S2=$(signs)
+check "the full handshake signed once, the resumed one not at all ($S0, $S1, $S2)" \
+  test "$((S1 - S0))" -eq 1 -a "$S2" -eq "$S1"
 
 # Reload under load: three clients at once.
 LOADS=()
