@@ -83,7 +83,7 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
-std::string Trim(std::string s) {
+std::string Trim(const std::string& s) {
   const auto b = s.find_first_not_of(" \t\r\n");
   if (b == std::string::npos) {
     return {};
@@ -102,13 +102,15 @@ std::string CpuModel() {
       continue;
     }
     const std::string key = Trim(line.substr(0, colon));
-    const std::string value = Trim(line.substr(colon + 1));
+    std::string value = Trim(line.substr(colon + 1));
     if (key == "model name") {
       return value;
     }
     if ((key == "Hardware" || key == "cpu model" || key == "CPU part") &&
         fallback.empty()) {
-      fallback = key + " " + value;
+      fallback = key;
+      fallback += ' ';
+      fallback += value;
     }
   }
   return fallback.empty() ? "unknown" : fallback;

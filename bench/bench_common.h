@@ -43,7 +43,7 @@ struct BenchError {
 
 std::string ShellQuote(const std::string& s);
 std::string ReadFile(const std::string& path);
-std::string Trim(std::string s);
+std::string Trim(const std::string& s);
 std::string CpuModel();
 unsigned NprocAffinity();
 std::string UtcNow();
