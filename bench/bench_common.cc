@@ -6,6 +6,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/provider.h>
 #include <openssl/store.h>
 #include <openssl/x509.h>
 #include <sched.h>
@@ -206,13 +207,54 @@ std::span<const uint8_t> Bytes(const std::string& s) {
   return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
 }
 
-SslPtr<EVP_PKEY> LoadStorePrivateKey(OSSL_LIB_CTX* libctx,
-                                     const std::string& uri) {
+ProviderEnv::~ProviderEnv() {
+  if (keyhold_ != nullptr) {
+    OSSL_PROVIDER_unload(keyhold_);
+  }
+  if (default_ != nullptr) {
+    OSSL_PROVIDER_unload(default_);
+  }
+  OSSL_LIB_CTX_free(libctx_);
+}
+
+void ProviderEnv::Load(const std::string& module_path) {
+  const std::filesystem::path p(module_path);
+  if (!std::filesystem::exists(p)) {
+    Fail("provider module not found: " + module_path);
+  }
+  libctx_ = OSSL_LIB_CTX_new();
+  if (libctx_ == nullptr) {
+    Fail("OSSL_LIB_CTX_new: " + OpenSslErrors());
+  }
+  const std::string dir = p.parent_path().string();
+  std::string name = p.filename().string();
+  if (name.size() > 3 && name.ends_with(".so")) {
+    name.resize(name.size() - 3);
+  }
+  if (OSSL_PROVIDER_set_default_search_path(libctx_, dir.c_str()) != 1) {
+    Fail("OSSL_PROVIDER_set_default_search_path: " + OpenSslErrors());
+  }
+  default_ = OSSL_PROVIDER_load(libctx_, "default");
+  if (default_ == nullptr) {
+    Fail("cannot load the default provider: " + OpenSslErrors());
+  }
+  keyhold_ = OSSL_PROVIDER_load(libctx_, name.c_str());
+  if (keyhold_ == nullptr) {
+    Fail("cannot load " + module_path + ": " + OpenSslErrors());
+  }
+  // As conf/openssl-keyhold.cnf: prefer default where both offer an
+  // algorithm; keyhold keys still go to keyhold.
+  if (EVP_set_default_properties(libctx_, "?provider=default") != 1) {
+    Fail("EVP_set_default_properties: " + OpenSslErrors());
+  }
+}
+
+SslPtr<EVP_PKEY> ProviderEnv::LoadKey(const std::string& uri) {
   OSSL_STORE_CTX* store =
-      OSSL_STORE_open_ex(uri.c_str(), libctx, nullptr, nullptr, nullptr,
+      OSSL_STORE_open_ex(uri.c_str(), libctx_, nullptr, nullptr, nullptr,
                          nullptr, nullptr, nullptr);
   if (store == nullptr) {
-    return nullptr;
+    Fail("OSSL_STORE_open_ex " + uri + ": " + OpenSslErrors());
   }
   EVP_PKEY* key = nullptr;
   while (key == nullptr && OSSL_STORE_eof(store) == 0) {
@@ -226,7 +268,17 @@ SslPtr<EVP_PKEY> LoadStorePrivateKey(OSSL_LIB_CTX* libctx,
     OSSL_STORE_INFO_free(info);
   }
   OSSL_STORE_close(store);
-  return SslPtr<EVP_PKEY>(key);
+  if (key == nullptr) {
+    Fail("no private key at " + uri + ": " + OpenSslErrors());
+  }
+  SslPtr<EVP_PKEY> out(key);
+  // The key must live in keyhold, or a provider side would measure the
+  // default provider.
+  const OSSL_PROVIDER* prov = EVP_PKEY_get0_provider(key);
+  if (prov == nullptr || prov != keyhold_) {
+    Fail(uri + " was not loaded by the keyhold provider");
+  }
+  return out;
 }
 
 SslPtr<EVP_PKEY> GenerateLocalKey(v1::KeyType type) {

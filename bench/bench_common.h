@@ -6,6 +6,7 @@
 #define KEYHOLD_BENCH_BENCH_COMMON_H_
 
 #include <openssl/evp.h>
+#include <openssl/provider.h>
 #include <sys/types.h>
 
 #include <atomic>
@@ -160,10 +161,29 @@ int Finish(const char* prog, int rc, const std::string& error,
 std::span<const uint8_t> Bytes(const std::string& s);
 keyhold::SslPtr<EVP_PKEY> GenerateLocalKey(v1::KeyType type);
 
-// The first private key OSSL_STORE finds at `uri` in `libctx` (e.g.
-// "keyhold:NAME" with keyhold.so loaded), or null.
-keyhold::SslPtr<EVP_PKEY> LoadStorePrivateKey(OSSL_LIB_CTX* libctx,
-                                              const std::string& uri);
+// A library context with the default and keyhold providers, like an
+// application's OPENSSL_CONF with conf/openssl-keyhold.cnf.
+class ProviderEnv {
+ public:
+  ProviderEnv() = default;
+  ProviderEnv(const ProviderEnv&) = delete;
+  ProviderEnv& operator=(const ProviderEnv&) = delete;
+  ~ProviderEnv();
+
+  // Loads keyhold.so from module_path. Throws BenchError on failure.
+  void Load(const std::string& module_path);
+
+  // The private key at `uri` (e.g. "keyhold:NAME"), which must come from the
+  // keyhold provider. Throws BenchError otherwise.
+  keyhold::SslPtr<EVP_PKEY> LoadKey(const std::string& uri);
+
+  OSSL_LIB_CTX* libctx() const { return libctx_; }
+
+ private:
+  OSSL_LIB_CTX* libctx_ = nullptr;
+  OSSL_PROVIDER* default_ = nullptr;
+  OSSL_PROVIDER* keyhold_ = nullptr;
+};
 keyhold::SecretBytes Pkcs8Pem(EVP_PKEY* pkey);
 std::string PublicKeyDer(EVP_PKEY* pkey);
 

@@ -36,7 +36,6 @@
 #include <openssl/crypto.h>
 #include <openssl/ec.h>
 #include <openssl/evp.h>
-#include <openssl/provider.h>
 #include <openssl/rand.h>
 #include <openssl/x509.h>
 #include <unistd.h>
@@ -45,7 +44,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <memory>
 #include <span>
 #include <string>
@@ -268,77 +266,6 @@ bool Verify(EVP_PKEY* pub, v1::KeyType type, std::span<const uint8_t> msg,
 
 // ---------------------------------------------------------------------------
 // The front-ends
-
-// A library context with the default and keyhold providers, like an
-// application's OPENSSL_CONF with conf/openssl-keyhold.cnf.
-class ProviderEnv {
- public:
-  ProviderEnv() = default;
-  ProviderEnv(const ProviderEnv&) = delete;
-  ProviderEnv& operator=(const ProviderEnv&) = delete;
-  ~ProviderEnv() {
-    if (keyhold_ != nullptr) {
-      OSSL_PROVIDER_unload(keyhold_);
-    }
-    if (default_ != nullptr) {
-      OSSL_PROVIDER_unload(default_);
-    }
-    OSSL_LIB_CTX_free(libctx_);
-  }
-
-  void Load(const std::string& module_path) {
-    const std::filesystem::path p(module_path);
-    if (!std::filesystem::exists(p)) {
-      Fail("provider module not found: " + module_path);
-    }
-    libctx_ = OSSL_LIB_CTX_new();
-    if (libctx_ == nullptr) {
-      Fail("OSSL_LIB_CTX_new: " + OpenSslErrors());
-    }
-    const std::string dir = p.parent_path().string();
-    std::string name = p.filename().string();
-    if (name.size() > 3 && name.ends_with(".so")) {
-      name.resize(name.size() - 3);
-    }
-    if (OSSL_PROVIDER_set_default_search_path(libctx_, dir.c_str()) != 1) {
-      Fail("OSSL_PROVIDER_set_default_search_path: " + OpenSslErrors());
-    }
-    default_ = OSSL_PROVIDER_load(libctx_, "default");
-    if (default_ == nullptr) {
-      Fail("cannot load the default provider: " + OpenSslErrors());
-    }
-    keyhold_ = OSSL_PROVIDER_load(libctx_, name.c_str());
-    if (keyhold_ == nullptr) {
-      Fail("cannot load " + module_path + ": " + OpenSslErrors());
-    }
-    // As conf/openssl-keyhold.cnf: prefer default where both offer an
-    // algorithm; keyhold keys still go to keyhold.
-    if (EVP_set_default_properties(libctx_, "?provider=default") != 1) {
-      Fail("EVP_set_default_properties: " + OpenSslErrors());
-    }
-  }
-
-  SslPtr<EVP_PKEY> LoadKey(const std::string& uri) {
-    SslPtr<EVP_PKEY> out = LoadStorePrivateKey(libctx_, uri);
-    if (out == nullptr) {
-      Fail("no private key at " + uri + ": " + OpenSslErrors());
-    }
-    // The key must live in keyhold, or the provider side would measure the
-    // default provider.
-    const OSSL_PROVIDER* prov = EVP_PKEY_get0_provider(out.get());
-    if (prov == nullptr || prov != keyhold_) {
-      Fail(uri + " was not loaded by the keyhold provider");
-    }
-    return out;
-  }
-
-  OSSL_LIB_CTX* libctx() const { return libctx_; }
-
- private:
-  OSSL_LIB_CTX* libctx_ = nullptr;
-  OSSL_PROVIDER* default_ = nullptr;
-  OSSL_PROVIDER* keyhold_ = nullptr;
-};
 
 #ifdef KEYHOLD_PKCS11_PATH
 std::string CkrName(CK_RV rv) {

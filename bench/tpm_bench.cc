@@ -37,7 +37,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -140,46 +139,6 @@ std::string DigestSign(OSSL_LIB_CTX* libctx, EVP_PKEY* key, bool rsa) {
   return sig;
 }
 
-// keyhold.so in its own library context, with the default provider beside it
-// as conf/openssl-keyhold.cnf sets them up.
-struct KeyholdProvider {
-  OSSL_LIB_CTX* libctx = nullptr;
-  OSSL_PROVIDER* base = nullptr;
-  OSSL_PROVIDER* keyhold = nullptr;
-
-  explicit KeyholdProvider(const std::string& path) {
-    const std::filesystem::path p(path);
-    std::string name = p.filename().string();
-    if (name.ends_with(".so")) {
-      name.resize(name.size() - 3);
-    }
-    libctx = OSSL_LIB_CTX_new();
-    if (libctx == nullptr ||
-        OSSL_PROVIDER_set_default_search_path(
-            libctx, p.parent_path().string().c_str()) != 1 ||
-        (base = OSSL_PROVIDER_load(libctx, "default")) == nullptr ||
-        (keyhold = OSSL_PROVIDER_load(libctx, name.c_str())) == nullptr ||
-        EVP_set_default_properties(libctx, "?provider=default") != 1) {
-      Die("cannot load the keyhold provider " + path);
-    }
-  }
-  ~KeyholdProvider() {
-    OSSL_PROVIDER_unload(keyhold);
-    OSSL_PROVIDER_unload(base);
-    OSSL_LIB_CTX_free(libctx);
-  }
-  KeyholdProvider(const KeyholdProvider&) = delete;
-  KeyholdProvider& operator=(const KeyholdProvider&) = delete;
-
-  SslPtr<EVP_PKEY> Load(const std::string& uri) const {
-    SslPtr<EVP_PKEY> key = keyhold::bench::LoadStorePrivateKey(libctx, uri);
-    if (key == nullptr || EVP_PKEY_get0_provider(key.get()) != keyhold) {
-      Die("cannot load " + uri + " through the keyhold provider");
-    }
-    return key;
-  }
-};
-
 void Report(const std::string& side, const std::string& type, std::size_t ops,
             double secs, std::vector<double>& lat_us) {
   std::sort(lat_us.begin(), lat_us.end());
@@ -224,13 +183,14 @@ void RunKeyhold(const Options& o) {
   keyhold::client::Options co = keyhold::client::OptionsFromEnvironment();
   co.socket_path = o.socket;
   keyhold::client::Client client(co);
-  std::unique_ptr<KeyholdProvider> provider;
+  std::unique_ptr<keyhold::bench::ProviderEnv> provider;
   if (o.digest_sign) {
     if (o.provider.empty()) {
       Die("--api digest-sign needs --provider PATH (keyhold.so)");
     }
     ::setenv("KEYHOLD_SOCKET", o.socket.c_str(), 1);
-    provider = std::make_unique<KeyholdProvider>(o.provider);
+    provider = std::make_unique<keyhold::bench::ProviderEnv>();
+    provider->Load(o.provider);
   }
   const std::vector<uint8_t> digest =
       o.digest_sign ? Digest(Message()) : Digest("tpm bench");
@@ -254,12 +214,12 @@ void RunKeyhold(const Options& o) {
     req.set_data(digest.data(), digest.size());
     SslPtr<EVP_PKEY> key;
     if (provider != nullptr) {
-      key = provider->Load("keyhold:" + ref.name());
+      key = provider->LoadKey("keyhold:" + ref.name());
     }
     std::string last;
     auto sign = [&] {
       if (key != nullptr) {
-        last = DigestSign(provider->libctx, key.get(), rsa);
+        last = DigestSign(provider->libctx(), key.get(), rsa);
         return;
       }
       auto sig = client.Sign(req);
@@ -452,7 +412,11 @@ int main(int argc, char** argv) {
     }
   }
   if (o.side == "keyhold" && !o.socket.empty()) {
-    RunKeyhold(o);
+    try {
+      RunKeyhold(o);
+    } catch (const keyhold::bench::BenchError& e) {  // from ProviderEnv
+      Die(e.message);
+    }
   } else if (o.side == "tpm2-openssl") {
     RunTpm2OpenSsl(o);
   } else {
