@@ -1,20 +1,20 @@
-// floor_signer: the least work any out-of-process signer must do, to measure
-// what crossing a process boundary costs by itself (bench/nginx_bench.sh
-// --floor). NOT a key service: it holds private keys in its own memory and
-// checks nobody's rights. Never run it outside a benchmark.
+// floor_signer: a signer with no work of its own besides the signature, to
+// measure what crossing a process boundary costs by itself
+// (bench/nginx_bench.sh --floor). NOT a key service: it holds private keys in
+// its own memory and checks nobody's rights. Never run it outside a benchmark.
 //
 //   floor_signer --listen SOCKET --upstream KEYHOLDD_SOCKET
 //                --key NAME=PEM [--key NAME=PEM ...]
 //
 // It speaks keyhold's wire protocol on SOCKET with one blocking thread per
 // connection and no event loop: a Sign request for a key named on the command
-// line is answered here (EVP_PKEY_sign over the caller's digest, exactly what
-// keyholdd's software backend computes); every other request (Hello, public
-// keys, ...) is relayed unchanged to keyholdd on UPSTREAM over a connection of
-// the same thread. Compared with keyholdd it leaves out the event loop,
-// authorization, the key cache and store, the audit log and the statistics;
-// what remains is the kernel's socket round trip, the protocol's framing and
-// protobuf, and the signature.
+// line is answered here (EVP_PKEY_sign over the caller's digest with a copy
+// of a prepared context, as keyholdd's software backend signs); every other
+// request (Hello, public keys, ...) is relayed unchanged to keyholdd on
+// UPSTREAM over a connection of the same thread. Compared with keyholdd it
+// leaves out the event loop, authorization, the key cache and store, the audit
+// log and the statistics; what remains is the kernel's socket round trip, the
+// protocol's framing and protobuf, and the signature.
 #include <openssl/bio.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -34,6 +34,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "common/frame.h"
@@ -95,38 +96,57 @@ int Connect(const std::string& path) {
   return fd;
 }
 
-// The signature over a caller digest, as keyholdd's software backend makes
-// it; empty on failure.
-std::string Sign(EVP_PKEY* key, const v1::SignRequest& req) {
+// A signing context for key and the request's parameters, initialised as
+// keyholdd's software backend does it; null on failure.
+SslPtr<EVP_PKEY_CTX> Prepare(EVP_PKEY* key, const v1::SignRequest& req,
+                             int salt) {
   SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new(key, nullptr));
   const EVP_MD* md = keyhold::DigestMd(req.digest());
   if (ctx == nullptr || md == nullptr || EVP_PKEY_sign_init(ctx.get()) != 1 ||
       EVP_PKEY_CTX_set_signature_md(ctx.get(), md) != 1) {
-    return {};
+    return nullptr;
   }
   if (req.algorithm() == v1::RSA_PKCS1 &&
       EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_PADDING) != 1) {
-    return {};
+    return nullptr;
   }
   if (req.algorithm() == v1::RSA_PSS) {
-    const int salt =
-        req.has_pss_salt_length()
-            ? (req.pss_salt_length() == -2   ? RSA_PSS_SALTLEN_MAX
-               : req.pss_salt_length() == -1 ? RSA_PSS_SALTLEN_DIGEST
-                                             : req.pss_salt_length())
-            : RSA_PSS_SALTLEN_DIGEST;
     const EVP_MD* mgf1 = req.pss_mgf1_digest() == v1::DIGEST_NONE
                              ? md
                              : keyhold::DigestMd(req.pss_mgf1_digest());
     if (EVP_PKEY_CTX_set_rsa_padding(ctx.get(), RSA_PKCS1_PSS_PADDING) != 1 ||
         EVP_PKEY_CTX_set_rsa_pss_saltlen(ctx.get(), salt) != 1 ||
         mgf1 == nullptr || EVP_PKEY_CTX_set_rsa_mgf1_md(ctx.get(), mgf1) != 1) {
-      return {};
+      return nullptr;
     }
   }
+  return ctx;
+}
+
+// One connection thread's prepared contexts, by key and parameters. Each
+// signature signs with a copy (EVP_PKEY_CTX_dup), as keyholdd's software
+// backend does: setting a context up costs OpenSSL 3 more than the copy, and
+// the floor must not pay what keyholdd does not.
+using Templates =
+    std::map<std::tuple<EVP_PKEY*, int, int, int, int>, SslPtr<EVP_PKEY_CTX>>;
+
+// The signature over the caller's digest; empty on failure.
+std::string Sign(Templates& templates, EVP_PKEY* key,
+                 const v1::SignRequest& req) {
+  const int requested = req.has_pss_salt_length() ? req.pss_salt_length() : -1;
+  const int salt = requested == -2   ? RSA_PSS_SALTLEN_MAX
+                   : requested == -1 ? RSA_PSS_SALTLEN_DIGEST
+                                     : requested;
+  SslPtr<EVP_PKEY_CTX>& tmpl = templates[std::make_tuple(
+      key, req.algorithm(), req.digest(), salt, req.pss_mgf1_digest())];
+  if (tmpl == nullptr && (tmpl = Prepare(key, req, salt)) == nullptr) {
+    return {};
+  }
+  SslPtr<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_dup(tmpl.get()));
   const auto* data = reinterpret_cast<const uint8_t*>(req.data().data());
   std::size_t len = 0;
-  if (EVP_PKEY_sign(ctx.get(), nullptr, &len, data, req.data().size()) != 1) {
+  if (ctx == nullptr ||
+      EVP_PKEY_sign(ctx.get(), nullptr, &len, data, req.data().size()) != 1) {
     return {};
   }
   std::string sig(len, '\0');
@@ -149,6 +169,7 @@ void Serve(const Shared& shared, int fd) {
   std::string answer;
   v1::Request req;
   v1::Response resp;
+  Templates templates;
   while (ReadFrame(fd, keyhold::kDefaultMaxFrameBytes, &frame)) {
     const auto body = std::span<const uint8_t>(
         reinterpret_cast<const uint8_t*>(frame.data()) +
@@ -161,7 +182,7 @@ void Serve(const Shared& shared, int fd) {
     if (found != shared.keys.end()) {
       resp.Clear();
       resp.set_id(req.id());
-      std::string sig = Sign(found->second.get(), req.sign());
+      std::string sig = Sign(templates, found->second.get(), req.sign());
       if (sig.empty()) {
         resp.set_code(v1::INTERNAL);
         resp.set_message("floor_signer: signing failed");
